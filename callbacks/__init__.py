@@ -1,0 +1,5 @@
+"""Lightning callbacks, installed as `kvtrain.callbacks`."""
+
+from .export import ExportPretrained
+
+__all__ = ["ExportPretrained"]

@@ -1,0 +1,152 @@
+"""The `kvtrain` command.
+
+    kvtrain fit|validate|test --config recipes/<recipe>.yaml    LightningCLI (typed, YAML-driven)
+    kvtrain eval --model PATH_OR_CKPT [--split val]             perplexity table + JSON
+    kvtrain quickstart                                          the main job on the embedded default
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+from kvtrain.data.lm import PackedDataset, token_stream
+from kvtrain.eval import format_table, perplexity, unigram_perplexity, write_json
+from kvtrain.home import is_complete, kvtrain_home
+from kvtrain.models import REFERENCE, embedded_model_path, load_model, load_tokenizer
+from kvtrain.modules import CausalLMModule
+
+
+DESCRIPTION = (
+    "kvtrain: fit/validate/test run a recipe (`kvtrain fit --config recipes/X.yaml`); "
+    "`kvtrain eval --help` and `kvtrain quickstart --help` describe the other two commands."
+)
+
+
+class KVTrainCLI(LightningCLI):
+    """LightningCLI over any LightningModule / LightningDataModule, chosen by class_path in the recipe."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+            run=run,
+        )
+
+
+@contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe shipped with kvtrain, by file name (e.g. "pretrain_reference.yaml")."""
+    path = Path(str(resources.files("kvtrain.recipes") / name))
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe named {name!r} ships with kvtrain")
+    return path
+
+
+def load_for_eval(model: str) -> tuple[torch.nn.Module, str]:
+    """(HF model, tokenizer name) from a Lightning checkpoint, a model folder, a hub name or kvtrain-ref."""
+    if model.endswith(".ckpt"):
+        module = CausalLMModule.load_from_checkpoint(model, map_location="cpu", weights_only=True)
+        return module.model, module.tokenizer_name
+    return load_model(model), model
+
+
+def evaluate(
+    model: str = REFERENCE,
+    data: str | None = None,
+    split: str = "val",
+    seq_len: int = 256,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    baseline: bool = True,
+    output: str | None = "kvtrain-eval.json",
+) -> dict[str, Any]:
+    """Perplexity of a model (folder, hub name, `.ckpt`, or kvtrain-ref) on a corpus split.
+
+    Args:
+        model: what to evaluate.
+        data: corpus (default: the embedded stdlib corpus).
+        split: train, val or test.
+        seq_len: window length in tokens.
+        batch_size: windows per forward.
+        max_batches: evaluate only the first N batches.
+        baseline: also report the unigram perplexity (train-split token frequencies).
+        output: JSON file for the results (None: do not write).
+    """
+    hf_model, tokenizer_name = load_for_eval(model)
+    tokenizer = load_tokenizer(tokenizer_name)
+    tokens = token_stream(data, split, tokenizer)
+    result = perplexity(hf_model, PackedDataset(tokens, seq_len), batch_size, max_batches, desc=f"eval {split}")
+    rows = [{"model": model, "split": split, **result}]
+    if baseline:
+        windows = result["tokens"] // (seq_len - 1)
+        targets = tokens[: windows * seq_len].view(windows, seq_len)[:, 1:]  # the tokens the model predicted
+        ppl = unigram_perplexity(token_stream(data, "train", tokenizer), targets.flatten(), len(tokenizer))
+        rows.append({"model": "unigram baseline", "split": split, "tokens": targets.numel(), "ppl": ppl})
+    print(format_table(rows, ["model", "split", "tokens", "loss", "ppl"]))
+    report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib"}
+    if output:
+        print(f"kvtrain: wrote {write_json(output, report)}")
+    return report
+
+
+def quickstart(smoke: bool = False) -> dict[str, Any]:
+    """Build the embedded tokenizer and kvtrain-ref if missing, then evaluate kvtrain-ref.
+
+    Args:
+        smoke: a minutes-long version for CI (a few training steps, in $KVTRAIN_HOME/smoke).
+    """
+    if smoke or os.environ.get("KVTRAIN_SMOKE") == "1":
+        os.environ["KVTRAIN_HOME"] = str(kvtrain_home() / "smoke")
+    smoke = os.environ.get("KVTRAIN_HOME", "").endswith("smoke")
+    start = time.time()
+    if not is_complete(embedded_model_path()):
+        print(f"kvtrain: {REFERENCE} not found in {kvtrain_home()}; pretraining it (recipes/pretrain_reference.yaml)")
+        args = ["fit", "--config", str(recipe_path("pretrain_reference.yaml"))]
+        if smoke:
+            args += ["--trainer.max_steps=8", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=2"]
+        kvtrain_home().mkdir(parents=True, exist_ok=True)
+        with working_directory(kvtrain_home()):  # the recipe's runs/ folder lands in $KVTRAIN_HOME
+            KVTrainCLI(args=args)
+    report = evaluate(REFERENCE, max_batches=4 if smoke else None, output=str(kvtrain_home() / "quickstart.json"))
+    print(f"kvtrain: quickstart finished in {time.time() - start:.0f} s")
+    return report
+
+
+COMMANDS = {"eval": evaluate, "quickstart": quickstart}
+
+
+def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in COMMANDS:
+        CLI(COMMANDS[words[0]], args=words[1:])
+        return
+    KVTrainCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Text sources, each split deterministically into train/val/test.
+
+The embedded default is the Python standard library of the running interpreter: real code that
+nobody here wrote, present on every machine, so nothing has to be downloaded. A document lands in
+a split by a hash of a stable key (its relative path, or its text), about 98/1/1, so the split never
+depends on file-system order or on which other documents exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+STDLIB = "stdlib"
+_EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
+
+
+def split_of(key: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
+    return "val" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[Path]:
+    """Relative paths of the stdlib's `*.py` files, sorted, without tests, idlelib or site-packages."""
+    root = root or stdlib_root()
+    files = (p.relative_to(root) for p in root.rglob("*.py"))
+    return sorted(p for p in files if not _EXCLUDED_DIRS.intersection(p.parts[:-1]))
+
+
+def _read_files(root: Path, relpaths: list[Path], split: str) -> list[str]:
+    docs = []
+    for rel in relpaths:
+        if split_of(rel.as_posix()) != split:
+            continue
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary or non-UTF-8 files are not text
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+def _load_datasets_folder(folder: Path, split: str, text_column: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{folder} is a `datasets` folder; install it with `pip install 'kvtrain[datasets]'`") from e
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        names = {"train": ["train"], "val": ["validation", "val", "valid"], "test": ["test"]}[split]
+        name = next((n for n in names if n in ds), None)
+        if name is None:
+            raise ValueError(f"datasets folder {folder} has splits {list(ds)}; none of them is {names}")
+        rows = ds[name][text_column]
+        return [t for t in rows if t and t.strip()]
+    rows = ds[text_column]
+    return [t for t in rows if t and t.strip() and split_of(t) == split]
+
+
+def load_documents(source: str | None, split: str, text_column: str = "text") -> list[str]:
+    """Documents of one split of `source`.
+
+    source: None or "stdlib" (the embedded default), a text file (split into paragraphs), a folder of
+    text files (every UTF-8 file under it, recursively), or a folder written by `datasets.save_to_disk`.
+    """
+    _check_split(split)
+    if source in (None, STDLIB):
+        root = stdlib_root()
+        docs = _read_files(root, stdlib_files(root), split)
+        where = f"the Python standard library at {root}"
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"corpus {source!r} does not exist (pass a text file, a folder, or 'stdlib')")
+        if path.is_file():
+            docs = [p for p in _paragraphs(path.read_text(encoding="utf-8")) if split_of(p) == split]
+        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            docs = _load_datasets_folder(path, split, text_column)
+        else:
+            files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            docs = _read_files(path, files, split)
+        where = str(path)
+    if not docs:
+        raise ValueError(f"corpus {where} has no non-empty text in its {split!r} split")
+    return docs

@@ -1,0 +1,1 @@
+"""Lightning strategies, installed as `kvtrain.strategies` (DeepSpeed ZeRO presets land here)."""
