@@ -38,18 +38,21 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(p for p in files if not _EXCLUDED_DIRS.intersection(p.parts[:-1]))
 
 
-def _read_files(root: Path, relpaths: list[Path], split: str) -> list[str]:
-    docs = []
-    for rel in relpaths:
-        if split_of(rel.as_posix()) != split:
-            continue
+def _read_stdlib(root: Path, relpaths: list[Path], split: str) -> list[str]:
+    texts = ((root / rel).read_text(encoding="utf-8") for rel in relpaths if split_of(rel.as_posix()) == split)
+    return [t for t in texts if t.strip()]
+
+
+def _read_text_files(path: Path) -> list[str]:
+    """Every UTF-8 file under `path` (or `path` itself), in sorted order; binary files are skipped."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    texts = []
+    for f in files:
         try:
-            text = (root / rel).read_text(encoding="utf-8")
+            texts.append(f.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            continue  # binary or non-UTF-8 files are not text
-        if text.strip():
-            docs.append(text)
-    return docs
+            continue
+    return texts
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -76,25 +79,25 @@ def _load_datasets_folder(folder: Path, split: str, text_column: str) -> list[st
 def load_documents(source: str | None, split: str, text_column: str = "text") -> list[str]:
     """Documents of one split of `source`.
 
-    source: None or "stdlib" (the embedded default), a text file (split into paragraphs), a folder of
-    text files (every UTF-8 file under it, recursively), or a folder written by `datasets.save_to_disk`.
+    source: None or "stdlib" (the embedded default: one document per file, split by relative path),
+    a text file or a folder of text files (every UTF-8 file under it; documents are blank-line
+    separated paragraphs, split by their text, so even a single file yields all three splits),
+    or a folder written by `datasets.save_to_disk` (its own splits, or rows split by their text).
     """
     _check_split(split)
     if source in (None, STDLIB):
         root = stdlib_root()
-        docs = _read_files(root, stdlib_files(root), split)
+        docs = _read_stdlib(root, stdlib_files(root), split)
         where = f"the Python standard library at {root}"
     else:
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"corpus {source!r} does not exist (pass a text file, a folder, or 'stdlib')")
-        if path.is_file():
-            docs = [p for p in _paragraphs(path.read_text(encoding="utf-8")) if split_of(p) == split]
-        elif (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
             docs = _load_datasets_folder(path, split, text_column)
         else:
-            files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            docs = _read_files(path, files, split)
+            paragraphs = (p for text in _read_text_files(path) for p in _paragraphs(text))
+            docs = [p for p in paragraphs if split_of(p) == split]
         where = str(path)
     if not docs:
         raise ValueError(f"corpus {where} has no non-empty text in its {split!r} split")

@@ -1,0 +1,109 @@
+"""The `kvtrain` command: every recipe parses, bad keys are named, recipes run at tiny size, eval works."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO, TINY, run_kvtrain
+from kvtrain.cli import main
+from kvtrain.home import is_complete
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+TINY_ARGS = [f"--model.init_args.config_overrides={json.dumps(TINY)}"]
+
+
+def tiny_fit_args(corpus_file, steps=3):
+    return [
+        f"--trainer.max_steps={steps}", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        f"--data.init_args.data={corpus_file}", "--data.init_args.seq_len=32", "--data.init_args.batch_size=4",
+    ]
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses_with_lightningcli(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: kvtrain.modules." in printed and "trainer:" in printed
+
+
+def test_unknown_recipe_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "recipes" / "pretrain_reference.yaml").read_text().replace("lr: 2.0e-3", "lrate: 2.0e-3"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(bad), "--print_config"])
+    assert exit_.value.code != 0
+    assert "lrate" in capsys.readouterr().err
+
+
+def test_pretrain_recipe_runs_tiny_and_exports_kvtrain_ref(tmp_path, corpus_file, home):
+    fresh_home = tmp_path / "home"
+    shutil.copytree(home / "tokenizers", fresh_home / "tokenizers")  # skip rebuilding the embedded BPE
+    result = run_kvtrain(
+        ["fit", "--config", str(REPO / "recipes" / "pretrain_reference.yaml"), *TINY_ARGS, *tiny_fit_args(corpus_file)],
+        cwd=tmp_path, env={"KVTRAIN_HOME": str(fresh_home)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = fresh_home / "models" / "kvtrain-ref"
+    assert is_complete(exported)
+    assert json.loads((exported / "config.json").read_text())["hidden_size"] == TINY["hidden_size"]
+    assert (tmp_path / "runs" / "pretrain_reference" / "checkpoints" / "last.ckpt").is_file()
+    metrics = (tmp_path / "runs" / "pretrain_reference" / "version_0" / "metrics.csv").read_text()
+    assert "val/ppl" in metrics
+
+
+@pytest.mark.parametrize("recipe", ["lora_reference.yaml", "qlora_reference.yaml"])
+def test_peft_recipes_run_tiny_and_report_trainable_parameters(recipe, tmp_path, corpus_file, tiny_model_dir):
+    if recipe.startswith("qlora"):
+        pytest.importorskip("bitsandbytes")
+    result = run_kvtrain(
+        ["fit", "--config", str(REPO / "recipes" / recipe), f"--model.init_args.model={tiny_model_dir}",
+         *tiny_fit_args(corpus_file)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # r=16 on q,k,v,o of 2 tiny layers: q 64*16+16*64, k 64*16+16*32, v same, o 64*16+16*64
+    lora = 2 * (2 * (64 * 16 + 16 * 64) + 2 * (64 * 16 + 16 * 32))
+    assert f"kvtrain: {lora:,} trainable / " in result.stdout
+    exported = tmp_path / "runs" / recipe.replace(".yaml", "") / "model"
+    expected = "model.safetensors" if recipe.startswith("lora") else "adapter_model.safetensors"
+    assert (exported / expected).is_file()
+
+
+def test_eval_command_prints_table_and_json(tmp_path, corpus_file, tiny_model_dir, capsys):
+    out = tmp_path / "eval.json"
+    main(["eval", f"--model={tiny_model_dir}", f"--data={corpus_file}", "--seq_len=32", "--max_batches=2",
+          f"--output={out}"])
+    report = json.loads(out.read_text())
+    model_row, unigram_row = report["rows"]
+    assert model_row["tokens"] == 2 * 8 * 31
+    assert unigram_row["tokens"] == model_row["tokens"]
+    # An untrained model is close to uniform over 4096 tokens; unigram frequencies do far better.
+    assert 2000 < model_row["ppl"] < 8000
+    assert unigram_row["ppl"] < 1000
+    assert "| unigram baseline |" in capsys.readouterr().out
+
+
+def test_unknown_model_offline_error(tmp_path, corpus_file):
+    with pytest.raises(OSError, match=r"not a local path and is not in the Hugging Face cache.*offline.*local folder"):
+        main(["eval", "--model=no-such-org/no-such-model", f"--data={corpus_file}", "--output=null"])
+
+
+@pytest.mark.slow
+def test_quickstart_smoke(tmp_path):
+    home = tmp_path / "home"
+    result = run_kvtrain(["quickstart", "--smoke=true"], cwd=tmp_path, env={"KVTRAIN_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((home / "smoke" / "quickstart.json").read_text())
+    ref, unigram = report["rows"]
+    assert ref["model"] == "kvtrain-ref" and unigram["model"] == "unigram baseline"
+    assert (home / "smoke" / "models" / "kvtrain-ref" / "model.safetensors").is_file()
+    assert "| kvtrain-ref | val |" in result.stdout
