@@ -16,7 +16,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 # Tests never reach a hub, and they never touch the user's cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["KVTRAIN_HOME"] = str(Path(tempfile.gettempdir()) / "kvtrain-test-home")
+os.environ["KVTRAIN_HOME"] = tempfile.mkdtemp(prefix="kvtrain-test-home-")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
