@@ -1,5 +1,6 @@
 """Lightning callbacks, installed as `kvtrain.callbacks`."""
 
 from .export import ExportPretrained
+from .kv_quant import KVQuantCallback
 
-__all__ = ["ExportPretrained"]
+__all__ = ["ExportPretrained", "KVQuantCallback"]

@@ -22,6 +22,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 @pytest.fixture(scope="session")
 def home() -> Path:
+    """The session's $KVTRAIN_HOME with the embedded tokenizer already built (tests copy it around)."""
+    from kvtrain.models import load_tokenizer
+
+    load_tokenizer("kvtrain-ref")
     return Path(os.environ["KVTRAIN_HOME"])
 
 

@@ -1,0 +1,63 @@
+"""KVQuantCallback: train any LightningModule's HF decoder against the compressed KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from kvtrain.kv import KVQuantSpec, attach, attached_spec, detach
+from kvtrain.kv.attention import hf_model
+
+
+def find_hf_model(pl_module: L.LightningModule) -> nn.Module:
+    """The decoder to attach to: `pl_module.model` if it holds one, else the first one inside."""
+    for candidate in (getattr(pl_module, "model", None), pl_module):
+        if isinstance(candidate, nn.Module):
+            try:
+                return hf_model(candidate)
+            except TypeError:
+                continue
+    raise TypeError(
+        f"{type(pl_module).__name__} holds no transformers PreTrainedModel, so KVQuantCallback has nothing to "
+        "attach to; keep your Hugging Face model as an attribute (e.g. self.model) of the LightningModule"
+    )
+
+
+class KVQuantCallback(L.Callback):
+    """Attach a KV quantization spec for fit/validate/test; detach afterwards.
+
+    Args:
+        spec: a preset name ("kivi2", "kivi4", "int8") or a KVQuantSpec.
+        bits: shorthand that sets both key_bits and value_bits on top of `spec`.
+        overrides: any other KVQuantSpec field, e.g. residual=64 or full_precision_layers=[0].
+
+    The spec is saved in checkpoints and restored from them on resume.
+    """
+
+    def __init__(self, spec: KVQuantSpec | str = "kivi2", bits: int | None = None, overrides: dict[str, Any] | None = None):
+        changes = dict(overrides or {})
+        if bits is not None:
+            changes.update(key_bits=bits, value_bits=bits)
+        self.spec = KVQuantSpec.resolve(spec).with_(**changes) if changes else KVQuantSpec.resolve(spec)
+
+        self._model: nn.Module | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._model = find_hf_model(pl_module)
+        attach(self._model, self.spec)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._model is not None:
+            detach(self._model)
+            self._model = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spec": asdict(self.spec)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.spec = KVQuantSpec(**state_dict["spec"])
+        if self._model is not None and attached_spec(self._model) != self.spec:
+            attach(self._model, self.spec)  # resumed: train on with the checkpoint's spec

@@ -1,0 +1,179 @@
+"""QuantizedKVCache: a `transformers.Cache` that stores K/V packed, as the spec's streaming rule says.
+
+Per layer it holds, for each of K and V, the quantized tokens (packed codes + per-group scale and
+zero point) and a full-precision tail (the residual window plus any incomplete group). A token is
+quantized once, when its unit becomes complete and older than the window, and never re-quantized.
+`update` hands attention the tokens as stored (dequantized where compressed) before compressing the
+units the new tokens complete, so the attached attention function (`kvtrain.kv.attention`) can give
+every query of the chunk its exact view. Use it on an attached model:
+
+    attach(model, spec)
+    model.generate(ids, past_key_values=QuantizedKVCache(spec), ...)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvtrain.kv.spec import KVQuantSpec, TensorQuant
+from kvtrain.quant.packing import pack, unpack
+from kvtrain.quant.uniform import QuantizedTensor, dequantize, quantize
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class PackedTokens:
+    """The quantized tokens of K or V in one layer: packed codes, scales and zero points."""
+
+    def __init__(self, quant: TensorQuant):
+        self.quant = quant
+        self.axis = 2 if quant.axis == "channel" else 3  # of (B, H, T, D)
+        self.cat_dim = 3 if quant.axis == "channel" else 2  # the token dim of the grouped layout
+        self.codes = self.scale = self.zero = None
+        self.n = 0
+
+    def append(self, x: torch.Tensor) -> None:
+        """Quantize x (B, H, n, D), n a whole number of units, and store it packed."""
+        q = self.quant
+        try:
+            qt = quantize(x, q.bits, q.group_size, self.axis, q.symmetric, q.clip_ratio)
+        except ValueError as e:
+            raise ValueError(f"QuantizedKVCache: {e}") from e
+        packed = pack(qt.codes, q.bits)
+        if self.codes is None:
+            self.codes, self.scale, self.zero = packed, qt.scale, qt.zero
+        else:
+            self.codes = torch.cat([self.codes, packed], self.cat_dim)
+            self.scale = torch.cat([self.scale, qt.scale], self.cat_dim)
+            self.zero = torch.cat([self.zero, qt.zero], self.cat_dim)
+        self.n += x.shape[2]
+        self.shape = (*x.shape[:2], self.n, x.shape[3])
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack(self.codes, self.quant.bits, self.quant.group_size)
+        qt = QuantizedTensor(codes, self.scale, self.zero, self.quant.bits, self.axis, torch.Size(self.shape),
+                             self.quant.symmetric)
+        return dequantize(qt)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.codes is not None:
+            self.codes, self.scale, self.zero = fn(self.codes), fn(self.scale), fn(self.zero)
+            self.shape = (self.codes.shape[0], *self.shape[1:])
+
+    def nbytes(self) -> int:
+        return _nbytes(self.codes, self.scale, self.zero)
+
+
+class CompressedTensor:
+    """K or V of one layer: quantized tokens followed by a full-precision tail."""
+
+    def __init__(self, quant: TensorQuant | None, residual: int):
+        self.quant, self.residual = quant, residual
+        self.packed = PackedTokens(quant) if quant is not None else None
+        self.tail: torch.Tensor | None = None
+
+    def update(self, new: torch.Tensor) -> torch.Tensor:
+        """Append `new`; return all tokens as stored before this call's compression, plus `new`."""
+        stored = [self.packed.dequantize()] if self.packed is not None and self.packed.n else []
+        tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
+        view = torch.cat([*stored, tail], dim=-2) if stored else tail
+        self.tail = tail
+        if self.quant is not None:
+            self._compress(view.shape[-2])
+        return view
+
+    def _compress(self, total: int) -> None:
+        move = self.quant.quantized_len(total, self.residual) - self.packed.n
+        if move > 0:
+            self.packed.append(self.tail[..., :move, :])
+            self.tail = self.tail[..., move:, :].clone()  # do not keep the whole old tail alive
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.packed is not None:
+            self.packed.map(fn)
+        if self.tail is not None:
+            self.tail = fn(self.tail)
+
+    def nbytes(self) -> int:
+        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.tail)
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    is_sliding = False
+
+    def __init__(self, keys: TensorQuant | None, values: TensorQuant | None, residual: int):
+        super().__init__()
+        self.k, self.v = CompressedTensor(keys, residual), CompressedTensor(values, residual)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.length += key_states.shape[-2]
+        return self.k.update(key_states), self.v.update(value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map(lambda t: t[indices, ...])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.k.map(fn)
+        self.v.map(fn)
+
+    def offload(self):
+        self.map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self.map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        self.__init__(self.k.quant, self.v.quant, self.k.residual)
+
+    def nbytes(self) -> int:
+        return self.k.nbytes() + self.v.nbytes()
+
+
+class QuantizedKVCache(Cache):
+    """A KV cache compressed by `spec` (a KVQuantSpec or preset name); layers are created lazily.
+
+    `nbytes()` is the real storage of every tensor it holds: packed codes, scales, zero points and
+    the full-precision tails.
+    """
+
+    def __init__(self, spec: KVQuantSpec | str = "kivi2"):
+        self.spec = KVQuantSpec.resolve(spec)
+        super().__init__(layers=[])
+
+    def _layer(self, idx: int) -> QuantizedKVLayer:
+        return QuantizedKVLayer(self.spec.keys(idx), self.spec.values(idx), self.spec.residual)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,142 @@
+"""KVQuantSpec: what happens to keys and values at each layer, and when a token gets quantized.
+
+Streaming rule (DESIGN.md invariant 1), defined here once and used by both the training-time view
+and the decode-time cache: with T tokens in the cache, the oldest `quantized_len(T)` tokens of a
+tensor are held quantized, where a quantization unit is a whole group along the token axis
+(G tokens for per-channel keys, 1 token for per-token values) and a unit is quantized once all its
+tokens are older than the full-precision residual window of R tokens:
+
+    quantized_len(T) = floor(max(0, T - R) / unit) * unit
+
+A query at position t is decoded with T = t + 1 tokens in the cache, so it sees token j quantized
+iff j < quantized_len(t + 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from kvtrain.quant.uniform import check_bits
+
+Axis = Literal["channel", "token"]
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one of K or V is quantized. axis="channel": each channel in groups of `group_size`
+    consecutive tokens (KIVI keys); axis="token": each token in groups of `group_size` channels."""
+
+    bits: int
+    group_size: int
+    axis: Axis
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+
+    @property
+    def unit(self) -> int:
+        """Tokens that are quantized together."""
+        return self.group_size if self.axis == "channel" else 1
+
+    def quantized_len(self, total: int, residual: int) -> int:
+        return max(0, total - residual) // self.unit * self.unit
+
+
+PRESETS = ("kivi2", "kivi4", "int8")
+
+
+@dataclass
+class KVQuantSpec:
+    """KV-cache quantization. YAML-friendly; validated on construction.
+
+    Args:
+        key_bits / value_bits: 1..8 (2..8 when symmetric).
+        key_group_size / value_group_size: tokens per group for axis "channel", channels per group
+            (must divide head_dim; checked on attach) for axis "token".
+        key_axis / value_axis: "channel" (per-channel, groups along tokens) or "token".
+        residual: the newest `residual` tokens stay in full precision.
+        symmetric: symmetric quantization instead of asymmetric min-max.
+        clip_ratio: shrink each group's range by this factor (in (0, 1]); gradients outside it are 0.
+        layer_bits: per-layer bit override {layer_index: bits} for both K and V.
+        full_precision_layers: layers left unquantized.
+    """
+
+    key_bits: int = 2
+    key_group_size: int = 32
+    key_axis: Axis = "channel"
+    value_bits: int = 2
+    value_group_size: int = 32
+    value_axis: Axis = "token"
+    residual: int = 128
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    layer_bits: dict[int, int] = field(default_factory=dict)
+    full_precision_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("key", "value"):
+            check_bits(getattr(self, f"{name}_bits"), self.symmetric)
+            if getattr(self, f"{name}_group_size") < 1:
+                raise ValueError(f"{name}_group_size must be at least 1, got {getattr(self, f'{name}_group_size')}")
+            if getattr(self, f"{name}_axis") not in ("channel", "token"):
+                raise ValueError(f"{name}_axis must be 'channel' or 'token', got {getattr(self, f'{name}_axis')!r}")
+        if self.residual < 0:
+            raise ValueError(f"residual (the full-precision window) must be >= 0 tokens, got {self.residual}")
+        if not 0 < self.clip_ratio <= 1:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        self.layer_bits = {int(k): v for k, v in self.layer_bits.items()}
+        for layer, bits in self.layer_bits.items():
+            check_bits(bits, self.symmetric)
+            if layer < 0:
+                raise ValueError(f"layer_bits has a negative layer index {layer}")
+        if any(i < 0 for i in self.full_precision_layers):
+            raise ValueError(f"full_precision_layers has a negative index: {self.full_precision_layers}")
+
+    @classmethod
+    def preset(cls, name: str) -> "KVQuantSpec":
+        """kivi2 / kivi4: keys per-channel in groups of 32 tokens, values per-token in groups of 32
+        channels, 128-token full-precision window (KIVI's paper setting); int8: both per-token."""
+        if name == "kivi2":
+            return cls(key_bits=2, value_bits=2)
+        if name == "kivi4":
+            return cls(key_bits=4, value_bits=4)
+        if name == "int8":
+            return cls(key_bits=8, value_bits=8, key_axis="token", residual=0)
+        raise ValueError(f"unknown KV spec preset {name!r}; choose one of {PRESETS}")
+
+    @classmethod
+    def resolve(cls, spec: "KVQuantSpec | str") -> "KVQuantSpec":
+        return cls.preset(spec) if isinstance(spec, str) else spec
+
+    def keys(self, layer: int) -> TensorQuant | None:
+        return self._tensor("key", layer)
+
+    def values(self, layer: int) -> TensorQuant | None:
+        return self._tensor("value", layer)
+
+    def _tensor(self, name: str, layer: int) -> TensorQuant | None:
+        if layer in self.full_precision_layers:
+            return None
+        return TensorQuant(
+            bits=self.layer_bits.get(layer, getattr(self, f"{name}_bits")),
+            group_size=getattr(self, f"{name}_group_size"),
+            axis=getattr(self, f"{name}_axis"),
+            symmetric=self.symmetric,
+            clip_ratio=self.clip_ratio,
+        )
+
+    def check_model(self, num_layers: int, head_dim: int, model_name: str = "model") -> None:
+        """Errors that need the model's shape: group sizes against head_dim, layer indices."""
+        for name in ("key", "value"):
+            g = getattr(self, f"{name}_group_size")
+            if getattr(self, f"{name}_axis") == "token" and head_dim % g:
+                raise ValueError(
+                    f"{name}_group_size={g} does not divide head_dim={head_dim} of {model_name}; "
+                    f"per-token groups split head_dim, so use a divisor of {head_dim}"
+                )
+        bad = sorted(i for i in [*self.layer_bits, *self.full_precision_layers] if i >= num_layers)
+        if bad:
+            raise ValueError(f"layer indices {bad} are out of range for {model_name} with {num_layers} layers")
+
+    def with_(self, **changes) -> "KVQuantSpec":
+        return replace(self, **changes)

@@ -1,0 +1,48 @@
+"""Bit packing of b-bit codes (1 <= b <= 8) into uint8 or int32 words, and exact unpacking.
+
+Codes along the last axis are laid end to end as a little-endian bit stream (code i occupies bits
+[i*b, (i+1)*b)), padded with zeros to a whole number of words. Every width packs densely, including
+3, 5, 6 and 7 bits whose codes straddle word boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtrain.quant.uniform import check_bits
+
+WORD_BITS = {torch.uint8: 8, torch.int32: 32}
+
+
+def packed_length(n: int, bits: int, word: torch.dtype = torch.uint8) -> int:
+    """Number of words that hold n codes of `bits` bits."""
+    w = WORD_BITS[word]
+    return (n * bits + w - 1) // w
+
+
+def pack(codes: torch.Tensor, bits: int, word: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Pack codes (integers in [0, 2^bits)) along the last axis into words of dtype `word`."""
+    check_bits(bits)
+    if word not in WORD_BITS:
+        raise ValueError(f"word must be torch.uint8 or torch.int32, got {word}")
+    w, n = WORD_BITS[word], codes.shape[-1]
+    shifts = torch.arange(bits, device=codes.device)
+    stream = (codes.long().unsqueeze(-1) >> shifts) & 1  # (..., n, bits)
+    stream = stream.flatten(-2)
+    pad = packed_length(n, bits, word) * w - stream.shape[-1]
+    stream = torch.nn.functional.pad(stream, (0, pad))
+    words = (stream.unflatten(-1, (-1, w)) << torch.arange(w, device=codes.device)).sum(-1)
+    if word == torch.int32:
+        words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement of the top bit
+    return words.to(word)
+
+
+def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first n codes (uint8) of the bit stream in `words` (the inverse of `pack`)."""
+    check_bits(bits)
+    w = WORD_BITS[words.dtype]
+    if words.shape[-1] != packed_length(n, bits, words.dtype):
+        raise ValueError(f"{words.shape[-1]} words cannot hold exactly {n} codes of {bits} bits")
+    stream = (words.long().unsqueeze(-1) >> torch.arange(w, device=words.device)) & 1
+    stream = stream.flatten(-2)[..., : n * bits].unflatten(-1, (n, bits))
+    return (stream << torch.arange(bits, device=words.device)).sum(-1).to(torch.uint8)

@@ -1,0 +1,135 @@
+"""Group-wise uniform quantization: pure functions on tensors.
+
+A tensor is cut into groups of `group_size` consecutive elements along `axis`; each group gets its
+own scale and zero point. Asymmetric (the KIVI quantizer): scale = (max - min) / (2^b - 1), the
+group minimum is kept as a float zero point, codes = round((x - min) / scale) in [0, 2^b - 1],
+x_hat = codes * scale + min. Symmetric: scale = absmax / (2^(b-1) - 1), signed codes stored with an
+offset of 2^(b-1) so every code is an unsigned b-bit integer.
+
+Degenerate groups are handled deliberately: a constant group (max == min, e.g. all zeros) gets
+scale 0 and round-trips exactly. Non-finite inputs: `quantize` raises (a NaN would poison its whole
+group silently); `fake_quant` does not check (the check would synchronize the GPU every step) and a
+NaN or inf in a group makes that group's output NaN, which the training loop's NaN-loss check reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_BITS, MAX_BITS = 1, 8
+
+
+def check_bits(bits: int, symmetric: bool = False) -> None:
+    low = 2 if symmetric else MIN_BITS
+    if not isinstance(bits, int) or not low <= bits <= MAX_BITS:
+        kind = "symmetric" if symmetric else "asymmetric"
+        raise ValueError(f"{kind} quantization supports {low} to {MAX_BITS} bits, got {bits!r}")
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes (uint8, one per element, grouped layout) with per-group scale and zero point.
+
+    `codes` has shape (*lead, n_groups, group_size) with the quantized axis moved last; `scale` and
+    `zero` have shape (*lead, n_groups, 1).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    axis: int
+    shape: torch.Size
+    symmetric: bool
+
+
+def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
+    """(*lead, n_groups, group_size) view with `axis` moved last."""
+    n = x.shape[axis]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size={group_size} must divide the quantized axis (size {n})")
+    moved = x.movedim(axis, -1)
+    return moved.reshape(*moved.shape[:-1], n // group_size, group_size)
+
+
+def _ungrouped(g: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor:
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(axis))
+    return g.reshape(moved_shape).movedim(-1, axis)
+
+
+def _params(g: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple[torch.Tensor, ...]:
+    """(scale, zero, lo, hi, qmax): the grid of each group and its representable range."""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        absmax = g.abs().amax(-1, keepdim=True) * clip_ratio
+        scale = absmax / (half - 1)
+        zero = torch.zeros_like(scale)
+        return scale, zero, -half * scale, (half - 1) * scale, 2**bits - 1
+    lo = g.amin(-1, keepdim=True) * clip_ratio
+    hi = g.amax(-1, keepdim=True) * clip_ratio
+    return (hi - lo) / (2**bits - 1), lo, lo, hi, 2**bits - 1
+
+
+def _codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group: every code is 0
+    offset = 2 ** (bits - 1) if symmetric else 0
+    return ((g - zero) / safe + offset).round().clamp(0, 2**bits - 1)
+
+
+def _dequant_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool):
+    offset = 2 ** (bits - 1) if symmetric else 0
+    return (codes - offset) * scale + zero
+
+
+def quantize(
+    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0
+) -> QuantizedTensor:
+    """Quantize `x` group-wise along `axis`. Raises on NaN/inf input."""
+    check_bits(bits, symmetric)
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor with NaN or inf values (check the model's activations)")
+    axis = axis % x.dim()
+    g = _grouped(x, group_size, axis)
+    scale, zero, _, _, _ = _params(g, bits, symmetric, clip_ratio)
+    codes = _codes(g, scale, zero, bits, symmetric).to(torch.uint8)
+    return QuantizedTensor(codes, scale, zero, bits, axis, x.shape, symmetric)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    g = _dequant_grouped(q.codes.to(q.scale.dtype), q.scale, q.zero, q.bits, q.symmetric)
+    out = _ungrouped(g, q.axis, q.shape)
+    return out if dtype is None else out.to(dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: quantize-dequantize. Backward: straight-through inside each group's clipping range,
+    zero outside it (only non-empty when clip_ratio < 1)."""
+
+    @staticmethod
+    def forward(ctx, x, bits, group_size, axis, symmetric, clip_ratio):
+        g = _grouped(x, group_size, axis)
+        scale, zero, lo, hi, _ = _params(g, bits, symmetric, clip_ratio)
+        out = _dequant_grouped(_codes(g, scale, zero, bits, symmetric), scale, zero, bits, symmetric)
+        ctx.save_for_backward((g >= lo) & (g <= hi))
+        ctx.axis, ctx.shape = axis, x.shape
+        return _ungrouped(out, axis, x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        g = _grouped(grad, inside.shape[-1], ctx.axis)
+        return _ungrouped(g * inside, ctx.axis, ctx.shape), None, None, None, None, None
+
+
+def fake_quant(
+    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0
+) -> torch.Tensor:
+    """dequantize(quantize(x)) in x's dtype, differentiable with a straight-through estimator.
+
+    Equals `dequantize(quantize(x, ...))` exactly (same operations); see the module docstring for NaN/inf.
+    """
+    check_bits(bits, symmetric)
+    return _FakeQuantSTE.apply(x, bits, group_size, axis % x.dim(), symmetric, clip_ratio)

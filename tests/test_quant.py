@@ -1,0 +1,152 @@
+"""Quantization math against hand-computed values."""
+
+import itertools
+
+import pytest
+import torch
+
+from kvtrain.quant import dequantize, fake_quant, pack, packed_length, quantize, unpack
+
+
+def roundtrip(x, bits, group, axis=-1, **kw):
+    return dequantize(quantize(x, bits, group, axis, **kw))
+
+
+def test_asymmetric_min_max_hand_values():
+    x = torch.tensor([[-1.0, 0.1, 0.5, 2.0]])
+    q = quantize(x, bits=2, group_size=4)
+    # min -1, max 2, scale (2 - -1) / 3 = 1; codes round([0, 1.1, 1.5, 3]) with half-to-even
+    assert q.codes.flatten().tolist() == [0, 1, 2, 3]
+    assert q.scale.item() == pytest.approx(1.0) and q.zero.item() == pytest.approx(-1.0)
+    assert dequantize(q).tolist() == [[-1.0, 0.0, 1.0, 2.0]]
+
+
+def test_three_bit_hand_values():
+    x = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    assert quantize(x, 3, 4).codes.flatten().tolist() == [0, 2, 5, 7]  # round([0, 2.1, 4.9, 7])
+    torch.testing.assert_close(roundtrip(x, 3, 4), torch.tensor([0.0, 2 / 7, 5 / 7, 1.0]))
+
+
+def test_symmetric_hand_values():
+    x = torch.tensor([-7.0, -3.4, 0.2, 3.5])
+    q = quantize(x, 4, 4, symmetric=True)  # scale 7 / (2^3 - 1) = 1, codes offset by 8
+    assert q.codes.flatten().tolist() == [1, 5, 8, 12]  # round([1, 4.6, 8.2, 11.5])
+    assert dequantize(q).tolist() == [-7.0, -3.0, 0.0, 4.0]
+
+
+def test_groups_run_along_the_requested_axis():
+    x = torch.tensor([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [3.0, 40.0]])  # (tokens=4, channels=2)
+    q = quantize(x, 2, 4, axis=0)  # per-channel: one group of 4 tokens per channel
+    assert q.scale.flatten().tolist() == pytest.approx([1.0, 10.0])
+    assert q.zero.flatten().tolist() == pytest.approx([0.0, 10.0])
+    torch.testing.assert_close(dequantize(q), x)
+    by_token = quantize(x, 2, 2, axis=1)  # per-token: one group of 2 channels per token
+    assert by_token.scale.shape == (4, 1, 1)
+    torch.testing.assert_close(dequantize(by_token), x)  # 2 values per group are exact at any width
+
+
+@pytest.mark.parametrize("value", [0.0, 3.7, -1e-3])
+def test_constant_groups_round_trip_exactly(value):
+    x = torch.full((3, 8), value)
+    for bits in (1, 2, 4, 8):
+        assert torch.equal(roundtrip(x, bits, 4), x)
+        assert torch.equal(fake_quant(x, bits, 4), x)
+
+
+def test_non_finite_input_raises_in_quantize():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(torch.tensor([1.0, float("nan"), 0.0, 2.0]), 2, 4)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(torch.tensor([1.0, float("inf"), 0.0, 2.0]), 2, 4)
+
+
+def test_fake_quant_propagates_nan_to_its_group_only():
+    out = fake_quant(torch.tensor([1.0, float("nan"), 0.0, 2.0, 1.0, 2.0]), 2, 3)
+    assert out[:3].isnan().all() and out[3:].isfinite().all()
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="supports 1 to 8 bits, got 9"):
+        quantize(torch.zeros(4), 9, 4)
+    with pytest.raises(ValueError, match="symmetric quantization supports 2 to 8 bits, got 1"):
+        quantize(torch.zeros(4), 1, 4, symmetric=True)
+    with pytest.raises(ValueError, match="group_size=3 must divide the quantized axis"):
+        quantize(torch.zeros(4), 2, 3)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_fake_quant_equals_quantize_dequantize_and_error_is_bounded(bits):
+    torch.manual_seed(bits)
+    x = torch.randn(2, 3, 64, 16)
+    for axis, group in ((-2, 32), (-1, 16), (-1, 8)):
+        fq = fake_quant(x, bits, group, axis)
+        assert torch.equal(fq, roundtrip(x, bits, group, axis))
+        q = quantize(x, bits, group, axis)
+        # round to nearest: error at most half a step of its group
+        step = q.scale.expand_as(q.codes.float())
+        err = (x.movedim(axis, -1).reshape(q.codes.shape) - q.codes * q.scale - q.zero).abs()
+        assert (err <= step / 2 + 1e-6).all()
+
+
+def test_ste_gradient_is_identity_inside_the_clip_range_and_zero_outside():
+    x = torch.tensor([-1.0, -0.2, 0.2, 1.0], requires_grad=True)
+    fake_quant(x, 4, 4).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+    x.grad = None
+    fake_quant(x, 4, 4, clip_ratio=0.5).sum().backward()  # range [-0.5, 0.5]
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_packing_hand_values():
+    # 2-bit codes [1, 2, 3, 0]: 1 | 2<<2 | 3<<4 | 0<<6 = 57
+    assert pack(torch.tensor([1, 2, 3, 0]), 2).tolist() == [57]
+    # 3-bit codes [7, 1, 4]: 7 | 1<<3 | 4<<6 = 271 -> bytes [15, 1]
+    assert pack(torch.tensor([7, 1, 4]), 3).tolist() == [15, 1]
+    # eight 4-bit 15s fill one int32 word with ones: -1 in two's complement
+    assert pack(torch.full((8,), 15), 4, torch.int32).tolist() == [-1]
+    assert packed_length(32, 2) == 8 and packed_length(32, 3) == 12 and packed_length(33, 2, torch.int32) == 3
+
+
+@pytest.mark.parametrize("bits,n,word", itertools.product(range(1, 9), (1, 7, 32, 33), (torch.uint8, torch.int32)))
+def test_pack_unpack_is_exact(bits, n, word):
+    codes = torch.randint(0, 2**bits, (2, 3, n), generator=torch.Generator().manual_seed(bits * n))
+    packed = pack(codes, bits, word)
+    assert packed.dtype == word and packed.shape[-1] == packed_length(n, bits, word)
+    assert torch.equal(unpack(packed, bits, n), codes.to(torch.uint8))
+
+
+def kivi_reference_keys(k, group_size, bits):
+    """KIVI's per-channel key quantizer, written from its description: (B, H, T, D) keys, groups of
+    `group_size` tokens per channel, asymmetric min-max with the min as a float zero point,
+    codes = round(clamp((k - min) / scale)), packed little-endian into int32 words along tokens."""
+    B, H, T, D = k.shape
+    g = k.reshape(B, H, T // group_size, group_size, D)
+    mn, mx = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)
+    scale = (mx - mn) / (2**bits - 1)
+    codes = ((g - mn) / scale).clamp(0, 2**bits - 1).round().to(torch.int64).reshape(B, H, T, D)
+    per_word = 32 // bits
+    words = torch.zeros(B, H, T // per_word, D, dtype=torch.int64)
+    for j in range(per_word):
+        words |= codes[:, :, j::per_word] << (bits * j)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return codes, scale, mn, words
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_preset_quantizer_reproduces_kivi(bits):
+    from kvtrain import KVQuantSpec
+
+    spec = KVQuantSpec.preset(f"kivi{bits}")
+    k = torch.randn(2, 2, 64, 32, generator=torch.Generator().manual_seed(bits))
+    kq = spec.keys(0)
+    q = quantize(k, kq.bits, kq.group_size, axis=2, symmetric=kq.symmetric, clip_ratio=kq.clip_ratio)
+    codes, scale, mn, words = kivi_reference_keys(k, 32, bits)
+    # ours: (B, H, D, groups, G) with tokens moved last
+    ours = q.codes.reshape(2, 2, 32, 64).transpose(-1, -2)
+    assert torch.equal(ours.long(), codes)
+    torch.testing.assert_close(q.scale.squeeze(-1), scale.squeeze(-2).transpose(-1, -2), rtol=0, atol=0)
+    torch.testing.assert_close(q.zero.squeeze(-1), mn.squeeze(-2).transpose(-1, -2), rtol=0, atol=0)
+    # Packing 32/bits codes per int32 word along tokens gives KIVI's words (within one group here the
+    # words of consecutive tokens follow each other, as in KIVI's layout).
+    packed = pack(ours.transpose(-1, -2), bits, torch.int32).transpose(-1, -2)
+    assert torch.equal(packed, words)
