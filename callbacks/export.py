@@ -9,7 +9,10 @@ from pathlib import Path
 import lightning as L
 
 from kvtrain.home import publish
+from kvtrain.kv import attached_spec
 from kvtrain.models import embedded_model_path, is_embedded
+
+from .kv_quant import find_hf_model
 
 
 def export_target(to: str) -> Path:
@@ -20,6 +23,7 @@ def export_target(to: str) -> Path:
 class ExportPretrained(L.Callback):
     """Calls `pl_module.export(...)` at the end of fit, writing to a temporary folder first and
     renaming it into place, so an interrupted export never leaves a half-written model behind.
+    A KV spec attached to the model (KVQuantCallback) is saved with it as kv_spec.json.
 
     Args:
         to: destination folder, or "kvtrain-ref" for the embedded reference model's cache slot.
@@ -39,6 +43,9 @@ class ExportPretrained(L.Callback):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             pl_module.export(tmp, merge_lora=self.merge_lora)
+            spec = attached_spec(find_hf_model(pl_module))
+            if spec is not None:
+                spec.save(tmp)
             publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from contextlib import contextmanager
@@ -21,7 +22,8 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
 from kvtrain.data.lm import PackedDataset, token_stream
-from kvtrain.eval import format_table, perplexity, unigram_perplexity, write_json
+from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
+from kvtrain.kv import KVQuantSpec
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, embedded_model_path, load_model, load_tokenizer
 from kvtrain.modules import CausalLMModule
@@ -75,6 +77,17 @@ def load_for_eval(model: str) -> tuple[torch.nn.Module, str]:
     return load_model(model), model
 
 
+def model_spec(model: str) -> KVQuantSpec:
+    """The KV spec a model was trained with: kv_spec.json in its folder, or a checkpoint's KVQuantCallback state."""
+    if not model.endswith(".ckpt"):
+        return KVQuantSpec.resolve(model)
+    states = torch.load(model, map_location="cpu", weights_only=True).get("callbacks", {})
+    found = [state["spec"] for name, state in states.items() if name.startswith("KVQuantCallback")]
+    if not found:
+        raise ValueError(f"{model} was not trained with KVQuantCallback, so it holds no KV spec; pass --kv <preset>")
+    return KVQuantSpec(**found[0])
+
+
 def evaluate(
     model: str = REFERENCE,
     data: str | None = None,
@@ -82,6 +95,7 @@ def evaluate(
     seq_len: int = 256,
     batch_size: int = 8,
     max_batches: int | None = None,
+    kv: str | None = None,
     baseline: bool = True,
     output: str | None = "kvtrain-eval.json",
 ) -> dict[str, Any]:
@@ -94,24 +108,44 @@ def evaluate(
         seq_len: window length in tokens.
         batch_size: windows per forward.
         max_batches: evaluate only the first N batches.
+        kv: also evaluate under this KV cache spec: a preset (kivi2, kivi4, int8), a spec JSON file,
+            or a model folder with kv_spec.json ("model": the evaluated model's own). Each row reports
+            KV bytes/token measured from a real cache filled with one window.
         baseline: also report the unigram perplexity (train-split token frequencies).
         output: JSON file for the results (None: do not write).
     """
     hf_model, tokenizer_name = load_for_eval(model)
     tokenizer = load_tokenizer(tokenizer_name)
     tokens = token_stream(data, split, tokenizer)
-    result = perplexity(hf_model, PackedDataset(tokens, seq_len), batch_size, max_batches, desc=f"eval {split}")
-    rows = [{"model": model, "split": split, **result}]
+    dataset = PackedDataset(tokens, seq_len)
+    specs = {"full precision": None}
+    if kv is not None:
+        spec = model_spec(model) if kv == "model" else KVQuantSpec.resolve(kv)
+        specs[kv if kv != "model" else "model's spec"] = spec
+    rows = [_eval_row(hf_model, dataset, split, name, spec, batch_size, max_batches) for name, spec in specs.items()]
+    for row in rows:
+        row["model"] = model
     if baseline:
-        windows = result["tokens"] // (seq_len - 1)
-        targets = tokens[: windows * seq_len].view(windows, seq_len)[:, 1:]  # the tokens the model predicted
-        ppl = unigram_perplexity(token_stream(data, "train", tokenizer), targets.flatten(), len(tokenizer))
-        rows.append({"model": "unigram baseline", "split": split, "tokens": targets.numel(), "ppl": ppl})
-    print(format_table(rows, ["model", "split", "tokens", "loss", "ppl"]))
-    report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib"}
+        rows.append(_unigram_row(data, split, tokens, tokenizer, rows[0]["tokens"], seq_len))
+    print(format_table(rows, ["model", "kv", "split", "tokens", "loss", "ppl", "kv_bytes_per_token"]))
+    report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib",
+              "specs": {name: asdict(spec) for name, spec in specs.items() if spec is not None}}
     if output:
         print(f"kvtrain: wrote {write_json(output, report)}")
     return report
+
+
+def _eval_row(hf_model, dataset, split, name, spec, batch_size, max_batches) -> dict[str, Any]:
+    result = perplexity(hf_model, dataset, batch_size, max_batches, desc=f"eval {split} ({name} KV)", spec=spec)
+    window = dataset[0]["input_ids"][None].to(next(hf_model.parameters()).device)
+    return {"kv": name, "split": split, **result, "kv_bytes_per_token": kv_bytes_per_token(hf_model, window, spec)}
+
+
+def _unigram_row(data, split, tokens, tokenizer, n_predicted: int, seq_len: int) -> dict[str, Any]:
+    windows = n_predicted // (seq_len - 1)
+    targets = tokens[: windows * seq_len].view(windows, seq_len)[:, 1:]  # the tokens the model predicted
+    ppl = unigram_perplexity(token_stream(data, "train", tokenizer), targets.flatten(), len(tokenizer))
+    return {"model": "unigram baseline", "split": split, "tokens": targets.numel(), "ppl": ppl}
 
 
 def quickstart(smoke: bool = False) -> dict[str, Any]:

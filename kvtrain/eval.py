@@ -1,4 +1,5 @@
-"""Evaluation: perplexity of a causal LM on a packed split, and the unigram baseline it must beat."""
+"""Evaluation: perplexity of a causal LM on a packed split (optionally under a KV spec), the KV bytes
+per token a real cache holds, and the unigram baseline a model must beat."""
 
 from __future__ import annotations
 
@@ -10,17 +11,32 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from kvtrain.data.lm import PackedDataset
+from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
 from kvtrain.loss import next_token_nll
 
 
-@torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, dataset: PackedDataset, batch_size: int = 8, max_batches: int | None = None, desc: str = "eval"
+    model: PreTrainedModel,
+    dataset: PackedDataset,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    desc: str = "eval",
+    spec: KVQuantSpec | str | None = None,
 ) -> dict[str, float]:
-    """Token-weighted mean NLL and its exp over the windows of `dataset` (optionally the first `max_batches`)."""
+    """Token-weighted mean NLL and its exp over the windows of `dataset` (optionally the first
+    `max_batches`). With `spec`, every prediction sees K/V as QuantizedKVCache(spec) would hold them
+    when decoding that token (train/decode parity makes the one-forward result exact)."""
+    if spec is None:
+        return _perplexity(model, dataset, batch_size, max_batches, desc)
+    with attached(model, spec):
+        return _perplexity(model, dataset, batch_size, max_batches, desc)
+
+
+@torch.no_grad()
+def _perplexity(model, dataset, batch_size, max_batches, desc) -> dict[str, float]:
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size)
@@ -35,6 +51,29 @@ def perplexity(
         nll_sum, n_tokens = nll_sum + nll.item(), n_tokens + int(n)
     loss = nll_sum / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_tokens}
+
+
+def cache_nbytes(cache: QuantizedKVCache | DynamicCache) -> int:
+    """Bytes of every tensor the cache holds (our cache counts its own packed storage)."""
+    if isinstance(cache, QuantizedKVCache):
+        return cache.nbytes()
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> float:
+    """Measured KV bytes per token after prefilling `input_ids` (1, T) into a real cache:
+    QuantizedKVCache(spec), or a full-precision DynamicCache when `spec` is None."""
+    model.eval()
+    if spec is None:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    else:
+        cache = QuantizedKVCache(spec)
+        with attached(model, spec):
+            model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return cache_nbytes(cache) / input_ids.numel()
 
 
 def unigram_perplexity(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int) -> float:

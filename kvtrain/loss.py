@@ -17,9 +17,29 @@ def next_token_nll(
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
     targets = input_ids[:, 1:]
-    if attention_mask is None:
-        mask = torch.ones_like(targets, dtype=torch.bool)
-    else:
-        mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    mask = _next_token_mask(input_ids, attention_mask)
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return (nll * mask.flatten()).sum(), mask.sum()
+
+
+def _next_token_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+    return attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+
+
+def distillation_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(teacher || student) over the next-token predictions that count, and their number.
+
+    Forward KL, as in LLM-QAT: the student (seeing the compressed cache) is pulled toward the full
+    distribution of the full-precision teacher, not only its argmax. Computed in fp32.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    mask = _next_token_mask(student_logits[..., 0], attention_mask)
+    student = F.log_softmax(student_logits[:, :-1].float(), -1)
+    teacher = F.log_softmax(teacher_logits[:, :-1].float(), -1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return (kl * mask).sum(), mask.sum()

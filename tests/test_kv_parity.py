@@ -4,7 +4,10 @@ prefill split, to fp32 tolerance. Also invariant 5: detach restores the model bi
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+    Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
 
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, attached, detach
 
@@ -14,6 +17,9 @@ ARCHS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=None)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=32)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SHAPE, pad_token_id=0)),
+    "gemma": lambda: GemmaForCausalLM(GemmaConfig(**SHAPE, head_dim=32)),
 }
 SPECS = {  # (spec, sequence length): lengths are not multiples of the group size
     "2bit-R0-G16": (KVQuantSpec(key_bits=2, value_bits=2, key_group_size=16, value_group_size=16, residual=0), 75),
@@ -34,9 +40,9 @@ def build(arch):
     # Random init gives near-uniform attention; larger q/k weights make attention (and so the
     # quantization of keys) matter to the logits.
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
+        for name, p in model.named_parameters():
+            if any(proj in name for proj in ("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+                p.mul_(4)
     return model
 
 

@@ -2,6 +2,6 @@
 
 from kvtrain.kv.attention import attach, attached, attached_spec, detach
 from kvtrain.kv.cache import QuantizedKVCache
-from kvtrain.kv.spec import PRESETS, KVQuantSpec, TensorQuant
+from kvtrain.kv.spec import PRESETS, SPEC_FILE, KVQuantSpec, TensorQuant
 
-__all__ = ["PRESETS", "KVQuantSpec", "QuantizedKVCache", "TensorQuant", "attach", "attached", "attached_spec", "detach"]
+__all__ = ["PRESETS", "SPEC_FILE", "KVQuantSpec", "QuantizedKVCache", "TensorQuant", "attach", "attached", "attached_spec", "detach"]

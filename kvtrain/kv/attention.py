@@ -215,3 +215,17 @@ def attached(model: nn.Module, spec: KVQuantSpec | str) -> Iterator[KVQuantSpec]
         detach(model)
         if previous is not None:
             attach(model, previous)
+
+
+@contextmanager
+def suspended(model: nn.Module) -> Iterator[None]:
+    """Run `model` with full-precision KV for a while (e.g. as its own distillation teacher)."""
+    spec = attached_spec(model)
+    if spec is None:
+        yield
+        return
+    detach(model)
+    try:
+        yield
+    finally:
+        attach(model, spec)

@@ -14,7 +14,9 @@ iff j < quantized_len(t + 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from kvtrain.quant.uniform import check_bits
@@ -43,6 +45,7 @@ class TensorQuant:
 
 
 PRESETS = ("kivi2", "kivi4", "int8")
+SPEC_FILE = "kv_spec.json"  # written next to an exported model so the spec travels with it
 
 
 @dataclass
@@ -106,7 +109,30 @@ class KVQuantSpec:
 
     @classmethod
     def resolve(cls, spec: "KVQuantSpec | str") -> "KVQuantSpec":
-        return cls.preset(spec) if isinstance(spec, str) else spec
+        """A spec from itself, a preset name, a JSON file, or a model folder holding kv_spec.json."""
+        if not isinstance(spec, str):
+            return spec
+        if spec in PRESETS:
+            return cls.preset(spec)
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            path = path / SPEC_FILE
+        if path.is_file():
+            return cls.load(path)
+        raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS}, a spec JSON file, or a folder with {SPEC_FILE}")
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / SPEC_FILE
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "KVQuantSpec":
+        fields = json.loads(Path(path).read_text())
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise ValueError(f"{path} is not a KVQuantSpec: {e}") from e
 
     def keys(self, layer: int) -> TensorQuant | None:
         return self._tensor("key", layer)

@@ -12,7 +12,8 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from kvtrain.loss import next_token_nll
+from kvtrain.kv.attention import suspended
+from kvtrain.loss import distillation_kl, next_token_nll
 from kvtrain.models import count_parameters, load_model, load_tokenizer
 
 
@@ -83,6 +84,11 @@ class CausalLMModule(L.LightningModule):
         warmup_steps, min_lr_ratio: linear warmup, then cosine decay to `min_lr_ratio * lr`.
         lora: train peft LoRA adapters only.
         qlora: load the base weights 4-bit NF4 with bitsandbytes and train LoRA adapters on top.
+        distill_weight: add this times KL(teacher || student) per token to the loss (LLM-QAT-style
+            distillation; 0 turns it off). The teacher runs with full-precision KV even when a KV
+            spec is attached to the student.
+        teacher: the teacher's name/path; default: the frozen starting model (with LoRA/QLoRA, the
+            base model with its adapters disabled, so no second copy is held).
         trust_remote_code: allow model code from the hub (off unless you turn it on).
     """
 
@@ -99,6 +105,8 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         lora: LoRASettings | dict | None = None,
         qlora: bool = False,
+        distill_weight: float = 0.0,
+        teacher: str | None = None,
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -111,16 +119,38 @@ class CausalLMModule(L.LightningModule):
             raise ValueError("qlora=True trains LoRA adapters on a frozen 4-bit base: also set `lora`")
         if qlora and init != "pretrained":
             raise ValueError("qlora quantizes pretrained weights while loading them: use init='pretrained'")
+        if distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {distill_weight}")
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["lora"])
         self.hparams["lora"] = asdict(lora) if lora else None
         self.lora = lora
         load_kwargs = {"quantization_config": _nf4_config()} if qlora else {}
         self.model = load_model(model, init, config_overrides, trust_remote_code, **load_kwargs)
+        teacher_model = self._build_teacher(teacher, lora, trust_remote_code) if distill_weight > 0 else None
         if lora is not None:
             self.model = _apply_lora(self.model, lora, quantized=qlora)
+        # Kept out of the module tree: not trained, not in checkpoints (it is rebuilt from its name).
+        self.__dict__["teacher"] = teacher_model
         self.tokenizer_name = tokenizer or model
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
+
+    def _build_teacher(self, name: str | None, lora: LoRASettings | None, trust_remote_code: bool):
+        if name is not None:
+            teacher = load_model(name, trust_remote_code=trust_remote_code)
+        elif lora is not None:
+            return None  # the student's own base, adapters disabled
+        else:
+            teacher = copy.deepcopy(self.model)
+        return teacher.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if self.teacher is not None:
+            return self.teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with self.model.disable_adapter(), suspended(self.model):
+            return self(ids, mask)
 
     def parameter_counts(self) -> tuple[int, int]:
         return count_parameters(self.model)
@@ -138,27 +168,33 @@ class CausalLMModule(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
         trainable, total = self.parameter_counts()
         print(f"kvtrain: {trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return next_token_nll(logits, batch["input_ids"], batch.get("attention_mask"))
+        return *next_token_nll(logits, batch["input_ids"], batch.get("attention_mask")), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll, n = self._nll(batch)
+        nll, n, logits = self._nll(batch)
         loss = nll / n.clamp(min=1)
+        self.log("train/ppl", loss.detach().exp())
+        if self.hparams.distill_weight > 0:
+            kl, _ = distillation_kl(logits, self.teacher_logits(batch), batch.get("attention_mask"))
+            self.log("train/kl", kl.detach() / n.clamp(min=1))
+            loss = loss + self.hparams.distill_weight * kl / n.clamp(min=1)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
                 "lower the learning rate, enable gradient clipping, or train in fp32"
             )
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        nll, n = self._nll(batch)
+        nll, n, _ = self._nll(batch)
         self.val_nll.update(nll)
         self.val_tokens.update(n)
 
