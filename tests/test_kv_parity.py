@@ -5,7 +5,7 @@ prefill split, to fp32 tolerance. Also invariant 5: detach restores the model bi
 import pytest
 import torch
 from transformers import (
-    GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+    Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
     Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
 )
 
@@ -20,6 +20,8 @@ ARCHS = {
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE, head_dim=32)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SHAPE, pad_token_id=0)),
     "gemma": lambda: GemmaForCausalLM(GemmaConfig(**SHAPE, head_dim=32)),
+    # attention logit softcapping (the exact eager path) and sliding-window layers
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**SHAPE, head_dim=32, sliding_window=48)),
 }
 SPECS = {  # (spec, sequence length): lengths are not multiples of the group size
     "2bit-R0-G16": (KVQuantSpec(key_bits=2, value_bits=2, key_group_size=16, value_group_size=16, residual=0), 75),

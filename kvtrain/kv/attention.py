@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -26,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvtrain.kv.spec import KVQuantSpec, TensorQuant
-from kvtrain.kv.view import compressed_view, quantized_mask, uniform_view
+from kvtrain.kv.view import compressed_view, quantized_mask, seen_quantized, uniform_view
 
 ATTN_NAME = "kvtrain"
 
@@ -71,13 +72,64 @@ def kv_attention(
     v_hat, vq = _prepared(value, spec.values(layer), spec.residual, past, prefix)
     scaling = module.scaling if scaling is None else scaling
     one_view = all(q is None or uniform_view(q, spec.residual, past, q_len) for q in (kq, vq))
-    if one_view and kwargs.get("softcap") is None:
+    if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
+        out, probs = _per_query_attention(module, query, (key, k_hat, kq), (value, v_hat, vq), attention_mask,
+                                          scaling, dropout, past, kwargs["softcap"])
+    elif one_view:
         out, probs = sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, dropout=dropout,
                                             scaling=scaling)
     else:
-        out, probs = _per_query_attention(module, query, (key, k_hat, kq), (value, v_hat, vq), attention_mask,
-                                          scaling, dropout, past, kwargs.get("softcap"))
+        out, probs = _region_attention(module, query, (key, k_hat, kq), (value, v_hat, vq), attention_mask, scaling,
+                                       dropout, past), None
     return _zero_padding_queries(out, attention_mask, total), probs
+
+
+QUERY_CHUNK = 128
+
+
+def _region_attention(module, query, keys, values, attention_mask, scaling, dropout, past) -> torch.Tensor:
+    """Fused SDPA where each query sees each token quantized or not, as the cache would hold it then.
+
+    For query p, token j falls in one of three regions: j < lo(p) seen with quantized K and V,
+    lo(p) <= j < hi(p) with one of them quantized (the tensor with the finer unit is quantized
+    further), j >= hi(p) full precision. Concatenating the regions' K/V along the key axis and masking
+    each query to its own regions gives every (query, token) pair exactly once, so one SDPA call per
+    chunk of queries computes the exact view without materializing attention weights. Chunking keeps
+    regions short: a chunk only needs tokens up to its last position, and the full-precision regions
+    only span the residual window plus one group.
+    """
+    (key, k_hat, kq), (value, v_hat, vq) = keys, values
+    spec, q_len = module.kvtrain_state.spec, query.shape[-2]
+    positions = torch.arange(past, past + q_len, device=query.device)
+    nk, nv = (seen_quantized(q, spec.residual, positions) for q in (kq, vq))
+    keys_ahead = bool((nk >= nv).all())  # units are fixed per layer, so one tensor leads at every position
+    lo, hi = torch.minimum(nk, nv), torch.maximum(nk, nv)
+    mixed = (k_hat, value) if keys_ahead else (key, v_hat)
+    chunks = []
+    for c0 in range(0, q_len, QUERY_CHUNK):
+        c1 = min(q_len, c0 + QUERY_CHUNK)
+        spans = [(0, int(lo[c1 - 1])), (int(lo[c0]), int(hi[c1 - 1])), (int(hi[c0]), past + c1)]
+        k = torch.cat([t[..., a:b, :] for t, (a, b) in zip((k_hat, mixed[0], key), spans)], dim=-2)
+        v = torch.cat([t[..., a:b, :] for t, (a, b) in zip((v_hat, mixed[1], value), spans)], dim=-2)
+        mask = _region_mask(spans, lo[c0:c1], hi[c0:c1], positions[c0:c1], attention_mask, c0, query.dtype)
+        chunks.append(F.scaled_dot_product_attention(
+            query[..., c0:c1, :], k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
+            enable_gqa=True,
+        ))
+    return torch.cat(chunks, dim=-2).transpose(1, 2).contiguous()
+
+
+def _region_mask(spans, lo, hi, positions, attention_mask, c0, dtype) -> torch.Tensor:
+    """Additive mask (B or 1, 1, chunk, columns) for the concatenated regions of one query chunk."""
+    device = lo.device
+    cols = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
+    region = torch.cat([torch.full((max(0, b - a),), r, device=device) for r, (a, b) in enumerate(spans)])
+    j, lo, hi = cols[None, :], lo[:, None], hi[:, None]
+    allowed = torch.where(region == 0, j < lo, torch.where(region == 1, (j >= lo) & (j < hi), j >= hi))
+    if attention_mask is None:
+        return torch.where(allowed & (j <= positions[:, None]), 0.0, torch.finfo(dtype).min).to(dtype)
+    base = attention_mask[:, :, c0:c0 + len(positions)].index_select(-1, cols)
+    return torch.where(allowed, base, torch.finfo(base.dtype).min)
 
 
 def _zero_padding_queries(out: torch.Tensor, attention_mask: torch.Tensor | None, total: int) -> torch.Tensor:

@@ -28,9 +28,16 @@ def compressed_view(x: torch.Tensor, quant: TensorQuant, residual: int, done: in
     return torch.cat([x[..., :done, :], quantize_tokens(x[..., done:n, :], quant), x[..., n:, :]], dim=-2), n
 
 
+def seen_quantized(quant: TensorQuant | None, residual: int, positions: torch.Tensor) -> torch.Tensor:
+    """For each query position p: n(p) = quantized_len(p + 1); p sees tokens j < n(p) quantized."""
+    if quant is None:
+        return torch.zeros_like(positions)
+    return (positions + 1 - residual).clamp(min=0) // quant.unit * quant.unit
+
+
 def quantized_mask(quant: TensorQuant, residual: int, past: int, q_len: int, total: int, device) -> torch.Tensor:
     """(q_len, total) bool: query i (position past + i) sees token j quantized."""
-    seen = torch.tensor([quant.quantized_len(past + i + 1, residual) for i in range(q_len)], device=device)
+    seen = seen_quantized(quant, residual, torch.arange(past, past + q_len, device=device))
     return torch.arange(total, device=device)[None, :] < seen[:, None]
 
 

@@ -130,6 +130,7 @@ class CausalLMModule(L.LightningModule):
         teacher_model = self._build_teacher(teacher, lora, trust_remote_code) if distill_weight > 0 else None
         if lora is not None:
             self.model = _apply_lora(self.model, lora, quantized=qlora)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as found
         # Kept out of the module tree: not trained, not in checkpoints (it is rebuilt from its name).
         self.__dict__["teacher"] = teacher_model
         self.tokenizer_name = tokenizer or model
