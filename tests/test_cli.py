@@ -1,5 +1,6 @@
 """The `kvtrain` command: every recipe parses, bad keys are named, recipes run at tiny size, eval works."""
 
+import csv
 import json
 import shutil
 
@@ -23,7 +24,8 @@ def tiny_fit_args(corpus_file, steps=3):
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml"} <= names
+    assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
+            "qat_kivi2_hub.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -78,6 +80,24 @@ def test_peft_recipes_run_tiny_and_report_trainable_parameters(recipe, tmp_path,
     assert (exported / expected).is_file()
 
 
+@pytest.mark.slow
+def test_qat_recipe_runs_tiny_with_the_spec_and_exports_it(tmp_path, corpus_file):
+    args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
+                                                   "--model.init_args.lr=3e-3"]
+    tiny = {**TINY, "num_attention_heads": 2}  # head_dim 32: kivi2 groups 32 channels per token
+    result = run_kvtrain(["fit", "--config", str(REPO / "recipes" / "qat_kivi2.yaml"), "--model.init_args.init=random",
+                          f"--model.init_args.config_overrides={json.dumps(tiny)}", *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "qat_kivi2"
+    assert json.loads((run / "model" / "kv_spec.json").read_text())["key_bits"] == 2
+    rows = list(csv.DictReader((run / "version_0" / "metrics.csv").open()))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
+    # random tiny start: ln(4096) = 8.32 plus a KL to the (random) teacher that starts near 0
+    assert loss[0] == pytest.approx(8.32, abs=0.2) and kl[0] < 0.05
+    assert loss[-1] < loss[0] - 0.6, loss  # 12 steps: observed 8.34 -> 7.41
+
+
 def test_eval_command_prints_table_and_json(tmp_path, corpus_file, tiny_model_dir, capsys):
     out = tmp_path / "eval.json"
     main(["eval", f"--model={tiny_model_dir}", f"--data={corpus_file}", "--seq_len=32", "--max_batches=2",
@@ -102,8 +122,18 @@ def test_quickstart_smoke(tmp_path):
     home = tmp_path / "home"
     result = run_kvtrain(["quickstart", "--smoke=true"], cwd=tmp_path, env={"KVTRAIN_HOME": str(home)})
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((home / "smoke" / "quickstart.json").read_text())
-    ref, unigram = report["rows"]
-    assert ref["model"] == "kvtrain-ref" and unigram["model"] == "unigram baseline"
-    assert (home / "smoke" / "models" / "kvtrain-ref" / "model.safetensors").is_file()
-    assert "| kvtrain-ref | val |" in result.stdout
+    smoke = home / "smoke"
+    report = json.loads((smoke / "quickstart.json").read_text())
+    assert [(r["model"], r["kv"]) for r in report["rows"]] == [
+        ("kvtrain-ref", "full precision"), ("kvtrain-ref (PTQ)", "kivi2"),
+        ("QAT model", "full precision"), ("QAT model", "model's spec"),
+    ]
+    ref, ptq, qat_fp, qat = report["rows"]
+    assert ptq["ppl"] > ref["ppl"]  # 2-bit KV costs perplexity before QAT
+    # kivi2 at 1024 tokens: 896 quantized (0.5 byte/element with fp32 scales) + 128 fp32 tokens,
+    # over 4 layers x 2 KV heads x 32 dims x (K, V)
+    assert ref["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * 4
+    assert qat["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * (896 * 0.5 + 128 * 4) / 1024
+    assert (smoke / "models" / "kvtrain-ref" / "model.safetensors").is_file()
+    assert (smoke / "runs" / "qat_kivi2" / "model" / "kv_spec.json").is_file()
+    assert "| QAT model | model's spec |" in result.stdout
