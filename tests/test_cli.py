@@ -118,7 +118,8 @@ def test_unknown_model_offline_error(tmp_path, corpus_file):
 
 
 @pytest.mark.slow
-def test_quickstart_smoke(tmp_path):
+def test_quickstart_smoke(tmp_path, home):
+    shutil.copytree(home / "tokenizers", tmp_path / "home" / "smoke" / "tokenizers")  # skip rebuilding the BPE
     home = tmp_path / "home"
     result = run_kvtrain(["quickstart", "--smoke=true"], cwd=tmp_path, env={"KVTRAIN_HOME": str(home)})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -158,3 +158,20 @@ def test_generate_sampling_batch_left_padding_runs():
     assert out.shape == (3, 162)
     assert cache.layers[0].k.packed.n == 32  # 161 cached tokens, 128 in the window: one 32-token key group
     assert cache.layers[0].v.packed.n == 161 - 128
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float32, 0.1523), (torch.bfloat16, 0.2129)])
+def test_kivi2_bytes_at_4096_tokens_against_dynamic_cache(dtype, ratio):
+    """Honest memory: bytes of the tensors each cache holds, kvtrain-ref's shapes (4 layers, 2 KV heads, head_dim 32).
+    fp32: 3968 tokens x 0.5 byte (2-bit codes + fp32 scale/zero per 32) + 128 x 4 bytes, per element, over 4096 x 4."""
+    from transformers import DynamicCache
+
+    from kvtrain.eval import cache_nbytes
+
+    ours, full = QuantizedKVCache("kivi2"), DynamicCache()
+    for layer in range(4):
+        k, v = torch.randn(2, 1, 2, 4096, 32, dtype=dtype)
+        ours.update(k, v, layer)
+        full.update(k, v, layer)
+    assert ours.nbytes() / cache_nbytes(full) == pytest.approx(ratio, abs=1e-4)
+    assert ours.nbytes() / cache_nbytes(full) <= 0.22
