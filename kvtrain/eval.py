@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from kvtrain.data.lm import PackedDataset
 from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
@@ -53,12 +53,29 @@ def _perplexity(model, dataset, batch_size, max_batches, desc) -> dict[str, floa
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_tokens}
 
 
-def cache_nbytes(cache: QuantizedKVCache | DynamicCache) -> int:
-    """Bytes of every tensor the cache holds (our cache counts its own packed storage)."""
+def _tensor_bytes(obj: object) -> int:
+    """Bytes of every tensor inside obj (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Real storage of a cache: ours counts its packed store; for transformers' caches, every tensor a
+    layer holds (DynamicCache: keys, values; QuantizedCache: the full-precision window plus the packed
+    codes and the scale / zero tensors of its backend's metadata)."""
     if isinstance(cache, QuantizedKVCache):
         return cache.nbytes()
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    known = {"keys", "values", "_quantized_keys", "_quantized_values"}
+    for layer in cache.layers:
+        unknown = [k for k, v in vars(layer).items() if k not in known and _tensor_bytes(v)]
+        if unknown:
+            raise TypeError(f"cache_nbytes does not know what {type(layer).__name__}.{unknown} holds")
+    return sum(_tensor_bytes(getattr(layer, f, None)) for layer in cache.layers for f in sorted(known))
 
 
 @torch.no_grad()

@@ -166,3 +166,16 @@ def test_eval_reads_the_spec_a_checkpoint_was_trained_with(corpus_file, tmp_path
     torch.save({"callbacks": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not trained with KVQuantCallback"):
         model_spec(str(tmp_path / "plain.ckpt"))
+
+
+def test_cache_nbytes_counts_every_tensor_or_refuses():
+    from types import SimpleNamespace
+
+    from kvtrain.eval import cache_nbytes
+
+    quantized_layer = SimpleNamespace(keys=torch.zeros(1, 2, 3, 4), values=torch.zeros(1, 2, 3, 4),
+                                      _quantized_keys=(torch.zeros(10, dtype=torch.uint8), {"scale": torch.zeros(5)}))
+    assert cache_nbytes(SimpleNamespace(layers=[quantized_layer])) == 2 * 24 * 4 + 10 + 5 * 4
+    odd_layer = SimpleNamespace(keys=torch.zeros(2), codebook=torch.zeros(3))
+    with pytest.raises(TypeError, match=r"\['codebook'\]"):
+        cache_nbytes(SimpleNamespace(layers=[odd_layer]))

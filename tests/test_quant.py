@@ -150,3 +150,14 @@ def test_kivi_preset_quantizer_reproduces_kivi(bits):
     # words of consecutive tokens follow each other, as in KIVI's layout).
     packed = pack(ours.transpose(-1, -2), bits, torch.int32).transpose(-1, -2)
     assert torch.equal(packed, words)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_byte_fast_path_lays_out_the_same_bit_stream_as_int32_words(bits):
+    """pack/unpack into bytes take a code-wise fast path for widths dividing 8; int32 words take the
+    general bit-stream path. On a little-endian machine both must give the same bytes."""
+    codes = torch.randint(0, 2**bits, (3, 37), generator=torch.Generator().manual_seed(bits))
+    as_bytes = pack(codes, bits)
+    from_words = pack(codes, bits, torch.int32).view(torch.uint8)[..., : as_bytes.shape[-1]]
+    assert torch.equal(as_bytes, from_words)
+    assert torch.equal(unpack(as_bytes, bits, 37), codes.to(torch.uint8))

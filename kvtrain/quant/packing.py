@@ -26,6 +26,8 @@ def pack(codes: torch.Tensor, bits: int, word: torch.dtype = torch.uint8) -> tor
     if word not in WORD_BITS:
         raise ValueError(f"word must be torch.uint8 or torch.int32, got {word}")
     w, n = WORD_BITS[word], codes.shape[-1]
+    if word == torch.uint8 and 8 % bits == 0:
+        return _pack_bytes(codes, bits)
     shifts = torch.arange(bits, device=codes.device)
     stream = (codes.long().unsqueeze(-1) >> shifts) & 1  # (..., n, bits)
     stream = stream.flatten(-2)
@@ -43,6 +45,24 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     w = WORD_BITS[words.dtype]
     if words.shape[-1] != packed_length(n, bits, words.dtype):
         raise ValueError(f"{words.shape[-1]} words cannot hold exactly {n} codes of {bits} bits")
+    if words.dtype == torch.uint8 and 8 % bits == 0:
+        return _unpack_bytes(words, bits, n)
     stream = (words.long().unsqueeze(-1) >> torch.arange(w, device=words.device)) & 1
     stream = stream.flatten(-2)[..., : n * bits].unflatten(-1, (n, bits))
     return (stream << torch.arange(bits, device=words.device)).sum(-1).to(torch.uint8)
+
+
+# Fast paths for 1, 2, 4 and 8 bits in bytes: whole codes per byte, so shift codes instead of bits
+# (the same bit stream as the general path; the cache unpacks its whole store every decode step).
+
+
+def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    per_byte, n = 8 // bits, codes.shape[-1]
+    padded = torch.nn.functional.pad(codes.to(torch.uint8), (0, (-n) % per_byte))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (padded.unflatten(-1, (-1, per_byte)) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bytes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
+    return ((words.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]

@@ -1,0 +1,92 @@
+"""Helpers shared by the KV benchmarks: the caches they compare, their real byte counts, and output.
+
+Caches, by name:
+    fp      transformers' DynamicCache (full precision), on the plain model
+    kivi2   kvtrain's QuantizedKVCache(KVQuantSpec.preset("kivi2")), on the model with the spec attached
+    kivi4   the same with the kivi4 preset
+    hqq2    transformers' QuantizedCache(backend="hqq", nbits=2), on the plain model (the peer)
+    hqq4    the same with nbits=4
+
+The peer uses the same group size (32) and full-precision window (128 tokens) as our presets, and
+transformers' default grouping axes (axis_key = axis_value = 0). Its layer keeps the newest tokens in
+full precision until the window fills, then dequantizes everything, appends the window and
+re-quantizes the whole tensor (HQQ with its default proximal optimizer) and empties the window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, QuantizedCache
+from transformers.cache_utils import Cache
+
+from kvtrain import KVQuantSpec, QuantizedKVCache, attached
+from kvtrain.eval import cache_nbytes, format_table, write_json
+
+OURS = ("kivi2", "kivi4")
+PEER_BITS = {"hqq2": 2, "hqq4": 4}
+GROUP, RESIDUAL = 32, 128  # the kivi presets' group size and window, given to the peer too
+LABELS = {
+    "fp": "DynamicCache (full precision)",
+    "kivi2": "ours QuantizedKVCache kivi2",
+    "kivi4": "ours QuantizedKVCache kivi4",
+    "hqq2": "peer QuantizedCache HQQ 2-bit",
+    "hqq4": "peer QuantizedCache HQQ 4-bit",
+}
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads: on a shared 2-core machine 2 threads oversubscribe and time 5x noisier."""
+    torch.set_num_threads(n)
+
+
+def make_cache(name: str, config) -> Cache:
+    """A fresh, empty cache of the given kind for a model with this config."""
+    if name == "fp":
+        return DynamicCache(config=config)
+    if name in OURS:
+        return QuantizedKVCache(KVQuantSpec.preset(name))
+    if name in PEER_BITS:
+        return QuantizedCache(backend="hqq", config=config, nbits=PEER_BITS[name], q_group_size=GROUP,
+                              residual_length=RESIDUAL)
+    raise ValueError(f"unknown cache {name!r}; choose one of {list(LABELS)}")
+
+
+@contextlib.contextmanager
+def prepared(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
+    """The model as the cache `name` needs it: our caches need their spec attached, the others a plain model."""
+    if name in OURS:
+        with attached(model, name):
+            yield model
+    else:
+        yield model
+
+
+def fill_random(cache: Cache, config, tokens: int, dtype: torch.dtype, seed: int = 0) -> Cache:
+    """Put `tokens` random keys and values (batch 1) into every layer in one update, as a prefill does."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer in range(config.num_hidden_layers):
+        k, v = (torch.randn(1, heads, tokens, head_dim, generator=gen).to(dtype) for _ in range(2))
+        cache.update(k, v, layer)
+    return cache
+
+
+def save_outputs(out_dir: str | Path, stem: str, payload: dict, markdown: str) -> tuple[Path, Path]:
+    """Write <stem>.json and <stem>.md under out_dir, print the markdown, return both paths."""
+    out_dir = Path(out_dir)
+    json_path = write_json(out_dir / f"{stem}.json", payload)
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown + "\n")
+    print(markdown)
+    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    return json_path, md_path
+
+
+__all__ = ["LABELS", "OURS", "PEER_BITS", "cache_nbytes", "fill_random", "format_table", "make_cache", "prepared",
+           "save_outputs", "set_threads"]
