@@ -2,5 +2,6 @@
 
 from .export import ExportPretrained
 from .kv_quant import KVQuantCallback
+from .memory import TrainingStateMemory
 
-__all__ = ["ExportPretrained", "KVQuantCallback"]
+__all__ = ["ExportPretrained", "KVQuantCallback", "TrainingStateMemory"]

@@ -1,29 +1,50 @@
-"""Export the trained model as a `from_pretrained` folder when fit ends."""
+"""Export trained models as `from_pretrained` folders: at the end of fit, or later from a checkpoint."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
+import torch
 
 from kvtrain.home import publish
-from kvtrain.kv import attached_spec
+from kvtrain.kv import KVQuantSpec, attached_spec
 from kvtrain.models import embedded_model_path, is_embedded
+from kvtrain.strategies.deepspeed import consolidated_checkpoint, full_parameters
 
-from .kv_quant import find_hf_model
+from .kv_quant import find_hf_model, spec_from_checkpoint
 
 
-def export_target(to: str) -> Path:
+def export_target(to: str | Path) -> Path:
     """The folder `to` names: the embedded model's name means its slot in $KVTRAIN_HOME."""
-    return embedded_model_path() if is_embedded(to) else Path(to).expanduser()
+    return embedded_model_path() if is_embedded(str(to)) else Path(to).expanduser()
+
+
+def write_export(write: Callable[[Path], None], spec: KVQuantSpec | None, to: str | Path) -> Path:
+    """Run `write(folder)` into a temporary folder, add kv_spec.json, then rename it into place, so an
+    interrupted export never leaves a half-written model behind."""
+    target = export_target(to)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        if spec is not None:
+            spec.save(tmp)
+        publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"kvtrain: exported the model to {target}")
+    return target
 
 
 class ExportPretrained(L.Callback):
-    """Calls `pl_module.export(...)` at the end of fit, writing to a temporary folder first and
-    renaming it into place, so an interrupted export never leaves a half-written model behind.
-    A KV spec attached to the model (KVQuantCallback) is saved with it as kv_spec.json.
+    """Calls `pl_module.export(...)` at the end of fit. A KV spec attached to the model
+    (KVQuantCallback) is saved with it as kv_spec.json. Under ZeRO-3 the ranks first gather the
+    partitioned weights together; rank 0 writes.
 
     Args:
         to: destination folder, or "kvtrain-ref" for the embedded reference model's cache slot.
@@ -34,19 +55,39 @@ class ExportPretrained(L.Callback):
         self.to, self.merge_lora = to, merge_lora
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         if not hasattr(pl_module, "export"):
             raise TypeError(f"{type(pl_module).__name__} has no export(path) method; ExportPretrained needs one")
-        target = export_target(self.to)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            pl_module.export(tmp, merge_lora=self.merge_lora)
-            spec = attached_spec(find_hf_model(pl_module))
-            if spec is not None:
-                spec.save(tmp)
-            publish(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"kvtrain: exported the model to {target}")
+        with full_parameters(pl_module):
+            if trainer.is_global_zero:
+                spec = attached_spec(find_hf_model(pl_module))
+                write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to)
+        trainer.strategy.barrier()
+
+
+def export_checkpoint(checkpoint: str | Path, to: str | Path, merge_lora: bool = True) -> Path:
+    """A CausalLMModule checkpoint (a `.ckpt` file, or a DeepSpeed ZeRO-2/3 sharded checkpoint folder)
+    as a plain `from_pretrained` folder, with the KV spec it was trained with as kv_spec.json."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        state = consolidated_checkpoint(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    module = _module_from_hyperparameters(state["hyper_parameters"])
+    module.load_state_dict(state["state_dict"])
+    spec = spec_from_checkpoint(state)
+    return write_export(lambda folder: module.export(folder, merge_lora=merge_lora), spec, to)
+
+
+def _module_from_hyperparameters(hparams: dict) -> L.LightningModule:
+    """Rebuild the run's LightningModule: LightningCLI records its class as `_class_path`."""
+    hparams = dict(hparams)
+    module_path, _, name = hparams.pop("_class_path", "kvtrain.modules.CausalLMModule").rpartition(".")
+    cls = getattr(importlib.import_module(module_path), name)
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule) and hasattr(cls, "export")):
+        raise TypeError(f"{module_path}.{name} is not a LightningModule with an export(path) method")
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if "distill_weight" in kwargs:
+        kwargs["distill_weight"] = 0.0  # exporting needs no teacher
+    return cls(**kwargs)

@@ -26,6 +26,13 @@ def find_hf_model(pl_module: L.LightningModule) -> nn.Module:
     )
 
 
+def spec_from_checkpoint(checkpoint: dict[str, Any]) -> KVQuantSpec | None:
+    """The spec a KVQuantCallback stored in a Lightning checkpoint dict (None if it holds none)."""
+    states = checkpoint.get("callbacks", {})
+    found = [state["spec"] for name, state in states.items() if name.startswith("KVQuantCallback")]
+    return KVQuantSpec(**found[0]) if found else None
+
+
 class KVQuantCallback(L.Callback):
     """Attach a KV quantization spec for fit/validate/test; detach afterwards.
 

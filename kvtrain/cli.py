@@ -2,6 +2,7 @@
 
     kvtrain fit|validate|test --config recipes/<recipe>.yaml    LightningCLI (typed, YAML-driven)
     kvtrain eval --model PATH_OR_CKPT [--split val]             perplexity table + JSON
+    kvtrain export CHECKPOINT FOLDER                            checkpoint (ZeRO shards too) -> HF folder
     kvtrain quickstart                                          the main job on the embedded default
 """
 
@@ -21,12 +22,15 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
+from kvtrain.callbacks.export import export_checkpoint
+from kvtrain.callbacks.kv_quant import spec_from_checkpoint
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
 from kvtrain.kv import KVQuantSpec
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, embedded_model_path, load_model, load_tokenizer
 from kvtrain.modules import CausalLMModule
+import kvtrain.strategies  # noqa: F401  (registers trainer.strategy: zero2 / zero3 / zero3_offload)
 
 
 DESCRIPTION = (
@@ -81,11 +85,10 @@ def model_spec(model: str) -> KVQuantSpec:
     """The KV spec a model was trained with: kv_spec.json in its folder, or a checkpoint's KVQuantCallback state."""
     if not model.endswith(".ckpt"):
         return KVQuantSpec.resolve(model)
-    states = torch.load(model, map_location="cpu", weights_only=True).get("callbacks", {})
-    found = [state["spec"] for name, state in states.items() if name.startswith("KVQuantCallback")]
-    if not found:
+    spec = spec_from_checkpoint(torch.load(model, map_location="cpu", weights_only=True))
+    if spec is None:
         raise ValueError(f"{model} was not trained with KVQuantCallback, so it holds no KV spec; pass --kv <preset>")
-    return KVQuantSpec(**found[0])
+    return spec
 
 
 def evaluate(
@@ -195,7 +198,18 @@ def run_recipe(name: str, overrides: list[str]) -> None:
         KVTrainCLI(args=args)
 
 
-COMMANDS = {"eval": evaluate, "quickstart": quickstart}
+def export(checkpoint: str, to: str, merge_lora: bool = True) -> str:
+    """Write a trained checkpoint as a plain Hugging Face folder (`from_pretrained` loads it).
+
+    Args:
+        checkpoint: a `.ckpt` file, or a DeepSpeed ZeRO-2/3 checkpoint folder (its shards are consolidated).
+        to: the output folder; it gets kv_spec.json when the run trained with KVQuantCallback.
+        merge_lora: with LoRA, write the merged model (True) or only the adapter (False).
+    """
+    return str(export_checkpoint(checkpoint, to, merge_lora))
+
+
+COMMANDS = {"eval": evaluate, "export": export, "quickstart": quickstart}
 
 
 def main(argv: list[str] | None = None) -> None:

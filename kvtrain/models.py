@@ -120,6 +120,10 @@ def load_model(
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+    """(trainable, total) parameter counts (full sizes, also for parameters ZeRO-3 has partitioned)."""
+
+    def numel(p: torch.nn.Parameter) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    total = sum(numel(p) for p in model.parameters())
+    return sum(numel(p) for p in model.parameters() if p.requires_grad), total

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -79,15 +79,18 @@ class PackedDataset(Dataset):
         return {"input_ids": window, "attention_mask": torch.ones_like(window)}
 
 
-class ResumableRandomSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), which can skip the samples already consumed."""
+class ResumableRandomSampler(DistributedSampler):
+    """A permutation that depends only on (seed, epoch), which can skip the samples already consumed.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-        self._skip: tuple[int, int] | None = None  # (epoch, samples to skip in it)
+    Sharded over `replicas` ranks: rank r takes every replicas-th index from r, so the ranks' step-k
+    batches together are the single-process step-k batch of `replicas` times the size. Being a
+    DistributedSampler, Lightning uses it as it is instead of wrapping it.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, seed: int, replicas: int = 1, rank: int = 0):
+        super().__init__(range(n), num_replicas=replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n = n
+        self._skip: tuple[int, int] | None = None  # (epoch, samples of all ranks to skip in it)
 
     def skip_once(self, epoch: int, samples: int) -> None:
         self._skip = (epoch, samples)
@@ -97,10 +100,11 @@ class ResumableRandomSampler(Sampler[int]):
         start = 0
         if self._skip is not None and self._skip[0] == self.epoch:
             start, self._skip = self._skip[1], None
-        return iter(order[start:])
+        usable = self.n // self.num_replicas * self.num_replicas  # every rank gets as many samples
+        return iter(order[start + self.rank : usable : self.num_replicas])
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
 
 
 class ResumableLoader(DataLoader):
@@ -110,8 +114,11 @@ class ResumableLoader(DataLoader):
     state is exact whichever hook saves the checkpoint.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, consumed: Callable[[], int], **kwargs):
-        self.resumable_sampler = ResumableRandomSampler(len(dataset), seed)
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, consumed: Callable[[], int],
+        replicas: int = 1, rank: int = 0, **kwargs,
+    ):
+        self.resumable_sampler = ResumableRandomSampler(len(dataset), seed, replicas, rank)
         super().__init__(dataset, batch_size=batch_size, sampler=self.resumable_sampler, drop_last=True, **kwargs)
         self._consumed = consumed
 
@@ -119,7 +126,8 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.resumable_sampler.epoch, "batches": int(self._consumed())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resumable_sampler.skip_once(state["epoch"], state["batches"] * self.batch_size)
+        sampler = self.resumable_sampler
+        sampler.skip_once(state["epoch"], state["batches"] * self.batch_size * sampler.num_replicas)
 
 
 class LMDataModule(L.LightningDataModule):
@@ -180,8 +188,10 @@ class LMDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def train_dataloader(self) -> ResumableLoader:
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         return ResumableLoader(
-            self.dataset("train"), self.batch_size, self.seed, self._consumed_batches, num_workers=self.num_workers
+            self.dataset("train"), self.batch_size, self.seed, self._consumed_batches,
+            replicas=replicas, rank=rank, num_workers=self.num_workers,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -172,7 +172,7 @@ class CausalLMModule(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
         trainable, total = self.parameter_counts()
-        print(f"kvtrain: {trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.2f}%)")
+        self.print(f"kvtrain: {trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
@@ -191,7 +191,7 @@ class CausalLMModule(L.LightningModule):
                 f"training loss is {loss.item()} at step {self.global_step} (batch {batch_idx}); "
                 "lower the learning rate, enable gradient clipping, or train in fp32"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's loss, not rank 0's
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -210,8 +210,9 @@ class CausalLMModule(L.LightningModule):
 
     def _log_eval(self, split: str) -> None:
         loss = self.val_nll.compute() / self.val_tokens.compute().clamp(min=1)
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/ppl", loss.exp(), prog_bar=True)
+        # The metrics already summed over ranks; sync_dist only tells Lightning so.
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/ppl", loss.exp(), prog_bar=True, sync_dist=True)
         self.val_nll.reset()
         self.val_tokens.reset()
 
@@ -220,6 +221,7 @@ class CausalLMModule(L.LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no 1-D weights)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.hparams.warmup_steps, max(1, total // 10)) if total > 0 else self.hparams.warmup_steps
