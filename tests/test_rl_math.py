@@ -177,3 +177,24 @@ def test_weighted_sum_composes_named_terms():
 def test_informative_groups():
     keep = rl.informative_groups(torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]), group_size=4)
     assert keep.tolist() == [False, True, False]
+
+
+def test_score_names_the_sample_a_reward_function_fails_on():
+    def reward(prompt, completion, answer):
+        if "boom" in completion:
+            raise KeyError("no parse")
+        return float("nan") if completion == "nan" else float(completion == answer)
+
+    assert rl.score(reward, ["p0", "p1"], ["3", "4"], ["3", "3"]).tolist() == [1.0, 0.0]
+    with pytest.raises(RuntimeError, match=r"reward function reward raised on sample 1: prompt='p1', completion='boom'"):
+        rl.score(reward, ["p0", "p1"], ["3", "boom"], ["3", "3"])
+    with pytest.raises(ValueError, match=r"returned nan on sample 0: prompt='p0', completion='nan', answer='3'"):
+        rl.score(reward, ["p0"], ["nan"], ["3"])
+
+
+def test_degenerate_batch_warning_names_all_truncated_batches():
+    zeros = torch.zeros(8)
+    message = rl.degenerate_batch_warning(zeros, torch.ones(8, dtype=torch.bool), group_size=4)
+    assert message.startswith("all 8 completions hit max_new_tokens")
+    assert "equal rewards" in rl.degenerate_batch_warning(torch.ones(8), torch.zeros(8, dtype=torch.bool), 4)
+    assert rl.degenerate_batch_warning(TWO_GROUPS, torch.ones(8, dtype=torch.bool), group_size=4) is None

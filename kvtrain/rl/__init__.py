@@ -2,12 +2,12 @@
 
 from .advantages import group_advantages, reinforce_pp_baseline
 from .losses import aggregate, clip_fraction, drpo, drpo_weights, gppo, k3_kl, ppo_clip
-from .rewards import (grpo_lambda, kimi_length_reward, l1_exact, l1_max, soft_overlong, truncation_penalty,
-                      weighted_sum)
-from .sampling import informative_groups
+from .rewards import (grpo_lambda, kimi_length_reward, l1_exact, l1_max, score, soft_overlong,
+                      truncation_penalty, weighted_sum)
+from .sampling import degenerate_batch_warning, informative_groups
 
 __all__ = [
-    "aggregate", "clip_fraction", "drpo", "drpo_weights", "gppo", "group_advantages", "grpo_lambda",
-    "informative_groups", "k3_kl", "kimi_length_reward", "l1_exact", "l1_max", "ppo_clip",
-    "reinforce_pp_baseline", "soft_overlong", "truncation_penalty", "weighted_sum",
+    "aggregate", "clip_fraction", "degenerate_batch_warning", "drpo", "drpo_weights", "gppo", "group_advantages",
+    "grpo_lambda", "informative_groups", "k3_kl", "kimi_length_reward", "l1_exact", "l1_max", "ppo_clip",
+    "reinforce_pp_baseline", "score", "soft_overlong", "truncation_penalty", "weighted_sum",
 ]

@@ -8,6 +8,9 @@ Compose with `weighted_sum`: e.g. correctness + 0.5 * soft_overlong.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 
@@ -79,3 +82,26 @@ def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> t
     if missing:
         raise KeyError(f"weights name reward terms that were not computed: {sorted(missing)}")
     return sum(weights[name] * terms[name].float() for name in weights)
+
+
+RewardFn = Callable[[str, str, str], float]  # (prompt, completion, answer) -> reward
+
+
+def score(reward_fn: RewardFn, prompts: list[str], completions: list[str], answers: list[str]) -> torch.Tensor:
+    """Call a user reward function on every sample; one that raises or returns a non-finite value
+    stops the run with the offending sample named, never as a silent NaN in the advantages."""
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    values = []
+    for i, (prompt, completion, answer) in enumerate(zip(prompts, completions, answers, strict=True)):
+        try:
+            value = float(reward_fn(prompt, completion, answer))
+        except Exception as e:
+            raise RuntimeError(f"reward function {name} raised on sample {i}: {_sample(prompt, completion, answer)}") from e
+        if not math.isfinite(value):
+            raise ValueError(f"reward function {name} returned {value} on sample {i}: {_sample(prompt, completion, answer)}")
+        values.append(value)
+    return torch.tensor(values)
+
+
+def _sample(prompt: str, completion: str, answer: str, limit: int = 200) -> str:
+    return f"prompt={prompt[:limit]!r}, completion={completion[:limit]!r}, answer={answer!r}"

@@ -1,0 +1,7 @@
+"""Verifiable tasks for RL: the embedded arithmetic task and user JSONL, with answer checking."""
+
+from .answers import extract_answer, is_correct
+from .arithmetic import Problem, arithmetic_problems
+from .jsonl import load_jsonl
+
+__all__ = ["Problem", "arithmetic_problems", "extract_answer", "is_correct", "load_jsonl"]

@@ -1,0 +1,50 @@
+"""A verifiable reasoning task that runs on CPU and has overthinking to remove.
+
+Each problem chains 2-4 operations on small integers. Its supervised chain of thought does one
+line per step and then, at random, re-checks earlier steps ("Check: 3 + 4 = 7. Correct.") a
+random number of times: a model fine-tuned on it is accurate but verbose, and every re-check line
+is tokens (and KV cache) that a length-penalized RL run can teach it to drop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+OPS = ["+", "-", "*"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    solution: str = ""  # the supervised chain of thought, ending in "Answer: <answer>"
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_problem(rng: random.Random, max_rechecks: int = 4) -> Problem:
+    steps = rng.randint(2, 4)
+    value = rng.randint(1, 20)
+    expression, lines = str(value), []
+    for _ in range(steps):
+        op = rng.choice(OPS)
+        operand = rng.randint(1, 9) if op == "*" else rng.randint(1, 20)
+        result = _apply(value, op, operand)
+        lines.append(f"{value} {op} {operand} = {result}")
+        expression = f"({expression} {op} {operand})"
+        value = result
+    prompt = f"Compute {expression[1:-1]}.\n"
+    rechecks = [f"Check: {rng.choice(lines)}. Correct." for _ in range(rng.randint(0, max_rechecks))]
+    body = lines + rechecks
+    return Problem(prompt=prompt, answer=str(value), solution="\n".join(body) + f"\nAnswer: {value}\n")
+
+
+def arithmetic_problems(n: int, seed: int = 0, max_rechecks: int = 4) -> list[Problem]:
+    """`n` problems, deterministic in `seed` (use different seeds for train and held-out sets)."""
+    if n < 1:
+        raise ValueError(f"need at least one problem, got n={n}")
+    rng = random.Random(seed)
+    return [make_problem(rng, max_rechecks) for _ in range(n)]

@@ -1,0 +1,117 @@
+"""Rollouts: sample completions with `generate` (optionally under the compressed KV cache the model
+will be deployed with) and score them with a training forward.
+
+Both sides compute a token's log-prob the same way, log_softmax(logits / temperature), and the
+training forward gets the position ids and attention mask generation used. With a KV spec the
+training forward runs with the spec attached, whose view equals what QuantizedKVCache handed back
+during sampling (train/decode parity), so the first importance ratio of an update is 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
+
+
+@dataclass
+class Rollouts:
+    """`num_generations` consecutive completions per prompt.
+
+    prompt_ids/prompt_mask: (B, P), left-padded. completion_ids: (B, T), padded after each end.
+    completion_mask: (B, T), 1 on the tokens that belong to the completion (its EOS included, a
+    trailing stop string included). logprobs: (B, T) sampling log-probs, 0 off the mask.
+    truncated: (B,) True when max_new_tokens ran out before EOS or a stop string.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    truncated: torch.Tensor
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int, stopped_by_string: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated) from generated ids. A row ends at its first EOS: a generated EOS belongs to
+    the completion, unless the row had already stopped on a stop string (then that EOS is padding).
+    A row with neither EOS nor a stop string ran out of tokens: truncated."""
+    batch, total = completion_ids.shape
+    is_eos = completion_ids == eos_id
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full((batch,), total))
+    ends_with_eos = (first < total) & ~stopped_by_string
+    length = torch.where(ends_with_eos, first + 1, first)
+    mask = (torch.arange(total)[None] < length[:, None]).long()
+    truncated = ~(ends_with_eos | stopped_by_string)
+    return mask, truncated
+
+
+def _ended_on_stop_string(texts: list[str], stop: list[str]) -> torch.Tensor:
+    return torch.tensor([any(text.rstrip("\n").endswith(s) for s in stop) for text in texts], dtype=torch.bool)
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_generations: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    spec: KVQuantSpec | str | None = None,
+) -> Rollouts:
+    """Sample `num_generations` completions per prompt; with `spec`, decoding runs on
+    QuantizedKVCache(spec) and the prefill through the attached view, as deployment would."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if not prompts:
+        raise ValueError("no prompts to sample from")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    prompt_ids = enc.input_ids.repeat_interleave(num_generations, dim=0).to(device)
+    prompt_mask = enc.attention_mask.repeat_interleave(num_generations, dim=0).to(device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if spec is None:
+        out = model.generate(prompt_ids, attention_mask=prompt_mask, **kwargs)
+    else:
+        with attached(model, spec) as resolved:
+            out = model.generate(prompt_ids, attention_mask=prompt_mask, past_key_values=QuantizedKVCache(resolved),
+                                 **kwargs)
+    completion = out.sequences[:, prompt_ids.shape[1]:]
+    logprobs = token_logprobs(torch.stack(out.logits, dim=1), completion, temperature)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    stopped = _ended_on_stop_string(texts, stop) if stop else torch.zeros(len(texts), dtype=torch.bool)
+    mask, truncated = completion_mask(completion.cpu(), tokenizer.eos_token_id, stopped)
+    mask = mask.to(device)
+    return Rollouts(prompt_ids, prompt_mask, completion, mask, logprobs * mask, truncated.to(device), texts)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / temperature) at `tokens`, in at least fp32."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of the completions under `model` now, in one training forward with the
+    positions and mask generation used (left padding shifts positions). Masked like the rollout."""
+    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    prompt_len = rollouts.prompt_ids.shape[1]
+    predicting = logits[:, prompt_len - 1 : -1]
+    return token_logprobs(predicting, rollouts.completion_ids, temperature) * rollouts.completion_mask

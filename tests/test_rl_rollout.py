@@ -1,0 +1,61 @@
+"""Rollouts: finish reasons and masks, and the first importance ratio of an update is 1 (training
+forward vs sampling log-probs) with and without the compressed KV cache."""
+
+import pytest
+import torch
+
+from kvtrain.kv import KVQuantSpec, attached
+from kvtrain.rl.rollout import completion_mask, policy_logprobs, sample
+
+EOS = 2
+
+
+def test_completion_mask_and_finish_reasons():
+    ids = torch.tensor([[5, 6, EOS, EOS, EOS],   # stopped by EOS: the EOS belongs to the completion
+                        [5, 6, 7, 8, 9],         # ran out of tokens
+                        [5, 6, EOS, EOS, EOS],   # stopped on a stop string ending at "6": EOS is padding
+                        [EOS, EOS, EOS, EOS, EOS]])
+    stopped_by_string = torch.tensor([False, False, True, False])
+    mask, truncated = completion_mask(ids, EOS, stopped_by_string)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False, False]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from kvtrain.models import load_model, load_tokenizer
+
+    model = load_model(str(tiny_model_dir)).double().eval()  # float64: parity without fp32 rounding flips
+    return model, load_tokenizer(str(tiny_model_dir))
+
+
+PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n\nclass Config:\n    def __init__(self"]
+
+
+@pytest.mark.parametrize("spec", [None, KVQuantSpec(residual=16, key_group_size=16, value_group_size=16)],
+                         ids=["full-precision", "kivi2-r16-g16"])
+def test_first_importance_ratio_is_one(tiny, spec):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = sample(model, tokenizer, PROMPTS, num_generations=2, max_new_tokens=40, temperature=0.9, spec=spec)
+    assert rollouts.completion_ids.shape[0] == 4 and rollouts.prompt_mask[0].sum() < rollouts.prompt_mask[2].sum()
+    assert rollouts.truncated.all() and (rollouts.lengths == 40).all()  # a random model never says EOS in 40 tokens
+    if spec is None:
+        now = policy_logprobs(model, rollouts, temperature=0.9)
+    else:
+        with attached(model, spec):
+            now = policy_logprobs(model, rollouts, temperature=0.9)
+    ratio = torch.exp(now - rollouts.logprobs)[rollouts.completion_mask.bool()]
+    # generate hands out its logits cast to fp32: fp32 rounding of the logits is the tolerance (observed 8e-7)
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+    if spec is not None:  # the view matters: scoring with full-precision K/V gives other log-probs
+        plain = policy_logprobs(model, rollouts, temperature=0.9)
+        assert (plain - rollouts.logprobs).abs().max() > 1e-4
+
+
+def test_sample_rejects_bad_arguments(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample(model, tokenizer, PROMPTS, temperature=0)
+    with pytest.raises(ValueError, match="no prompts"):
+        sample(model, tokenizer, [])
