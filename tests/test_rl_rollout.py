@@ -55,7 +55,16 @@ def test_first_importance_ratio_is_one(tiny, spec):
 
 def test_sample_rejects_bad_arguments(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        sample(model, tokenizer, PROMPTS, temperature=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        sample(model, tokenizer, PROMPTS, temperature=-1)
     with pytest.raises(ValueError, match="no prompts"):
         sample(model, tokenizer, [])
+
+
+def test_greedy_rollouts_are_deterministic(tiny):
+    model, tokenizer = tiny
+    a = sample(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    b = sample(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    ratio = torch.exp(policy_logprobs(model, a) - a.logprobs)[a.completion_mask.bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)

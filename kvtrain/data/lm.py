@@ -130,6 +130,16 @@ class ResumableLoader(DataLoader):
         sampler.skip_once(state["epoch"], state["batches"] * self.batch_size * sampler.num_replicas)
 
 
+def resumable_loader(trainer: L.Trainer | None, dataset: Dataset, batch_size: int, seed: int, **kwargs) -> ResumableLoader:
+    """A ResumableLoader sharded over the trainer's ranks that counts the batches its fit loop finished."""
+    replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+
+    def consumed() -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
+
+    return ResumableLoader(dataset, batch_size, seed, consumed, replicas=replicas, rank=rank, **kwargs)
+
+
 class LMDataModule(L.LightningDataModule):
     """Packs a tokenized corpus into `seq_len` windows.
 
@@ -184,15 +194,9 @@ class LMDataModule(L.LightningDataModule):
         for split in needed:
             self.dataset(split)
 
-    def _consumed_batches(self) -> int:
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-
     def train_dataloader(self) -> ResumableLoader:
-        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        return ResumableLoader(
-            self.dataset("train"), self.batch_size, self.seed, self._consumed_batches,
-            replicas=replicas, rank=rank, num_workers=self.num_workers,
-        )
+        return resumable_loader(self.trainer, self.dataset("train"), self.batch_size, self.seed,
+                                num_workers=self.num_workers)
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(self.dataset(split), batch_size=self.eval_batch_size, num_workers=self.num_workers)
@@ -204,4 +208,4 @@ class LMDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
 
-__all__ = ["LMDataModule", "PackedDataset", "ResumableLoader", "SPLITS", "token_stream", "tokenize_documents"]
+__all__ = ["LMDataModule", "PackedDataset", "ResumableLoader", "resumable_loader", "SPLITS", "token_stream", "tokenize_documents"]

@@ -41,7 +41,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _apply_lora(model: torch.nn.Module, lora: LoRASettings, quantized: bool) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, lora: LoRASettings, quantized: bool) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -70,6 +70,15 @@ def _nf4_config() -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer: Any, path: str | Path, merge: bool = False) -> Path:
+    """save_pretrained of the model (LoRA merged into a copy when `merge`) and its tokenizer."""
+    if merge:
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return Path(path)
 
 
 class CausalLMModule(L.LightningModule):
@@ -129,7 +138,7 @@ class CausalLMModule(L.LightningModule):
         self.model = load_model(model, init, config_overrides, trust_remote_code, **load_kwargs)
         teacher_model = self._build_teacher(teacher, lora, trust_remote_code) if distill_weight > 0 else None
         if lora is not None:
-            self.model = _apply_lora(self.model, lora, quantized=qlora)
+            self.model = apply_lora(self.model, lora, quantized=qlora)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes as found
         # Kept out of the module tree: not trained, not in checkpoints (it is rebuilt from its name).
         self.__dict__["teacher"] = teacher_model
@@ -236,11 +245,6 @@ class CausalLMModule(L.LightningModule):
         With LoRA, `merge_lora=True` writes the merged model and `False` writes only the adapter
         (load it with `peft.AutoPeftModelForCausalLM.from_pretrained`).
         """
-        path = Path(path)
-        model = self.model
-        if self.lora is not None and merge_lora:
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(str(path))
-        load_tokenizer(self.tokenizer_name).save_pretrained(str(path))
-        return path
+        return export_pretrained(self.model, load_tokenizer(self.tokenizer_name), path,
+                                 merge=self.lora is not None and merge_lora)
 

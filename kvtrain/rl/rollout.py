@@ -70,18 +70,21 @@ def sample(
     stop: list[str] | None = None,
     spec: KVQuantSpec | str | None = None,
 ) -> Rollouts:
-    """Sample `num_generations` completions per prompt; with `spec`, decoding runs on
-    QuantizedKVCache(spec) and the prefill through the attached view, as deployment would."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    """Sample `num_generations` completions per prompt (temperature 0: greedy, log-probs at
+    temperature 1); with `spec`, decoding runs on QuantizedKVCache(spec) and the prefill through
+    the attached view, as deployment would."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if not prompts:
         raise ValueError("no prompts to sample from")
     device = next(model.parameters()).device
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     prompt_ids = enc.input_ids.repeat_interleave(num_generations, dim=0).to(device)
     prompt_mask = enc.attention_mask.repeat_interleave(num_generations, dim=0).to(device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                  output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
+        do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs = dict(max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
+                  pad_token_id=tokenizer.pad_token_id, **sampling)
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     if spec is None:
@@ -91,7 +94,7 @@ def sample(
             out = model.generate(prompt_ids, attention_mask=prompt_mask, past_key_values=QuantizedKVCache(resolved),
                                  **kwargs)
     completion = out.sequences[:, prompt_ids.shape[1]:]
-    logprobs = token_logprobs(torch.stack(out.logits, dim=1), completion, temperature)
+    logprobs = token_logprobs(torch.stack(out.logits, dim=1), completion, temperature or 1.0)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     stopped = _ended_on_stop_string(texts, stop) if stop else torch.zeros(len(texts), dtype=torch.bool)
     mask, truncated = completion_mask(completion.cpu(), tokenizer.eos_token_id, stopped)
@@ -105,13 +108,17 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-probs of the completions under `model` now, in one training forward with the
-    positions and mask generation used (left padding shifts positions). Masked like the rollout."""
+def completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tensor:
+    """(B, T, vocab) logits predicting each completion token, from one training forward with the
+    positions and mask generation used (left padding shifts positions)."""
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    prompt_len = rollouts.prompt_ids.shape[1]
-    predicting = logits[:, prompt_len - 1 : -1]
-    return token_logprobs(predicting, rollouts.completion_ids, temperature) * rollouts.completion_mask
+    return logits[:, rollouts.prompt_ids.shape[1] - 1 : -1]
+
+
+def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) log-probs of the completions under `model` now, masked like the rollout."""
+    logits = completion_logits(model, rollouts)
+    return token_logprobs(logits, rollouts.completion_ids, temperature) * rollouts.completion_mask

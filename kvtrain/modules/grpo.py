@@ -1,0 +1,364 @@
+"""GRPOModule: length-penalized GRPO-family RL of any HF causal LM, rollouts under the KV cache
+the model will be deployed with (the spec KVQuantCallback attaches), several policy updates per
+rollout batch. The math is kvtrain.rl's; this module only sequences it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from kvtrain import rl
+from kvtrain.data.tasks import is_correct
+from kvtrain.eval import kv_bytes_per_token
+from kvtrain.kv import attached, attached_spec
+from kvtrain.models import count_parameters, load_model, load_tokenizer
+from kvtrain.modules.causal_lm import LoRASettings, apply_lora, export_pretrained, warmup_cosine
+from kvtrain.rl.rollout import Rollouts, completion_logits, policy_logprobs, sample
+
+
+@dataclass
+class RewardSettings:
+    """reward = correctness term + length terms, each weighted.
+
+    Args:
+        truncation_factor: DLER: a correct answer earns 1 only if it stopped within max_new_tokens;
+            truncated ones are scaled by this (None: plain 0/1 correctness).
+        grpo_lambda: GRPO-lambda: the top fraction of groups by accuracy get the efficiency reward
+            1 - lambda_alpha * sigmoid(z(length)) on correct answers (None: off).
+        soft_overlong, overlong_cache: DAPO soft overlong punishment weight and its cache length.
+        kimi: weight of Kimi k1.5's group length reward.
+    """
+
+    truncation_factor: float | None = None
+    grpo_lambda: float | None = None
+    lambda_alpha: float = 0.6
+    soft_overlong: float = 0.0
+    overlong_cache: int = 0
+    kimi: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.soft_overlong and self.overlong_cache <= 0:
+            raise ValueError("reward.soft_overlong needs reward.overlong_cache > 0 (tokens before the limit)")
+        if self.truncation_factor is not None and self.grpo_lambda is not None:
+            raise ValueError("choose one correctness term: truncation_factor (DLER) or grpo_lambda, not both")
+
+
+def completion_rewards(settings: RewardSettings, correct: torch.Tensor, rollouts: Rollouts,
+                       group_size: int, max_new_tokens: int) -> torch.Tensor:
+    lengths = rollouts.lengths.cpu()
+    truncated = rollouts.truncated.cpu()
+    if settings.truncation_factor is not None:
+        reward = rl.truncation_penalty(correct, truncated, settings.truncation_factor)
+    elif settings.grpo_lambda is not None:
+        reward = rl.grpo_lambda(correct, lengths, group_size, settings.grpo_lambda, settings.lambda_alpha)
+    else:
+        reward = correct.float()
+    if settings.soft_overlong:
+        reward = reward + settings.soft_overlong * rl.soft_overlong(lengths, max_new_tokens, settings.overlong_cache)
+    if settings.kimi:
+        reward = reward + settings.kimi * rl.kimi_length_reward(lengths, correct, group_size)
+    return reward
+
+
+def answer_matches(prompt: str, completion: str, answer: str) -> float:
+    return float(is_correct(completion, answer))
+
+
+def import_callable(path: str):
+    module, _, name = path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"verifier {path!r} is not an importable function (module.function)") from e
+    if not callable(fn):
+        raise ValueError(f"verifier {path!r} is not callable")
+    return fn
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO family on prompt/answer batches ({"prompt": [...], "answer": [...]}, e.g. TaskDataModule).
+
+    Args:
+        model, init, config_overrides, tokenizer, trust_remote_code, lora: as CausalLMModule.
+        num_generations: completions sampled per prompt (the group).
+        max_new_tokens, temperature, top_p, stop: rollout sampling; max_new_tokens is the length budget.
+        reward: RewardSettings (DLER truncation, GRPO-lambda, DAPO overlong, Kimi).
+        advantage: "group" (GRPO), "batch" (TRL's batch std), "none" (Dr. GRPO), "dler" (group mean,
+            then token-weighted batch whitening).
+        loss: "ppo" (clip-higher, optional dual clip), "gppo" or "drpo" (no advantages).
+        eps_low, eps_high, dual_clip: clipping. aggregation: token_mean | seq_mean_token_mean | constant.
+        num_iterations: policy updates per rollout batch (the first has importance ratio 1).
+        kl_weight: weight of the k3 KL to the frozen starting policy (0: reference-free).
+        drpo_temperature, drpo_tau: DRPO's lambda and tau.
+        verifier: dotted path of a function (prompt, completion, answer) -> float scoring correctness
+            (default: the extracted answer equals the task's answer, 1.0 or 0.0).
+        dynamic_sampling: drop groups whose rewards are all equal and refill from more prompts of the
+            training set, at most `max_sampling_rounds` extra generation rounds per step.
+        lr, warmup_steps, min_lr_ratio, weight_decay: AdamW with warmup + cosine (constant by default).
+        grad_clip: gradient norm clipping per update (the module steps its optimizer itself, so this
+            replaces Trainer(gradient_clip_val)).
+    """
+
+    def __init__(
+        self,
+        model: str = "kvtrain-ref",
+        init: Literal["pretrained", "random"] = "pretrained",
+        config_overrides: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        num_generations: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        reward: RewardSettings | dict | None = None,
+        advantage: Literal["group", "batch", "none", "dler"] = "group",
+        loss: Literal["ppo", "gppo", "drpo"] = "ppo",
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        dual_clip: float | None = None,
+        aggregation: rl.losses.Aggregation = "token_mean",
+        num_iterations: int = 1,
+        kl_weight: float = 0.0,
+        drpo_temperature: float = 0.1,
+        drpo_tau: float = 10.0,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 2,
+        verifier: str | None = None,
+        lr: float = 1e-5,
+        grad_clip: float | None = 1.0,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 1.0,
+        lora: LoRASettings | dict | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be at least 2 (advantages compare a group), got {num_generations}")
+        if num_iterations < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        self.reward_settings = RewardSettings(**reward) if isinstance(reward, dict) else reward or RewardSettings()
+        lora = LoRASettings(**lora) if isinstance(lora, dict) else lora
+        self.save_hyperparameters(ignore=["reward", "lora"])
+        self.hparams["reward"] = asdict(self.reward_settings)
+        self.hparams["lora"] = asdict(lora) if lora else None
+        self.automatic_optimization = False  # several updates per rollout batch
+        self.model = load_model(model, init, config_overrides, trust_remote_code)
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False) if kl_weight > 0 and lora is None else None
+        self.lora = lora
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, quantized=False)
+        self.model.train()
+        self.__dict__["reference"] = reference  # frozen, outside the module tree (not trained or saved)
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.verifier = import_callable(verifier) if verifier else answer_matches
+        self._bytes_per_token: float | None = None
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.to(self.device)
+        trainable, total = count_parameters(self.model)
+        self.print(f"kvtrain: {trainable:,} trainable / {total:,} parameters ({100 * trainable / total:.2f}%)")
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def rollout(self, prompts: list[str], answers: list[str], greedy: bool = False) -> tuple[Rollouts, torch.Tensor]:
+        """Completions for each prompt under the attached KV spec (a group of num_generations
+        samples, or one greedy completion), and their correctness."""
+        h = self.hparams
+        per_prompt, temperature = (1, 0.0) if greedy else (h.num_generations, h.temperature)
+        was_training = self.model.training
+        self.model.eval()
+        rollouts = sample(self.model, self.tokenizer, prompts, per_prompt, h.max_new_tokens, temperature, h.top_p,
+                          h.stop, spec=attached_spec(self.model))
+        self.model.train(was_training)
+        expected = [a for a in answers for _ in range(per_prompt)]
+        asked = [p for p in prompts for _ in range(per_prompt)]
+        return rollouts, rl.score(self.verifier, asked, rollouts.texts, expected)
+
+    def _collect(self, prompts: list[str], answers: list[str]) -> tuple[Rollouts, torch.Tensor, torch.Tensor, dict]:
+        h = self.hparams
+        rollouts, correct = self.rollout(prompts, answers)
+        rewards = completion_rewards(self.reward_settings, correct, rollouts, h.num_generations, h.max_new_tokens)
+        stats = {"rounds": 0, "dropped_groups": 0}
+        if h.dynamic_sampling:
+            rollouts, correct, rewards = self._refill(rollouts, correct, rewards, len(prompts), stats)
+        message = rl.degenerate_batch_warning(rewards, rollouts.truncated.cpu(), h.num_generations)
+        if message:
+            warnings.warn(f"step {self.global_step}: {message}", stacklevel=2)
+        return rollouts, correct, rewards, stats
+
+    def _refill(self, rollouts, correct, rewards, want: int, stats: dict):
+        h, parts = self.hparams, []
+        source = self.trainer.datamodule.dataset("train") if self.trainer and self.trainer.datamodule else None
+        generator = torch.Generator().manual_seed(self.global_step)
+        for round_ in range(h.max_sampling_rounds + 1):
+            keep = rl.informative_groups(rewards, h.num_generations)
+            stats["dropped_groups"] += int((~keep).sum())
+            parts.append(_select_groups((rollouts, correct, rewards), keep, h.num_generations))
+            have = sum(len(p[1]) for p in parts) // h.num_generations
+            if have >= want or source is None or round_ == h.max_sampling_rounds:
+                break
+            stats["rounds"] += 1
+            picks = torch.randint(len(source), (want - have,), generator=generator).tolist()
+            rollouts, correct = self.rollout([source[i]["prompt"] for i in picks], [source[i]["answer"] for i in picks])
+            rewards = completion_rewards(self.reward_settings, correct, rollouts, h.num_generations, h.max_new_tokens)
+        if not any(len(p[1]) for p in parts):  # nothing informative: the last round (zero advantages) it is
+            return rollouts, correct, rewards
+        return _concat_groups(parts, self.tokenizer.pad_token_id, want * h.num_generations)
+
+    # -- updates --------------------------------------------------------------------------------
+    def _advantages(self, rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.hparams
+        if h.advantage == "dler":
+            return rl.reinforce_pp_baseline(rewards.to(mask.device), h.num_generations, mask)
+        return rl.group_advantages(rewards, h.num_generations, scale=h.advantage).to(mask.device)
+
+    def _policy_loss(self, rollouts: Rollouts, old: torch.Tensor, advantages, correct) -> tuple[torch.Tensor, dict]:
+        h = self.hparams
+        mask = rollouts.completion_mask.float()
+        logp, entropy = _logprobs_and_entropy(self.model, rollouts, h.temperature)
+        if h.loss == "drpo":
+            loss = rl.drpo(logp, old, mask, correct.to(mask.device), rollouts.lengths, h.num_generations,
+                           h.max_new_tokens, h.drpo_temperature, h.drpo_tau)
+        else:
+            fn = rl.gppo if h.loss == "gppo" else rl.ppo_clip
+            extra = {"dual_clip": h.dual_clip} if h.loss == "ppo" else {}
+            per_token = fn(logp, old, advantages, eps_low=h.eps_low, eps_high=h.eps_high, **extra)
+            loss = rl.aggregate(per_token, mask, h.aggregation, h.max_new_tokens)
+        stats = {"clip_fraction": rl.clip_fraction(logp.detach(), old, mask, h.eps_low, h.eps_high),
+                 "entropy": rl.aggregate(entropy, mask)}
+        if h.kl_weight > 0:
+            kl = rl.aggregate(rl.k3_kl(logp, self._reference_logprobs(rollouts)), mask)
+            loss = loss + h.kl_weight * kl
+            stats["kl"] = kl.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
+        """The frozen start's log-probs, seeing the same K/V view as the policy."""
+        if self.reference is None:  # LoRA: the base model is the reference
+            with self.model.disable_adapter():
+                return policy_logprobs(self.model, rollouts, self.hparams.temperature)
+        spec = attached_spec(self.model)
+        with attached(self.reference, spec) if spec is not None else contextlib.nullcontext():
+            return policy_logprobs(self.reference, rollouts, self.hparams.temperature)
+
+    def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        h = self.hparams
+        rollouts, correct, rewards, sampling = self._collect(batch["prompt"], batch["answer"])
+        mask = rollouts.completion_mask
+        old = rollouts.logprobs  # equal to the training forward's at these weights (parity)
+        advantages = self._advantages(rewards, mask) if h.loss != "drpo" else None
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        for _ in range(h.num_iterations):
+            loss, stats = self._policy_loss(rollouts, old, advantages, correct)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"policy loss is {loss.item()} at step {self.global_step}")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if h.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
+            optimizer.step()
+        scheduler.step()
+        self._log_step(rollouts, correct, rewards, loss, stats, sampling)
+
+    def _log_step(self, rollouts, correct, rewards, loss, stats, sampling) -> None:
+        lengths = rollouts.lengths.float()
+        bytes_per_token = self._kv_bytes_per_token(rollouts)
+        metrics = {
+            "train/reward": rewards.mean(), "train/accuracy": correct.mean(), "train/length": lengths.mean(),
+            "train/max_length": lengths.max(), "train/truncated": rollouts.truncated.float().mean(),
+            "train/loss": loss.detach(), "train/kv_bytes_per_answer": lengths.mean() * bytes_per_token,
+            "train/groups": len(lengths) / self.hparams.num_generations,
+            "train/resampled_rounds": float(sampling["rounds"]), "train/dropped_groups": float(sampling["dropped_groups"]),
+            **{f"train/{k}": v for k, v in stats.items()},
+        }
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, batch_size=len(lengths))
+        self.log("reward", metrics["train/reward"], prog_bar=True, logger=False)
+        self.log("len", metrics["train/length"], prog_bar=True, logger=False)
+
+    def _kv_bytes_per_token(self, rollouts: Rollouts) -> float:
+        """Measured once, from a real cache filled with one prompt + completion (QuantizedKVCache under
+        the attached spec, else DynamicCache)."""
+        if self._bytes_per_token is None:
+            prompt = rollouts.prompt_ids[0][rollouts.prompt_mask[0].bool()]  # without left padding
+            row = torch.cat([prompt, rollouts.completion_ids[0]])[None]
+            with torch.no_grad():
+                self._bytes_per_token = kv_bytes_per_token(self.model, row, attached_spec(self.model))
+            self.model.train()
+        return self._bytes_per_token
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
+        rollouts, correct = self.rollout(batch["prompt"], batch["answer"], greedy=True)
+        n = len(correct)
+        self.log("val/accuracy", correct.mean(), batch_size=n, prog_bar=True, sync_dist=True)
+        self.log("val/length", rollouts.lengths.float().mean(), batch_size=n, prog_bar=True, sync_dist=True)
+        self.log("val/truncated", rollouts.truncated.float().mean(), batch_size=n, sync_dist=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
+        warmup, floor = max(1, self.hparams.warmup_steps), self.hparams.min_lr_ratio
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def export(self, path: str | Path, merge_lora: bool = True) -> Path:
+        """A `from_pretrained` folder, tokenizer included (see CausalLMModule.export)."""
+        return export_pretrained(self.model, self.tokenizer, path, merge=self.lora is not None and merge_lora)
+
+
+def _logprobs_and_entropy(model, rollouts: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = completion_logits(model, rollouts).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1) * rollouts.completion_mask
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    return logp, entropy
+
+
+def _select_groups(parts, keep: torch.Tensor, group_size: int):
+    rollouts, correct, rewards = parts
+    rows = keep.repeat_interleave(group_size)
+    index = rows.nonzero().flatten()
+    device_index = index.to(rollouts.completion_ids.device)
+    picked = Rollouts(
+        rollouts.prompt_ids[device_index], rollouts.prompt_mask[device_index], rollouts.completion_ids[device_index],
+        rollouts.completion_mask[device_index], rollouts.logprobs[device_index], rollouts.truncated[device_index],
+        [rollouts.texts[i] for i in index.tolist()],
+    )
+    return picked, correct[index], rewards[index]
+
+
+def _concat_groups(parts, pad_id: int, limit: int):
+    """Concatenate rollouts of several rounds (prompts and completions re-padded to common widths)."""
+    rollouts = [p[0] for p in parts if len(p[1])]
+    width_p = max(r.prompt_ids.shape[1] for r in rollouts)
+    width_c = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def left(t, width, value):
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    def right(t, width, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    merged = Rollouts(
+        torch.cat([left(r.prompt_ids, width_p, pad_id) for r in rollouts])[:limit],
+        torch.cat([left(r.prompt_mask, width_p, 0) for r in rollouts])[:limit],
+        torch.cat([right(r.completion_ids, width_c, pad_id) for r in rollouts])[:limit],
+        torch.cat([right(r.completion_mask, width_c, 0) for r in rollouts])[:limit],
+        torch.cat([right(r.logprobs, width_c, 0.0) for r in rollouts])[:limit],
+        torch.cat([r.truncated for r in rollouts])[:limit],
+        [t for r in rollouts for t in r.texts][:limit],
+    )
+    correct = torch.cat([p[1] for p in parts])[:limit]
+    rewards = torch.cat([p[2] for p in parts])[:limit]
+    return merged, correct, rewards
