@@ -7,18 +7,25 @@ import torch
 from kvtrain.kv import KVQuantSpec, attached
 from kvtrain.rl.rollout import completion_mask, policy_logprobs, sample
 
-EOS = 2
+EOS, PAD = 2, 3
 
 
 def test_completion_mask_and_finish_reasons():
-    ids = torch.tensor([[5, 6, EOS, EOS, EOS],   # stopped by EOS: the EOS belongs to the completion
+    ids = torch.tensor([[5, 6, EOS, PAD, PAD],   # stopped by EOS: the EOS belongs to the completion
                         [5, 6, 7, 8, 9],         # ran out of tokens
-                        [5, 6, EOS, EOS, EOS],   # stopped on a stop string ending at "6": EOS is padding
-                        [EOS, EOS, EOS, EOS, EOS]])
-    stopped_by_string = torch.tensor([False, False, True, False])
-    mask, truncated = completion_mask(ids, EOS, stopped_by_string)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
-    assert truncated.tolist() == [False, True, False, False]
+                        [5, 6, PAD, PAD, PAD],   # stopped on a stop string ending in "6": padding follows
+                        [5, 6, 7, 8, 9],         # a stop string completed on the last token
+                        [EOS, PAD, PAD, PAD, PAD]])
+    stopped_by_string = torch.tensor([False, False, True, True, False])
+    mask, truncated = completion_mask(ids, EOS, PAD, stopped_by_string)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False, False, False]
+
+
+def test_completion_mask_when_padding_is_eos():
+    ids = torch.tensor([[5, 6, EOS, EOS], [5, 6, EOS, EOS]])  # row 1 stopped on a string: its EOS is padding
+    mask, truncated = completion_mask(ids, EOS, EOS, torch.tensor([False, True]))
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]] and not truncated.any()
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +75,15 @@ def test_greedy_rollouts_are_deterministic(tiny):
     assert torch.equal(a.completion_ids, b.completion_ids)
     ratio = torch.exp(policy_logprobs(model, a) - a.logprobs)[a.completion_mask.bool()]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+
+
+def test_stop_strings_end_completions(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollouts = sample(model, tokenizer, PROMPTS, num_generations=3, max_new_tokens=30, stop=["e"])
+    for text, length, truncated, ids in zip(rollouts.texts, rollouts.lengths.tolist(), rollouts.truncated.tolist(),
+                                            rollouts.completion_ids):
+        assert ("e" in text) != truncated  # stopped on the string, or ran out of tokens
+        assert truncated or "e" in tokenizer.decode(ids[:length])  # the mask keeps the stopping token
+        assert tokenizer.pad_token_id not in ids[:length].tolist()
+    assert not rollouts.truncated.all() and (rollouts.lengths < 30).any()

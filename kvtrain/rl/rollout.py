@@ -40,22 +40,27 @@ class Rollouts:
         return self.completion_mask.sum(dim=1)
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int, stopped_by_string: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, truncated) from generated ids. A row ends at its first EOS: a generated EOS belongs to
-    the completion, unless the row had already stopped on a stop string (then that EOS is padding).
-    A row with neither EOS nor a stop string ran out of tokens: truncated."""
+def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int,
+                    stopped_by_string: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, truncated) from generated ids. A row ends at its first EOS or padding token; a generated
+    EOS belongs to the completion, padding does not (generate pads rows that stopped on a stop string,
+    and, when pad == EOS, the EOS after a stop string is padding too). A row that reached
+    max_new_tokens without EOS or a stop string is truncated."""
     batch, total = completion_ids.shape
-    is_eos = completion_ids == eos_id
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full((batch,), total))
-    ends_with_eos = (first < total) & ~stopped_by_string
+    is_end = (completion_ids == eos_id) | (completion_ids == pad_id)
+    first = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), torch.full((batch,), total))
+    at_first = completion_ids.gather(1, first.clamp(max=total - 1)[:, None]).squeeze(1)
+    ends_with_eos = (first < total) & (at_first == eos_id) & ~stopped_by_string
     length = torch.where(ends_with_eos, first + 1, first)
     mask = (torch.arange(total)[None] < length[:, None]).long()
-    truncated = ~(ends_with_eos | stopped_by_string)
+    truncated = (first == total) & ~stopped_by_string
     return mask, truncated
 
 
-def _ended_on_stop_string(texts: list[str], stop: list[str]) -> torch.Tensor:
-    return torch.tensor([any(text.rstrip("\n").endswith(s) for s in stop) for text in texts], dtype=torch.bool)
+def _hit_stop_string(texts: list[str], stop: list[str]) -> torch.Tensor:
+    # generate stops at a stop string's first occurrence (its last token may overhang it), so any
+    # occurrence means the row stopped there
+    return torch.tensor([any(s in text for s in stop) for text in texts], dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -96,8 +101,8 @@ def sample(
     completion = out.sequences[:, prompt_ids.shape[1]:]
     logprobs = token_logprobs(torch.stack(out.logits, dim=1), completion, temperature or 1.0)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-    stopped = _ended_on_stop_string(texts, stop) if stop else torch.zeros(len(texts), dtype=torch.bool)
-    mask, truncated = completion_mask(completion.cpu(), tokenizer.eos_token_id, stopped)
+    stopped = _hit_stop_string(texts, stop) if stop else torch.zeros(len(texts), dtype=torch.bool)
+    mask, truncated = completion_mask(completion.cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id, stopped)
     mask = mask.to(device)
     return Rollouts(prompt_ids, prompt_mask, completion, mask, logprobs * mask, truncated.to(device), texts)
 
