@@ -7,17 +7,21 @@ import torch.nn.functional as F
 
 
 def next_token_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token negative log-likelihood and the number of predicted tokens.
 
     Position t predicts token t+1; a target counts only when both it and its context position are
-    real tokens (attention_mask 1), so right or left padding never contributes.
+    real tokens (attention_mask 1), so right or left padding never contributes, and, with
+    `loss_mask`, only when the target is marked (e.g. the completion of a prompt/completion pair).
     """
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
     targets = input_ids[:, 1:]
     mask = _next_token_mask(input_ids, attention_mask)
+    if loss_mask is not None:
+        mask = mask & loss_mask[:, 1:].bool()
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
     return (nll * mask.flatten()).sum(), mask.sum()
 

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from kvtrain.data.tasks import arithmetic_problems, extract_answer, is_correct, load_jsonl
 from kvtrain.data.tasks.arithmetic import make_problem
@@ -57,3 +58,36 @@ def test_load_jsonl(tmp_path):
         load_jsonl(path)
     with pytest.raises(FileNotFoundError, match="no task file"):
         load_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_sft_batches_put_the_loss_on_the_chain_of_thought_only(home):
+    from kvtrain.data.tasks import TaskDataModule
+    from kvtrain.data.tasks.datamodule import SFTCollator
+    from kvtrain.loss import next_token_nll
+    from kvtrain.models import load_tokenizer
+
+    tok = load_tokenizer("kvtrain-ref")
+    data = TaskDataModule(format="sft", train_size=8, batch_size=4, seed=0)
+    rows = [data.dataset("train")[i] for i in range(4)]
+    batch = SFTCollator(tok, max_len=256)(rows)
+    for i, row in enumerate(rows):
+        n_prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        assert tok.decode(ids[:n_prompt]) == row["prompt"]
+        target = batch["input_ids"][i][batch["loss_mask"][i].bool()].tolist()
+        assert target[-1] == tok.eos_token_id and tok.decode(target[:-1]) == row["solution"]
+    # the loss counts exactly the solution tokens and EOS
+    logits = torch.zeros(*batch["input_ids"].shape, len(tok))
+    _, n = next_token_nll(logits, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    assert n == batch["loss_mask"].sum()
+    short = SFTCollator(tok, max_len=8)(rows)
+    assert short["input_ids"].shape[1] == 8
+
+
+def test_sft_format_needs_solutions(tmp_path):
+    from kvtrain.data.tasks import TaskDataModule
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(ValueError, match="format='sft' needs a solution for every problem"):
+        TaskDataModule(task=str(path), format="sft")._collate()

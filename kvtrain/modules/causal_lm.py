@@ -185,7 +185,7 @@ class CausalLMModule(L.LightningModule):
 
     def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
-        return *next_token_nll(logits, batch["input_ids"], batch.get("attention_mask")), logits
+        return *next_token_nll(logits, batch["input_ids"], batch.get("attention_mask"), batch.get("loss_mask")), logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, n, logits = self._nll(batch)

@@ -1,9 +1,13 @@
-"""TaskDataModule: batches of {"prompt": [...], "answer": [...]} for GRPOModule (and SFT text)."""
+"""TaskDataModule: prompt/answer batches for GRPOModule, or tokenized prompt + solution for SFT."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
 
 from kvtrain.data.lm import ResumableLoader, resumable_loader
 
@@ -23,8 +27,31 @@ class ProblemDataset(Dataset):
         return {"prompt": p.prompt, "answer": p.answer, "solution": p.solution}
 
 
+class SFTCollator:
+    """prompt + solution + EOS, right-padded; loss_mask marks the solution and EOS (the targets)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, rows: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        prompts = tok([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+        solutions = tok([r["solution"] for r in rows], add_special_tokens=False)["input_ids"]
+        pairs = [(p, s + [tok.eos_token_id]) for p, s in zip(prompts, solutions)]
+        width = min(self.max_len, max(len(p) + len(s) for p, s in pairs))
+        batch = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask", "loss_mask")}
+        batch["input_ids"].fill_(tok.pad_token_id)
+        for i, (p, s) in enumerate(pairs):
+            ids = (p + s)[:width]
+            batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+            batch["attention_mask"][i, : len(ids)] = 1
+            batch["loss_mask"][i, len(p) : len(ids)] = 1
+        return batch
+
+
 class TaskDataModule(L.LightningDataModule):
-    """Prompts and answers of a verifiable task.
+    """Problems of a verifiable task: {"prompt", "answer"} batches for RL (format "rl"), or tokenized
+    prompt + chain of thought with the loss on the chain only, for supervised warm starts ("sft").
 
     Args:
         task: "arithmetic" (the embedded task), or a JSONL file of {"prompt", "answer"} lines.
@@ -32,15 +59,20 @@ class TaskDataModule(L.LightningDataModule):
         train_size, val_size: problems drawn for the embedded task (train and val use different seeds).
         batch_size: prompts per training step (each is sampled num_generations times).
         seed: shuffling and problem-drawing seed.
+        format: "rl" or "sft" (needs solutions: the embedded task has them; JSONL rows may carry "solution").
+        tokenizer: for "sft"; default: the tokenizer of the model being trained.
+        max_len: for "sft": tokens per example at most.
     """
 
     def __init__(self, task: str = "arithmetic", val_task: str | None = None, train_size: int = 2000,
-                 val_size: int = 100, batch_size: int = 8, eval_batch_size: int | None = None, seed: int = 1234):
+                 val_size: int = 100, batch_size: int = 8, eval_batch_size: int | None = None, seed: int = 1234,
+                 format: Literal["rl", "sft"] = "rl", tokenizer: str | None = None, max_len: int = 256):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.task, self.val_task, self.train_size, self.val_size = task, val_task, train_size, val_size
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size or batch_size, seed
+        self.format, self.tokenizer_name, self.max_len = format, tokenizer, max_len
         self.datasets: dict[str, ProblemDataset] = {}
 
     def dataset(self, split: str) -> ProblemDataset:
@@ -58,8 +90,20 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"task {self.task!r} is a JSONL file: pass val_task=<held-out JSONL> to validate")
         return load_jsonl(self.val_task)
 
+    def _collate(self):
+        if self.format == "rl":
+            return None  # the default collation: lists of strings
+        from kvtrain.models import REFERENCE, load_tokenizer
+
+        module = self.trainer.lightning_module if self.trainer else None
+        name = self.tokenizer_name or getattr(module, "tokenizer_name", REFERENCE)
+        if not all(p.solution for p in self.dataset("train").problems):
+            raise ValueError(f"format='sft' needs a solution for every problem; {self.task!r} has problems without one")
+        return SFTCollator(load_tokenizer(name), self.max_len)
+
     def train_dataloader(self) -> ResumableLoader:
-        return resumable_loader(self.trainer, self.dataset("train"), self.batch_size, self.seed)
+        return resumable_loader(self.trainer, self.dataset("train"), self.batch_size, self.seed,
+                                collate_fn=self._collate())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset("val"), batch_size=self.eval_batch_size)
+        return DataLoader(self.dataset("val"), batch_size=self.eval_batch_size, collate_fn=self._collate())
