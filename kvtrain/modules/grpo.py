@@ -105,6 +105,8 @@ class GRPOModule(L.LightningModule):
         lr, warmup_steps, min_lr_ratio, weight_decay: AdamW with warmup + cosine (constant by default).
         grad_clip: gradient norm clipping per update (the module steps its optimizer itself, so this
             replaces Trainer(gradient_clip_val)).
+        seed: rollouts of step s on rank r sample from a generator seeded by (seed, s, r), so a run
+            resumed from a checkpoint draws exactly the completions the uninterrupted run drew.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class GRPOModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 1.0,
         lora: LoRASettings | dict | None = None,
+        seed: int = 0,
         trust_remote_code: bool = False,
     ):
         super().__init__()
@@ -253,6 +256,8 @@ class GRPOModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         h = self.hparams
+        # generate draws from the global generator: make it a function of (seed, step, rank)
+        torch.manual_seed((h.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank)
         rollouts, correct, rewards, sampling = self._collect(batch["prompt"], batch["answer"])
         mask = rollouts.completion_mask
         old = rollouts.logprobs  # equal to the training forward's at these weights (parity)
