@@ -105,8 +105,9 @@ class GRPOModule(L.LightningModule):
         lr, warmup_steps, min_lr_ratio, weight_decay: AdamW with warmup + cosine (constant by default).
         grad_clip: gradient norm clipping per update (the module steps its optimizer itself, so this
             replaces Trainer(gradient_clip_val)).
-        seed: rollouts of step s on rank r sample from a generator seeded by (seed, s, r), so a run
-            resumed from a checkpoint draws exactly the completions the uninterrupted run drew.
+        seed: step s on rank r reseeds torch's global generator (which generate samples from) with
+            (seed, s, r), so a run resumed from a checkpoint draws exactly the completions (and refill
+            prompts) the uninterrupted run drew.
     """
 
     def __init__(
@@ -201,7 +202,6 @@ class GRPOModule(L.LightningModule):
     def _refill(self, rollouts, correct, rewards, want: int, stats: dict):
         h, parts = self.hparams, []
         source = self.trainer.datamodule.dataset("train") if self.trainer and self.trainer.datamodule else None
-        generator = torch.Generator().manual_seed(self.global_step)
         for round_ in range(h.max_sampling_rounds + 1):
             keep = rl.informative_groups(rewards, h.num_generations)
             stats["dropped_groups"] += int((~keep).sum())
@@ -210,7 +210,7 @@ class GRPOModule(L.LightningModule):
             if have >= want or source is None or round_ == h.max_sampling_rounds:
                 break
             stats["rounds"] += 1
-            picks = torch.randint(len(source), (want - have,), generator=generator).tolist()
+            picks = torch.randint(len(source), (want - have,)).tolist()  # seeded per step in training_step
             rollouts, correct = self.rollout([source[i]["prompt"] for i in picks], [source[i]["answer"] for i in picks])
             rewards = completion_rewards(self.reward_settings, correct, rollouts, h.num_generations, h.max_new_tokens)
         if not any(len(p[1]) for p in parts):  # nothing informative: the last round (zero advantages) it is
@@ -224,7 +224,8 @@ class GRPOModule(L.LightningModule):
             return rl.reinforce_pp_baseline(rewards.to(mask.device), h.num_generations, mask)
         return rl.group_advantages(rewards, h.num_generations, scale=h.advantage).to(mask.device)
 
-    def _policy_loss(self, rollouts: Rollouts, old: torch.Tensor, advantages, correct) -> tuple[torch.Tensor, dict]:
+    def _policy_loss(self, rollouts: Rollouts, old: torch.Tensor, advantages, correct,
+                     reference: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         h = self.hparams
         mask = rollouts.completion_mask.float()
         logp, entropy = _logprobs_and_entropy(self.model, rollouts, h.temperature)
@@ -238,8 +239,8 @@ class GRPOModule(L.LightningModule):
             loss = rl.aggregate(per_token, mask, h.aggregation, h.max_new_tokens)
         stats = {"clip_fraction": rl.clip_fraction(logp.detach(), old, mask, h.eps_low, h.eps_high),
                  "entropy": rl.aggregate(entropy, mask)}
-        if h.kl_weight > 0:
-            kl = rl.aggregate(rl.k3_kl(logp, self._reference_logprobs(rollouts)), mask)
+        if reference is not None:
+            kl = rl.aggregate(rl.k3_kl(logp, reference), mask)
             loss = loss + h.kl_weight * kl
             stats["kl"] = kl.detach()
         return loss, stats
@@ -262,9 +263,10 @@ class GRPOModule(L.LightningModule):
         mask = rollouts.completion_mask
         old = rollouts.logprobs  # equal to the training forward's at these weights (parity)
         advantages = self._advantages(rewards, mask) if h.loss != "drpo" else None
+        reference = self._reference_logprobs(rollouts) if h.kl_weight > 0 else None  # fixed for the batch
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for _ in range(h.num_iterations):
-            loss, stats = self._policy_loss(rollouts, old, advantages, correct)
+            loss, stats = self._policy_loss(rollouts, old, advantages, correct, reference)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"policy loss is {loss.item()} at step {self.global_step}")
             optimizer.zero_grad()
@@ -326,7 +328,8 @@ def _logprobs_and_entropy(model, rollouts: Rollouts, temperature: float) -> tupl
     logits = completion_logits(model, rollouts).float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1) * rollouts.completion_mask
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    with torch.no_grad():  # logged only: no B x T x vocab product kept for backward
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 
