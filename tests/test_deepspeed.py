@@ -186,8 +186,12 @@ def test_zero3_killed_mid_run_resumes_to_the_uninterrupted_weights(runs, tmp_pat
 def test_validate_under_zero3_keeps_the_kv_spec_attached(runs):
     """Lightning strips module hooks before wrapping the model for validate; the spec must survive."""
     folder = runs.zero3.folder
-    done = run_kvtrain(["validate", "--config", "recipe.yaml", "--ckpt_path", "checkpoints/last.ckpt"], cwd=folder)
+    probe = ["--trainer.callbacks+=probes.KVHookProbe", f"--trainer.callbacks.path={folder / 'probe.json'}"]
+    done = run_kvtrain(["validate", "--config", "recipe.yaml", "--ckpt_path", "checkpoints/last.ckpt", *probe],
+                       cwd=folder)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the cache-capturing pre-hook was re-registered after Lightning's remove_module_hooks
+    assert json.loads((folder / "probe.json").read_text()) == {"spec": True, "hook": True}
     rows = csv.DictReader((folder / "logs" / "run" / "version_1" / "metrics.csv").open())
     validated = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     # The fit's last validation ran on the same weights under the attached kivi2 view.
