@@ -192,6 +192,8 @@ def check_zero3_features(module: torch.nn.Module | None, preset: str) -> None:
 def _hidden_size(module: torch.nn.Module | None) -> int | None:
     from kvtrain.kv.attention import hf_model
 
+    if module is None:
+        return None
     try:
         config = hf_model(module).config.get_text_config(decoder=True)
     except TypeError:

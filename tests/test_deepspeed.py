@@ -208,6 +208,21 @@ def test_presets_are_registered_with_lightning():
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]
 
 
+def test_bucket_size_and_extra_config_reach_the_deepspeed_config():
+    import lightning as L
+
+    strategy = KVDeepSpeedStrategy("zero3", bucket_size=1000,
+                                   config={"zero_optimization": {"overlap_comm": False}, "steps_per_print": 7})
+    L.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False)
+    strategy._format_config()
+    zero = strategy.config["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (1000, 1000)
+    assert zero["overlap_comm"] is False and zero["stage"] == 3  # merged into the preset, not replacing it
+    assert strategy.config["steps_per_print"] == 7
+    with pytest.raises(ValueError, match="bucket_size must be a positive number of elements, got 0"):
+        KVDeepSpeedStrategy("zero2", bucket_size=0)
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match=r"unknown DeepSpeed preset 'zero4'; choose one of \['zero2', 'zero3'"):
         KVDeepSpeedStrategy("zero4")
