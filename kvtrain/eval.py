@@ -1,5 +1,6 @@
-"""Evaluation: perplexity of a causal LM on a packed split (optionally under a KV spec), the KV bytes
-per token a real cache holds, and the unigram baseline a model must beat."""
+"""Evaluation: perplexity of a causal LM on a packed split (optionally under a KV spec), greedy
+answer accuracy and length on held-out task problems, the KV bytes per token a real cache holds,
+and the unigram baseline a model must beat."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtrain.data.lm import PackedDataset
 from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
@@ -51,6 +52,39 @@ def _perplexity(model, dataset, batch_size, max_batches, desc) -> dict[str, floa
         nll_sum, n_tokens = nll_sum + nll.item(), n_tokens + int(n)
     loss = nll_sum / max(n_tokens, 1)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n_tokens}
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list,
+    max_new_tokens: int = 160,
+    batch_size: int = 64,
+    spec: KVQuantSpec | str | None = None,
+    desc: str = "answers",
+) -> dict[str, object]:
+    """Greedy completions of held-out problems (objects or dicts with `prompt` and `answer`), decoded
+    under QuantizedKVCache(spec) when given: accuracy, mean completion length in tokens, truncation
+    rate, and the per-problem lengths and correctness (for histograms and paired comparisons)."""
+    from kvtrain.data.tasks import is_correct
+    from kvtrain.rl.rollout import sample
+
+    rows = [p if isinstance(p, dict) else {"prompt": p.prompt, "answer": p.answer} for p in problems]
+    if not rows:
+        raise ValueError("no problems to evaluate")
+    was_training, lengths, correct, truncated = model.training, [], [], []
+    model.eval()
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", file=sys.stderr):
+        chunk = rows[start : start + batch_size]
+        out = sample(model, tokenizer, [r["prompt"] for r in chunk], 1, max_new_tokens, temperature=0.0, spec=spec)
+        lengths += out.lengths.tolist()
+        truncated += out.truncated.tolist()
+        correct += [is_correct(text, r["answer"]) for text, r in zip(out.texts, chunk)]
+    model.train(was_training)
+    n = len(rows)
+    return {"accuracy": sum(correct) / n, "length": sum(lengths) / n, "truncated": sum(truncated) / n,
+            "problems": n, "lengths": lengths, "correct": correct}
 
 
 def _tensor_bytes(obj: object) -> int:

@@ -25,7 +25,8 @@ def tiny_fit_args(corpus_file, steps=3):
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
-            "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml"} <= names
+            "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
+            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

@@ -9,6 +9,7 @@ during sampling (train/decode parity), so the first importance ratio of an updat
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -119,8 +120,17 @@ def completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tenso
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    return logits[:, rollouts.prompt_ids.shape[1] - 1 : -1]
+    keep = rollouts.completion_ids.shape[1] + 1
+    # the LM head over the prompt positions is wasted work (vocab x hidden per token): skip it where
+    # the model lets us
+    extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra).logits
+    return logits[:, -keep:-1]
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:

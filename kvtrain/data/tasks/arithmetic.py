@@ -1,8 +1,8 @@
 """A verifiable reasoning task that runs on CPU and has overthinking to remove.
 
-Each problem chains 2-4 operations on small integers. Its supervised chain of thought does one
-line per step and then, at random, re-checks earlier steps ("Check: 3 + 4 = 7. Correct.") a
-random number of times: a model fine-tuned on it is accurate but verbose, and every re-check line
+Each problem chains 2-4 operations (+ or - by 1-9, * by 2 or 3) on a start in 1-9. Its supervised
+chain of thought does one line per step and then re-checks earlier steps ("Check: 3 + 4 = 7.
+Correct.") a random 0-4 times: a model fine-tuned on it is accurate but verbose, and every re-check line
 is tokens (and KV cache) that a length-penalized RL run can teach it to drop.
 """
 
@@ -27,11 +27,13 @@ def _apply(a: int, op: str, b: int) -> int:
 
 def make_problem(rng: random.Random, max_rechecks: int = 4) -> Problem:
     steps = rng.randint(2, 4)
-    value = rng.randint(1, 20)
+    value = rng.randint(1, 9)
     expression, lines = str(value), []
     for _ in range(steps):
         op = rng.choice(OPS)
-        operand = rng.randint(1, 9) if op == "*" else rng.randint(1, 20)
+        # small operands keep results to two digits mostly: learnable by a 5M-parameter model on a CPU
+        # budget, so that what RL has to remove is the re-checking, not the arithmetic errors
+        operand = rng.randint(2, 3) if op == "*" else rng.randint(1, 9)
         result = _apply(value, op, operand)
         lines.append(f"{value} {op} {operand} = {result}")
         expression = f"({expression} {op} {operand})"

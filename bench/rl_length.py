@@ -1,0 +1,288 @@
+"""Length-penalized RL on the verbose SFT model: how much shorter, at what accuracy, and how fast?
+
+Starts every run from the SFT warm start (`recipes/sft_reasoning.yaml`: kvtrain-ref fine-tuned on
+chains of thought that re-check themselves 0-4 times, accurate but verbose), runs each RL recipe for
+the same number of steps, and evaluates every model greedily on held-out problems (a seed no recipe
+trains or validates on): accuracy, mean completion length, truncation and KV bytes per answer.
+`dler_kivi2` trained under a 2-bit cache is evaluated under that cache, beside the SFT model under
+the same cache (its baseline) and DLER trained in full precision.
+
+The peer: TRL's GRPOTrainer and kvtrain's GRPOModule with the same model, prompts, reward (DLER's
+truncation reward), group size, budget, batch-std advantages, token-mean loss, clip-higher, learning
+rate and steps (no dynamic sampling: TRL has none), one after the other in this process on the same
+threads: held-out length and accuracy, and the median seconds per step with their ratio.
+
+Each run's result lands in OUT/<run>/result.json as soon as it is finished; a rerun skips finished
+runs (--fresh redoes them) and resumes an interrupted fit from its last checkpoint, so the runs can
+be split over processes (--only) and the report assembled by a last plain call.
+
+    python bench/rl_length.py                                   # all runs, then the report
+    python bench/rl_length.py --only dler grpo_lambda           # a subset (e.g. one per core)
+    python bench/rl_length.py --smoke --sft <model folder>      # CI: 2 steps, 16 problems
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from kvtrain.callbacks import ExportPretrained, KVQuantCallback, StepTime
+from kvtrain.cli import KVTrainCLI, recipe_path
+from kvtrain.data.tasks import arithmetic_problems, is_correct
+from kvtrain.eval import answer_accuracy, format_table, kv_bytes_per_token, write_json
+from kvtrain.kv import KVQuantSpec
+from kvtrain.models import load_model, load_tokenizer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+RECIPES = ("dler", "grpo_lambda", "drpo", "dler_kivi2")
+PEER_RUNS = ("kvtrain_trl_settings", "trl")
+HELD_OUT_SEED = 4321  # the task's train seed is 1234 and its validation seed 1235
+COMPRESSED = "dler_kivi2"  # its recipe's KV spec is the compressed cache every "2-bit" row uses
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def fit_recipe(recipe: str, sft: str, out: Path, overrides: list[str]) -> dict:
+    """Fit a recipe from the SFT model into out/; returns the exported folder, spec and step times."""
+    args = ["--config", str(recipe_path(f"{recipe}.yaml")), f"--model.init_args.model={sft}", *overrides]
+    cli = KVTrainCLI(args=args, run=False)
+    trainer = cli.trainer
+    for cb in trainer.callbacks:  # keep each run's files under out/
+        if isinstance(cb, ModelCheckpoint):
+            cb.dirpath = str(out / "checkpoints")
+        if isinstance(cb, ExportPretrained):
+            cb.to = str(out / "model")
+    trainer.loggers = [CSVLogger(out, name="", version="")]
+    timer = next(cb for cb in trainer.callbacks if isinstance(cb, StepTime))
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
+    spec = next((cb.spec for cb in trainer.callbacks if isinstance(cb, KVQuantCallback)), None)
+    return {"model": str(out / "model"), "spec": spec, "step_s": timer.seconds}
+
+
+def recipe_settings(recipe: str) -> dict:
+    """The recipe's GRPOModule and data arguments: the peer gets exactly these."""
+    config = yaml.safe_load(recipe_path(f"{recipe}.yaml").read_text())
+    return {**config["data"]["init_args"], **config["model"]["init_args"], "seed_everything": config["seed_everything"]}
+
+
+def fit_trl(sft: str, settings: dict, steps: int, out: Path) -> dict:
+    """TRL's GRPOTrainer with the recipe's settings and DLER's truncation reward."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from kvtrain.rl import truncation_penalty
+
+    tokenizer, budget = load_tokenizer(sft), settings["max_new_tokens"]
+
+    def dler_reward(prompts, completions, completion_ids, answer, **_):
+        correct = torch.tensor([is_correct(c, a) for c, a in zip(completions, answer)])
+        truncated = torch.tensor([len(ids) >= budget and ids[-1] != tokenizer.eos_token_id for ids in completion_ids])
+        return truncation_penalty(correct, truncated, settings["reward"]["truncation_factor"]).tolist()
+
+    class Timer(TrainerCallback):
+        seconds: list[float] = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    problems = arithmetic_problems(settings["train_size"], seed=settings["seed"])
+    data = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
+    config = GRPOConfig(
+        output_dir=str(out / "trl"), max_steps=steps, seed=settings["seed_everything"],
+        per_device_train_batch_size=settings["batch_size"] * settings["num_generations"],
+        num_generations=settings["num_generations"], max_completion_length=budget,
+        temperature=settings["temperature"], top_p=1.0, learning_rate=settings["lr"], lr_scheduler_type="constant",
+        max_grad_norm=settings["grad_clip"], epsilon=settings["eps_low"], epsilon_high=settings["eps_high"],
+        scale_rewards="batch", loss_type="dapo", beta=0.0,  # dapo: token mean over the batch, as ours
+        use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,  # fp32, as ours
+        logging_steps=1, save_strategy="no", report_to="none",
+    )
+    timer = Timer()
+    trainer = GRPOTrainer(model=load_model(sft), reward_funcs=dler_reward, args=config, train_dataset=data,
+                          processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    trainer.model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"model": str(out / "model"), "spec": None, "step_s": timer.seconds}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def evaluate(path: str, problems: list, spec: KVQuantSpec | None, max_new_tokens: int, batch_size: int, label: str) -> dict:
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    result = answer_accuracy(model, tokenizer, problems, max_new_tokens, batch_size, spec=spec, desc=label)
+    sample = tokenizer(problems[0].prompt + problems[0].solution, add_special_tokens=False, return_tensors="pt").input_ids
+    result["kv_bytes_per_answer"] = result["length"] * kv_bytes_per_token(model, sample, spec)
+    return result
+
+
+def run_one(name: str, args, out: Path, problems: list) -> dict:
+    """Train (unless it is the SFT start) and evaluate one run; its result.json makes it resumable."""
+    result_file = out / name / "result.json"
+    if result_file.is_file() and not args.fresh:
+        return json.loads(result_file.read_text())
+    if args.fresh and (out / name).exists():
+        shutil.rmtree(out / name)
+    trained = train(name, args, out / name)
+    compressed = compressed_spec(args)
+    evals = {"full precision": None}
+    if name in ("sft", "dler", COMPRESSED):
+        evals["2-bit (dler_kivi2's spec)"] = compressed
+    result = {"run": name, "step_s": trained["step_s"], "evals": {}}
+    for kv, spec in evals.items():
+        result["evals"][kv] = evaluate(trained["model"], problems, spec, args.max_new_tokens, args.eval_batch_size,
+                                       f"{name} / {kv}")
+    write_json(result_file, result)
+    return result
+
+
+def train(name: str, args, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "sft":
+        return {"model": args.sft, "step_s": []}
+    steps = [f"--trainer.max_steps={args.steps}", *args.override]
+    if name in RECIPES:
+        return fit_recipe(name, args.sft, out, steps)
+    settings = peer_settings(args)
+    if name == "trl":
+        return fit_trl(args.sft, settings, args.steps, out)
+    # kvtrain with exactly the settings TRL gets
+    matched = [f"--model.init_args.{k}={settings[k]}" for k in ("num_generations", "max_new_tokens", "lr")]
+    matched += [f"--data.init_args.batch_size={settings['batch_size']}", "--model.init_args.advantage=batch",
+                "--model.init_args.dynamic_sampling=false"]
+    return fit_recipe("dler", args.sft, out, [*steps, *matched])
+
+
+def peer_settings(args) -> dict:
+    settings = recipe_settings("dler")
+    if args.smoke:
+        settings.update(SMOKE_SETTINGS)
+    return settings
+
+
+def compressed_spec(args) -> KVQuantSpec:
+    callbacks = yaml.safe_load(recipe_path(f"{COMPRESSED}.yaml").read_text())["trainer"]["callbacks"]
+    init = next(cb["init_args"] for cb in callbacks if cb["class_path"].endswith("KVQuantCallback"))
+    return KVQuantCallback(**init).spec
+
+
+# -- report -------------------------------------------------------------------------------------
+def report(results: dict[str, dict], out: Path) -> str:
+    sft = results["sft"]["evals"]
+    rows = []
+    for name, result in results.items():
+        for kv, ev in result["evals"].items():
+            base = sft[kv]
+            rows.append({
+                "run": name, "kv cache at eval": kv, "accuracy": round(100 * ev["accuracy"], 1),
+                "accuracy_vs_sft": round(100 * (ev["accuracy"] - base["accuracy"]), 1),
+                "length": round(ev["length"], 1), "length_vs_sft": f"{100 * (ev['length'] / base['length'] - 1):+.1f}%",
+                "truncated": round(ev["truncated"], 3), "kv_bytes_per_answer": round(ev["kv_bytes_per_answer"]),
+                "step_s": round(statistics.median(result["step_s"]), 2) if result["step_s"] else "",
+            })
+    columns = list(rows[0])
+    lines = [format_table([r for r in rows if r["run"] not in PEER_RUNS], columns)]
+    if all(name in results for name in PEER_RUNS):
+        ours, peer = (results[n] for n in PEER_RUNS)
+        ratio = statistics.median(ours["step_s"]) / statistics.median(peer["step_s"])
+        lines += ["", f"Same settings as TRL (DLER reward, batch-std advantages, no dynamic sampling), same steps; "
+                  f"time per step median, ours / TRL = **{ratio:.3f}**", "",
+                  format_table([r for r in rows if r["run"] in PEER_RUNS], columns)]
+    lines += ["", *verdicts(results)]
+    plot_lengths(results, out / "rl_length.png")
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, dict]) -> list[str]:
+    """The issue's bar for DLER: length at least 50% shorter, accuracy at most 2 points lower."""
+    lines = []
+    for name in ("dler", COMPRESSED):
+        if name not in results:
+            continue
+        for kv, ev in results[name]["evals"].items():
+            base = results["sft"]["evals"][kv]
+            cut = 1 - ev["length"] / base["length"]
+            drop = 100 * (base["accuracy"] - ev["accuracy"])
+            ok = cut >= 0.5 and drop <= 2.0
+            lines.append(f"- {name} / {kv}: length cut {100 * cut:.1f}% (>= 50%), accuracy {-drop:+.1f} points "
+                         f"(>= -2): {'meets' if ok else 'MISSES'} the bar")
+    return lines
+
+
+def plot_lengths(results: dict[str, dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = max(max(r["evals"]["full precision"]["lengths"]) for r in results.values())
+    for name, result in results.items():
+        ax.hist(result["evals"]["full precision"]["lengths"], bins=range(0, int(top) + 8, 4), histtype="step",
+                linewidth=1.5, label=name)
+    ax.set(xlabel="completion length (tokens), held-out problems, greedy", ylabel="problems",
+           title="Answer length before (sft) and after length-penalized RL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+SMOKE_SETTINGS = {"batch_size": 2, "num_generations": 4, "max_new_tokens": 16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sft", default="runs/sft_reasoning/model", help="the SFT warm start (a model folder)")
+    parser.add_argument("--steps", type=int, default=60, help="RL steps of every run")
+    parser.add_argument("--eval-size", type=int, default=500, help="held-out problems")
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="evaluation budget (the SFT chains fit)")
+    parser.add_argument("--eval-batch-size", type=int, default=100)
+    parser.add_argument("--only", nargs="+", choices=("sft", *RECIPES, *PEER_RUNS), help="run just these")
+    parser.add_argument("--no-peer", action="store_true", help="skip the TRL comparison")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the same for ours and TRL)")
+    parser.add_argument("--out", default="bench/results/rl_length")
+    parser.add_argument("--fresh", action="store_true", help="redo finished runs")
+    parser.add_argument("--smoke", action="store_true", help="2 steps, 16 problems, tiny batches: for CI")
+    parser.add_argument("--override", action="append", default=[], help="recipe override for every kvtrain run")
+    args = parser.parse_args()
+    if not Path(args.sft).is_dir():
+        sys.exit(f"no SFT model at {args.sft}: run `kvtrain fit --config recipes/sft_reasoning.yaml` first, or pass --sft")
+    if args.smoke:
+        args.steps, args.eval_size, args.max_new_tokens = 2, 16, 24
+        args.override += [f"--data.init_args.{k}={v}" for k, v in SMOKE_SETTINGS.items() if k == "batch_size"]
+        args.override += [f"--model.init_args.{k}={v}" for k, v in SMOKE_SETTINGS.items() if k != "batch_size"]
+        args.override += ["--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+                          "--trainer.enable_progress_bar=false"]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED)
+    names = args.only or ["sft", *RECIPES, *([] if args.no_peer else PEER_RUNS)]
+    results = {name: run_one(name, args, out, problems) for name in ["sft", *[n for n in names if n != "sft"]]}
+    if args.only:
+        return
+    markdown = report(results, out)
+    header = (f"Held-out: {args.eval_size} arithmetic problems (seed {HELD_OUT_SEED}), greedy, budget "
+              f"{args.max_new_tokens} tokens; every RL run {args.steps} steps from {args.sft}; "
+              f"{args.threads} torch thread(s). accuracy in %, length in tokens.\n\n")
+    (out / "rl_length.md").write_text(header + markdown + "\n")
+    write_json(out / "rl_length.json", {"args": vars(args), "results": results})
+    print(header + markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The RL recipes as shipped, through LightningCLI, on a tiny random model: each one trains with its
+own reward, advantage, loss and KV cache, logs, checkpoints and exports; the DLER pipeline raises a
+learnable reward; bench/rl_length.py runs end to end at smoke size against TRL."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from kvtrain.cli import KVTrainCLI
+from kvtrain.kv import KVQuantSpec
+from kvtrain.models import load_model
+
+# head_dim 32, so the kivi value groups of 32 channels fit (TINY's head_dim is 16)
+TINY_RL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+BUDGET = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_rl_model_dir(tmp_path_factory, home):
+    from kvtrain.models import load_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-rl-llama")
+    load_model("kvtrain-ref", init="random", config_overrides=TINY_RL).save_pretrained(str(path))
+    load_tokenizer("kvtrain-ref").save_pretrained(str(path))
+    return path
+
+
+def fit_recipe(recipe, tmp_path, monkeypatch, steps, **model):
+    monkeypatch.chdir(tmp_path)  # the recipe's runs/ land here
+    args = ["--config", str(REPO / "recipes" / recipe), "--model.init_args.model=kvtrain-ref",
+            "--model.init_args.init=random", f"--model.init_args.config_overrides={json.dumps(TINY_RL)}",
+            f"--model.init_args.max_new_tokens={BUDGET}", *[f"--model.init_args.{k}={v}" for k, v in model.items()],
+            f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--data.init_args.train_size=64",
+            "--data.init_args.val_size=4", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4"]
+    torch.manual_seed(0)
+    cli = KVTrainCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    name = recipe.removesuffix(".yaml")
+    rows = list(csv.DictReader((tmp_path / "runs" / name / "version_0" / "metrics.csv").open()))
+    return cli, rows, tmp_path / "runs" / name
+
+
+def series(rows, key):
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dler.yaml", "grpo_lambda.yaml", "drpo.yaml", "dler_kivi2.yaml"])
+def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monkeypatch, home):
+    with pytest.warns(UserWarning, match="hit max_new_tokens"):  # a random model never stops: named, not silent
+        cli, rows, run = fit_recipe(recipe, tmp_path, monkeypatch, steps=4)
+    lengths = series(rows, "train/length")
+    assert len(lengths) == 4 and all(0 < n <= BUDGET for n in lengths)
+    assert len(series(rows, "time/step_s")) == 4 and min(series(rows, "time/step_s")) > 0
+    assert series(rows, "train/accuracy") == [0.0] * 4  # random weights do not do arithmetic
+    assert series(rows, "train/reward") == [0.0] * 4
+    assert len(series(rows, "val/accuracy")) == 1 and 0 < series(rows, "val/length")[0] <= BUDGET  # greedy
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "model" / "config.json").is_file()
+    hparams = cli.model.hparams
+    if recipe == "dler.yaml":
+        assert (hparams.advantage, hparams.reward["truncation_factor"], hparams.dynamic_sampling) == ("dler", 0.0, True)
+        # every group is flat (all 0): both extra generation rounds are spent, every group dropped each round
+        assert series(rows, "train/resampled_rounds") == [2.0] * 4 and series(rows, "train/dropped_groups") == [12.0] * 4
+    if recipe == "grpo_lambda.yaml":
+        assert (hparams.advantage, hparams.reward["grpo_lambda"], hparams.reward["lambda_alpha"]) == ("group", 0.5, 0.6)
+    if recipe == "drpo.yaml":
+        assert (hparams.loss, hparams.drpo_temperature, hparams.drpo_tau) == ("drpo", 0.1, 10.0)
+    if recipe == "dler_kivi2.yaml":
+        spec = KVQuantSpec.resolve(str(run / "model"))  # exported with the model
+        assert (spec.key_bits, spec.value_bits, spec.key_group_size, spec.residual) == (2, 2, 16, 16)
+        # fp32 K/V: 2 layers x 1 head x 32 dims x (K + V) x 4 bytes = 512 bytes/token. Measured on a
+        # prompt + completion of ~27 tokens: the newest 16 stay fp32, older values are 2-bit (8 bytes +
+        # fp32 scale and zero = 16 bytes/token/layer), keys wait in fp32 for a whole 16-token group:
+        # (27 x 128 + 16 x 128 + 11 x 16) x 2 / 27 = 421 bytes/token (observed 416)
+        per_token = series(rows, "train/kv_bytes_per_answer")[0] / lengths[0]
+        assert 380 < per_token < 440
+
+
+@pytest.mark.slow
+def test_hub_template_runs_on_a_local_model_and_user_jsonl(tmp_path, monkeypatch, tiny_rl_model_dir):
+    rows = [{"prompt": f"What is {a} + {a}?\n", "answer": f"#### {2 * a}"} for a in range(8)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(REPO / "recipes" / "dler_kivi2_hub.yaml"), f"--model.init_args.model={tiny_rl_model_dir}",
+            "--model.init_args.max_new_tokens=8", "--model.init_args.lora.r=4", "--trainer.accelerator=cpu",
+            "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=4"]
+    cli = KVTrainCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = list(csv.DictReader((tmp_path / "runs" / "dler_kivi2_hub" / "version_0" / "metrics.csv").open()))
+    assert len(series(metrics, "train/reward")) == 2 and len(series(metrics, "val/accuracy")) == 1
+    assert 0 < cli.model.hparams.lora["r"] == 4
+    exported = tmp_path / "runs" / "dler_kivi2_hub" / "model"
+    assert KVQuantSpec.resolve(str(exported)) == KVQuantSpec.preset("kivi2")
+    assert not (exported / "adapter_config.json").exists()  # merged: a plain model folder
+
+
+@pytest.mark.slow
+def test_dler_recipe_raises_a_learnable_reward(tmp_path, monkeypatch, home):
+    # The recipe's pipeline (DLER advantages, dynamic sampling, clip-higher) with a reward a random model
+    # can learn (the share of digits) and truncation not penalized (nothing stops within 12 tokens).
+    _, rows, _ = fit_recipe("dler.yaml", tmp_path, monkeypatch, steps=16, verifier="test_grpo.digit_reward",
+                            reward='{"truncation_factor": 1.0}', lr=1e-2)
+    reward = series(rows, "train/reward")
+    assert len(reward) == 16
+    assert sum(reward[-4:]) / 4 > 2 * sum(reward[:4]) / 4, reward
+
+
+@pytest.mark.slow
+def test_rl_length_bench_smoke_reports_every_run_and_trl(tmp_path, tiny_rl_model_dir):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "bench/rl_length.py", "--smoke", f"--sft={tiny_rl_model_dir}", f"--out={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "rl_length.json").read_text())["results"]
+    assert set(report) == {"sft", "dler", "grpo_lambda", "drpo", "dler_kivi2", "kvtrain_trl_settings", "trl"}
+    for name, result in report.items():
+        fp = result["evals"]["full precision"]
+        assert fp["problems"] == 16 and len(fp["lengths"]) == 16 and 0 < fp["length"] <= 24
+        assert len(result["step_s"]) == (0 if name == "sft" else 2)
+    assert set(report["dler_kivi2"]["evals"]) == {"full precision", "2-bit (dler_kivi2's spec)"}
+    markdown = (out / "rl_length.md").read_text()
+    assert "time per step median, ours / TRL" in markdown and "| trl |" in markdown
+    assert (out / "rl_length.png").stat().st_size > 10_000
+    for name in ("dler", "trl"):  # kvtrain's export and TRL's save_pretrained are both plain model folders
+        assert load_model(str(out / name / "model")).config.hidden_size == TINY_RL["hidden_size"]
