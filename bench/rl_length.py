@@ -69,9 +69,10 @@ def fit_recipe(recipe: str, sft: str, out: Path, overrides: list[str]) -> dict:
 
 
 def recipe_settings(recipe: str) -> dict:
-    """The recipe's GRPOModule and data arguments: the peer gets exactly these."""
+    """The recipe's GRPOModule and data arguments (`seed` is the data's: it draws the problems): the
+    peer gets exactly these."""
     config = yaml.safe_load(recipe_path(f"{recipe}.yaml").read_text())
-    return {**config["data"]["init_args"], **config["model"]["init_args"], "seed_everything": config["seed_everything"]}
+    return {**config["model"]["init_args"], **config["data"]["init_args"], "seed_everything": config["seed_everything"]}
 
 
 def fit_trl(sft: str, settings: dict, steps: int, out: Path) -> dict:
@@ -90,7 +91,8 @@ def fit_trl(sft: str, settings: dict, steps: int, out: Path) -> dict:
         return truncation_penalty(correct, truncated, settings["reward"]["truncation_factor"]).tolist()
 
     class Timer(TrainerCallback):
-        seconds: list[float] = []
+        def __init__(self):
+            self.seconds: list[float] = []
 
         def on_step_begin(self, *args, **kwargs):
             self.start = time.perf_counter()
@@ -248,7 +250,7 @@ SMOKE_SETTINGS = {"batch_size": 2, "num_generations": 4, "max_new_tokens": 16}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sft", default="runs/sft_reasoning/model", help="the SFT warm start (a model folder)")
-    parser.add_argument("--steps", type=int, default=60, help="RL steps of every run")
+    parser.add_argument("--steps", type=int, default=40, help="RL steps of every run")
     parser.add_argument("--eval-size", type=int, default=500, help="held-out problems")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="evaluation budget (the SFT chains fit)")
     parser.add_argument("--eval-batch-size", type=int, default=100)
@@ -271,10 +273,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED)
-    names = args.only or ["sft", *RECIPES, *([] if args.no_peer else PEER_RUNS)]
-    results = {name: run_one(name, args, out, problems) for name in ["sft", *[n for n in names if n != "sft"]]}
-    if args.only:
+    if args.only:  # no report: another process may be running the other runs
+        for name in args.only:
+            run_one(name, args, out, problems)
         return
+    names = ["sft", *RECIPES, *([] if args.no_peer else PEER_RUNS)]
+    results = {name: run_one(name, args, out, problems) for name in names}
     markdown = report(results, out)
     header = (f"Held-out: {args.eval_size} arithmetic problems (seed {HELD_OUT_SEED}), greedy, budget "
               f"{args.max_new_tokens} tokens; every RL run {args.steps} steps from {args.sft}; "

@@ -1,6 +1,8 @@
 """Rollouts: finish reasons and masks, and the first importance ratio of an update is 1 (training
 forward vs sampling log-probs) with and without the compressed KV cache."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,3 +89,24 @@ def test_stop_strings_end_completions(tiny):
         assert truncated or "e" in tokenizer.decode(ids[:length])  # the mask keeps the stopping token
         assert tokenizer.pad_token_id not in ids[:length].tolist()
     assert not rollouts.truncated.all() and (rollouts.lengths < 30).any()
+
+
+def test_merged_generate_calls_keep_their_own_padding_so_the_first_ratio_stays_one(tiny):
+    from kvtrain.modules.grpo import _concat_groups
+
+    model, tokenizer = tiny
+    spec = KVQuantSpec(residual=4, key_group_size=4, value_group_size=16)
+    torch.manual_seed(0)
+    short = sample(model, tokenizer, ["x ="], 2, max_new_tokens=20, temperature=0.9, spec=spec)  # prompt 2 tokens wide
+    long = sample(model, tokenizer, PROMPTS, 1, max_new_tokens=12, temperature=0.9, spec=spec)  # prompts up to 19 wide
+    parts = [(r, torch.zeros(len(r.texts)), torch.zeros(len(r.texts))) for r in (short, long)]
+    merged, _, _ = _concat_groups(parts, tokenizer.pad_token_id, limit=3)  # dynamic sampling's refill keeps 3 rows
+    assert merged.blocks == ((2, short.prompt_ids.shape[1]), (1, long.prompt_ids.shape[1]))
+    assert merged.prompt_ids.shape[1] == long.prompt_ids.shape[1] > short.prompt_ids.shape[1]
+    with attached(model, spec):
+        now = policy_logprobs(model, merged, temperature=0.9)
+        repadded = policy_logprobs(model, dataclasses.replace(merged, blocks=()), temperature=0.9)
+    ratio = torch.exp(now - merged.logprobs)[merged.completion_mask.bool()]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+    # scored in one forward with the short rows' extra left padding, key groups shift: other log-probs
+    assert (repadded - merged.logprobs)[:2].abs().max() > 1e-4

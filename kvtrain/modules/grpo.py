@@ -347,7 +347,8 @@ def _select_groups(parts, keep: torch.Tensor, group_size: int):
 
 
 def _concat_groups(parts, pad_id: int, limit: int):
-    """Concatenate rollouts of several rounds (prompts and completions re-padded to common widths)."""
+    """Concatenate rollouts of several rounds (prompts and completions re-padded to common widths;
+    each round's own prompt width kept in `blocks` for the training forward)."""
     rollouts = [p[0] for p in parts if len(p[1])]
     width_p = max(r.prompt_ids.shape[1] for r in rollouts)
     width_c = max(r.completion_ids.shape[1] for r in rollouts)
@@ -366,7 +367,18 @@ def _concat_groups(parts, pad_id: int, limit: int):
         torch.cat([right(r.logprobs, width_c, 0.0) for r in rollouts])[:limit],
         torch.cat([r.truncated for r in rollouts])[:limit],
         [t for r in rollouts for t in r.texts][:limit],
+        _blocks([(len(r.texts), r.prompt_ids.shape[1]) for r in rollouts], limit),
     )
     correct = torch.cat([p[1] for p in parts])[:limit]
     rewards = torch.cat([p[2] for p in parts])[:limit]
     return merged, correct, rewards
+
+
+def _blocks(calls: list[tuple[int, int]], limit: int) -> tuple[tuple[int, int], ...]:
+    """(rows, prompt width) per generate call, the first `limit` rows in all."""
+    blocks, left = [], limit
+    for rows, width in calls:
+        if left > 0:
+            blocks.append((min(rows, left), width))
+            left -= rows
+    return tuple(blocks)

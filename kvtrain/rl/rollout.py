@@ -26,6 +26,9 @@ class Rollouts:
     completion_mask: (B, T), 1 on the tokens that belong to the completion (its EOS included, a
     trailing stop string included). logprobs: (B, T) sampling log-probs, 0 off the mask.
     truncated: (B,) True when max_new_tokens ran out before EOS or a stop string.
+    blocks: for rollouts merged from several generate calls (dynamic sampling's rounds), the
+    (rows, prompt width) of each call in order; the merged prompts are left-padded to the widest.
+    Empty: one call.
     """
 
     prompt_ids: torch.Tensor
@@ -35,10 +38,26 @@ class Rollouts:
     logprobs: torch.Tensor
     truncated: torch.Tensor
     texts: list[str]
+    blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
+
+    def generate_calls(self) -> list["Rollouts"]:
+        """The rows of each generate call with the prompt padding that call had. A compressed cache
+        groups keys counting from the padded start, so extra left padding would change the K/V view
+        the training forward sees from the one sampling saw."""
+        if not self.blocks:
+            return [self]
+        calls, start, width = [], 0, self.prompt_ids.shape[1]
+        for rows, prompt_width in self.blocks:
+            take, trim = slice(start, start + rows), slice(width - prompt_width, width)
+            calls.append(Rollouts(self.prompt_ids[take, trim], self.prompt_mask[take, trim], self.completion_ids[take],
+                                  self.completion_mask[take], self.logprobs[take], self.truncated[take],
+                                  self.texts[take]))
+            start += rows
+        return calls
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int,
@@ -115,8 +134,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 
 def completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tensor:
-    """(B, T, vocab) logits predicting each completion token, from one training forward with the
-    positions and mask generation used (left padding shifts positions)."""
+    """(B, T, vocab) logits predicting each completion token, from a training forward per generate
+    call with the padding, positions and mask generation used (left padding shifts positions)."""
+    return torch.cat([_completion_logits(model, call) for call in rollouts.generate_calls()])
+
+
+def _completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tensor:
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
