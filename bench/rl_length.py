@@ -51,7 +51,7 @@ COMPRESSED = "dler_kivi2"  # its recipe's KV spec is the compressed cache every 
 
 # -- runs ---------------------------------------------------------------------------------------
 def fit_recipe(recipe: str, sft: str, out: Path, overrides: list[str]) -> dict:
-    """Fit a recipe from the SFT model into out/; returns the exported folder, spec and step times."""
+    """Fit a recipe from the SFT model into out/; returns the exported folder and the step times."""
     args = ["--config", str(recipe_path(f"{recipe}.yaml")), f"--model.init_args.model={sft}", *overrides]
     cli = KVTrainCLI(args=args, run=False)
     trainer = cli.trainer
@@ -64,8 +64,7 @@ def fit_recipe(recipe: str, sft: str, out: Path, overrides: list[str]) -> dict:
     timer = next(cb for cb in trainer.callbacks if isinstance(cb, StepTime))
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
-    spec = next((cb.spec for cb in trainer.callbacks if isinstance(cb, KVQuantCallback)), None)
-    return {"model": str(out / "model"), "spec": spec, "step_s": timer.seconds}
+    return {"model": str(out / "model"), "step_s": timer.seconds}
 
 
 def recipe_settings(recipe: str) -> dict:
@@ -118,7 +117,7 @@ def fit_trl(sft: str, settings: dict, steps: int, out: Path) -> dict:
     trainer.train()
     trainer.model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
-    return {"model": str(out / "model"), "spec": None, "step_s": timer.seconds}
+    return {"model": str(out / "model"), "step_s": timer.seconds}
 
 
 # -- evaluation ---------------------------------------------------------------------------------
