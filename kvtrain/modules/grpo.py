@@ -335,15 +335,8 @@ def _logprobs_and_entropy(model, rollouts: Rollouts, temperature: float) -> tupl
 
 def _select_groups(parts, keep: torch.Tensor, group_size: int):
     rollouts, correct, rewards = parts
-    rows = keep.repeat_interleave(group_size)
-    index = rows.nonzero().flatten()
-    device_index = index.to(rollouts.completion_ids.device)
-    picked = Rollouts(
-        rollouts.prompt_ids[device_index], rollouts.prompt_mask[device_index], rollouts.completion_ids[device_index],
-        rollouts.completion_mask[device_index], rollouts.logprobs[device_index], rollouts.truncated[device_index],
-        [rollouts.texts[i] for i in index.tolist()],
-    )
-    return picked, correct[index], rewards[index]
+    index = keep.repeat_interleave(group_size).nonzero().flatten()
+    return rollouts.rows(index), correct[index], rewards[index]
 
 
 def _concat_groups(parts, pad_id: int, limit: int):

@@ -10,7 +10,7 @@ during sampling (train/decode parity), so the first importance ratio of an updat
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,6 +44,16 @@ class Rollouts:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
+    def rows(self, index: slice | torch.Tensor) -> "Rollouts":
+        """These rows only (a slice, or a 1-D tensor of row indices), as one generate call."""
+        if isinstance(index, torch.Tensor):
+            texts = [self.texts[i] for i in index.tolist()]
+            index = index.to(self.completion_ids.device)
+        else:
+            texts = self.texts[index]
+        return Rollouts(self.prompt_ids[index], self.prompt_mask[index], self.completion_ids[index],
+                        self.completion_mask[index], self.logprobs[index], self.truncated[index], texts)
+
     def generate_calls(self) -> list["Rollouts"]:
         """The rows of each generate call with the prompt padding that call had. A compressed cache
         groups keys counting from the padded start, so extra left padding would change the K/V view
@@ -52,10 +62,9 @@ class Rollouts:
             return [self]
         calls, start, width = [], 0, self.prompt_ids.shape[1]
         for rows, prompt_width in self.blocks:
-            take, trim = slice(start, start + rows), slice(width - prompt_width, width)
-            calls.append(Rollouts(self.prompt_ids[take, trim], self.prompt_mask[take, trim], self.completion_ids[take],
-                                  self.completion_mask[take], self.logprobs[take], self.truncated[take],
-                                  self.texts[take]))
+            call = self.rows(slice(start, start + rows))
+            trim = width - prompt_width
+            calls.append(replace(call, prompt_ids=call.prompt_ids[:, trim:], prompt_mask=call.prompt_mask[:, trim:]))
             start += rows
         return calls
 
