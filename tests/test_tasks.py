@@ -91,3 +91,30 @@ def test_sft_format_needs_solutions(tmp_path):
     path.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
     with pytest.raises(ValueError, match="format='sft' needs a solution for every problem"):
         TaskDataModule(task=str(path), format="sft")._collate()
+
+
+def test_answer_accuracy_scores_greedy_completions_in_batches(monkeypatch):
+    import kvtrain.rl.rollout as rollout
+    from kvtrain.eval import answer_accuracy
+    from kvtrain.rl.rollout import Rollouts
+
+    completions = {"a?": ("x\nAnswer: 5\n", 4, False), "b?": ("#### 7", 2, False), "c?": ("Check: 1", 6, True)}
+    calls = []
+
+    def fake_sample(model, tokenizer, prompts, num_generations, max_new_tokens, temperature, spec=None):
+        calls.append((list(prompts), temperature, spec))
+        texts, lengths, truncated = zip(*(completions[p] for p in prompts))
+        mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+        empty = torch.zeros(len(prompts), 6)
+        return Rollouts(empty, empty, empty.long(), mask, empty, torch.tensor(truncated), list(texts))
+
+    monkeypatch.setattr(rollout, "sample", fake_sample)
+    model = torch.nn.Linear(1, 1)
+    problems = [{"prompt": "a?", "answer": "5"}, {"prompt": "b?", "answer": "8"}, {"prompt": "c?", "answer": "1"}]
+    result = answer_accuracy(model, None, problems, max_new_tokens=6, batch_size=2, spec="kivi2")
+    assert calls == [(["a?", "b?"], 0.0, "kivi2"), (["c?"], 0.0, "kivi2")]  # greedy, under the spec, batched
+    assert result["correct"] == [True, False, False] and result["accuracy"] == pytest.approx(1 / 3)
+    assert result["lengths"] == [4, 2, 6] and result["length"] == 4.0 and result["truncated"] == pytest.approx(1 / 3)
+    assert model.training  # restored
+    with pytest.raises(ValueError, match="no problems"):
+        answer_accuracy(model, None, [])
