@@ -45,7 +45,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 RECIPES = ("dler", "grpo_lambda", "drpo", "dler_kivi2")
 PEER_RUNS = ("kvtrain_trl_settings", "trl")
-HELD_OUT_SEED = 4321  # the task's train seed is 1234 and its validation seed 1235
+HELD_OUT_SEED = 4321  # draws from the task's test split, which no recipe trains or validates on
 COMPRESSED = "dler_kivi2"  # its recipe's KV spec is the compressed cache every "2-bit" row uses
 
 
@@ -99,7 +99,7 @@ def fit_trl(sft: str, settings: dict, steps: int, out: Path) -> dict:
         def on_step_end(self, *args, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
 
-    problems = arithmetic_problems(settings["train_size"], seed=settings["seed"])
+    problems = arithmetic_problems(settings["train_size"], seed=settings["seed"], split="train")
     data = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in problems])
     config = GRPOConfig(
         output_dir=str(out / "trl"), max_steps=steps, seed=settings["seed_everything"],
@@ -271,7 +271,7 @@ def main() -> None:
                           "--trainer.enable_progress_bar=false"]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED)
+    problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED, split="test")
     if args.only:  # no report: another process may be running the other runs
         for name in args.only:
             run_one(name, args, out, problems)

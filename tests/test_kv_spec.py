@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from kvtrain import KVQuantSpec
 from kvtrain.kv.spec import TensorQuant
@@ -10,6 +11,8 @@ def test_kivi_presets():
         assert (s.key_bits, s.value_bits, s.residual) == (bits, bits, 128)
         assert s.keys(0) == TensorQuant(bits, 32, "channel")
         assert s.values(3) == TensorQuant(bits, 32, "token")
+    assert KVQuantSpec.preset("kivi2").keys(0).param_dtype == torch.float16  # KIVI stores scales in fp16
+    assert KVQuantSpec(scale_dtype="bfloat16").values(0).param_dtype == torch.bfloat16
     int8 = KVQuantSpec.preset("int8")
     assert int8.keys(0) == TensorQuant(8, 32, "token") and int8.residual == 0
 
@@ -40,6 +43,7 @@ def test_per_layer_overrides():
         (dict(value_axis="head"), "value_axis must be 'channel' or 'token', got 'head'"),
         (dict(clip_ratio=1.5), r"clip_ratio must be in \(0, 1\], got 1.5"),
         (dict(layer_bits={0: 16}), "supports 1 to 8 bits, got 16"),
+        (dict(scale_dtype="float8"), r"scale_dtype must be one of \('float16', 'bfloat16', 'float32'\), got 'float8'"),
     ],
 )
 def test_construction_errors(kwargs, message):

@@ -161,3 +161,22 @@ def test_byte_fast_path_lays_out_the_same_bit_stream_as_int32_words(bits):
     from_words = pack(codes, bits, torch.int32).view(torch.uint8)[..., : as_bytes.shape[-1]]
     assert torch.equal(as_bytes, from_words)
     assert torch.equal(unpack(as_bytes, bits, 37), codes.to(torch.uint8))
+
+
+def test_scale_and_zero_are_stored_in_param_dtype_and_codes_use_the_stored_grid():
+    # one group [0, 1/3, 2/3, 1.0001] at 2 bits: fp32 scale 1.0001/3 = 0.333366..; fp16 stores 0.33325195 (and
+    # zero 0). The codes are chosen for the stored grid and dequantization uses it, in the input's dtype.
+    x = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0001])
+    q = quantize(x, 2, 4, param_dtype=torch.float16)
+    assert q.scale.dtype == q.zero.dtype == torch.float16
+    stored = torch.tensor(1.0001 / 3).half().float()
+    assert q.scale.item() == stored.item() and stored.item() != pytest.approx(1.0001 / 3, abs=1e-5)
+    assert q.codes.flatten().tolist() == [0, 1, 2, 3]
+    assert dequantize(q).dtype == torch.float32
+    assert torch.equal(dequantize(q), torch.arange(4.0) * stored)
+    # fake_quant rounds the same way (train/decode parity), and differs from fp32-stored parameters
+    assert torch.equal(fake_quant(x, 2, 4, param_dtype=torch.float16), dequantize(q))
+    assert not torch.equal(fake_quant(x, 2, 4), dequantize(q))
+    # out of fp16's range the stored parameters clamp to its largest finite value instead of overflowing
+    big = quantize(torch.tensor([-1e6, 0.0, 1.0, 1e6]), 2, 4, param_dtype=torch.float16)
+    assert torch.isfinite(big.scale).all() and big.zero.item() == -65504.0

@@ -85,9 +85,9 @@ def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monk
 
 @pytest.mark.slow
 def test_hub_template_runs_on_a_local_model_and_user_jsonl(tmp_path, monkeypatch, tiny_rl_model_dir):
-    rows = [{"prompt": f"What is {a} + {a}?\n", "answer": f"#### {2 * a}"} for a in range(8)]
-    for name in ("train.jsonl", "test.jsonl"):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"prompt": f"What is {a} + {a}?\n", "answer": f"#### {2 * a}"} for a in range(12)]
+    for name, part in (("train.jsonl", rows[:8]), ("test.jsonl", rows[8:])):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(REPO / "recipes" / "dler_kivi2_hub.yaml"), f"--model.init_args.model={tiny_rl_model_dir}",
             "--model.init_args.max_new_tokens=8", "--model.init_args.lora.r=4", "--trainer.accelerator=cpu",

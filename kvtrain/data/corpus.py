@@ -17,9 +17,13 @@ STDLIB = "stdlib"
 _EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__"}
 
 
-def split_of(key: str) -> str:
+def split_of(key: str, held_out_percent: int = 1) -> str:
+    """The split a document (or task problem) belongs to, from a hash of its key alone:
+    `held_out_percent` % each to val and test, the rest to train. Disjoint by construction."""
+    if not 0 < held_out_percent < 50:
+        raise ValueError(f"held_out_percent must be in 1..49, got {held_out_percent}")
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
-    return "val" if bucket == 0 else "test" if bucket == 1 else "train"
+    return "val" if bucket < held_out_percent else "test" if bucket < 2 * held_out_percent else "train"
 
 
 def _check_split(split: str) -> None:

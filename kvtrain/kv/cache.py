@@ -28,7 +28,8 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 class PackedTokens:
-    """The quantized tokens of K or V in one layer: packed codes, scales and zero points."""
+    """The quantized tokens of K or V in one layer: packed codes, scales and zero points (in the
+    spec's scale_dtype)."""
 
     def __init__(self, quant: TensorQuant):
         self.quant = quant
@@ -41,7 +42,7 @@ class PackedTokens:
         """Quantize x (B, H, n, D), n a whole number of units, and store it packed."""
         q = self.quant
         try:
-            qt = quantize(x, q.bits, q.group_size, self.axis, q.symmetric, q.clip_ratio)
+            qt = quantize(x, q.bits, q.group_size, self.axis, q.symmetric, q.clip_ratio, q.param_dtype)
         except ValueError as e:
             raise ValueError(f"QuantizedKVCache: {e}") from e
         packed = pack(qt.codes, q.bits)
@@ -52,12 +53,12 @@ class PackedTokens:
             self.scale = torch.cat([self.scale, qt.scale], self.cat_dim)
             self.zero = torch.cat([self.zero, qt.zero], self.cat_dim)
         self.n += x.shape[2]
-        self.shape = (*x.shape[:2], self.n, x.shape[3])
+        self.shape, self.dtype = (*x.shape[:2], self.n, x.shape[3]), x.dtype
 
     def dequantize(self) -> torch.Tensor:
         codes = unpack(self.codes, self.quant.bits, self.quant.group_size)
         qt = QuantizedTensor(codes, self.scale, self.zero, self.quant.bits, self.axis, torch.Size(self.shape),
-                             self.quant.symmetric)
+                             self.quant.symmetric, self.dtype)
         return dequantize(qt)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

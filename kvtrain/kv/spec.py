@@ -19,9 +19,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from kvtrain.quant.uniform import check_bits
 
 Axis = Literal["channel", "token"]
+ScaleDtype = Literal["float16", "bfloat16", "float32"]
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,12 @@ class TensorQuant:
     axis: Axis
     symmetric: bool = False
     clip_ratio: float = 1.0
+    scale_dtype: ScaleDtype = "float16"
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the cache stores scales and zero points in (the view rounds them the same way)."""
+        return getattr(torch, self.scale_dtype)
 
     @property
     def unit(self) -> int:
@@ -60,6 +70,8 @@ class KVQuantSpec:
         residual: the newest `residual` tokens stay in full precision.
         symmetric: symmetric quantization instead of asymmetric min-max.
         clip_ratio: shrink each group's range by this factor (in (0, 1]); gradients outside it are 0.
+        scale_dtype: the dtype the cache stores each group's scale and zero point in ("float16", as
+            KIVI; "bfloat16" for activations beyond fp16's range; "float32"), whatever the model's dtype.
         layer_bits: per-layer bit override {layer_index: bits} for both K and V.
         full_precision_layers: layers left unquantized.
     """
@@ -73,6 +85,7 @@ class KVQuantSpec:
     residual: int = 128
     symmetric: bool = False
     clip_ratio: float = 1.0
+    scale_dtype: ScaleDtype = "float16"
     layer_bits: dict[int, int] = field(default_factory=dict)
     full_precision_layers: list[int] = field(default_factory=list)
 
@@ -87,6 +100,8 @@ class KVQuantSpec:
             raise ValueError(f"residual (the full-precision window) must be >= 0 tokens, got {self.residual}")
         if not 0 < self.clip_ratio <= 1:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         self.layer_bits = {int(k): v for k, v in self.layer_bits.items()}
         for layer, bits in self.layer_bits.items():
             check_bits(bits, self.symmetric)
@@ -149,6 +164,7 @@ class KVQuantSpec:
             axis=getattr(self, f"{name}_axis"),
             symmetric=self.symmetric,
             clip_ratio=self.clip_ratio,
+            scale_dtype=self.scale_dtype,
         )
 
     def check_model(self, num_layers: int, head_dim: int, model_name: str = "model") -> None:

@@ -17,7 +17,7 @@ from kvtrain.quant.uniform import fake_quant
 def quantize_tokens(x: torch.Tensor, quant: TensorQuant) -> torch.Tensor:
     """Fake-quantize a whole number of units of x (B, H, T, D): per-channel groups run along tokens."""
     axis = -2 if quant.axis == "channel" else -1
-    return fake_quant(x, quant.bits, quant.group_size, axis, quant.symmetric, quant.clip_ratio)
+    return fake_quant(x, quant.bits, quant.group_size, axis, quant.symmetric, quant.clip_ratio, quant.param_dtype)
 
 
 def compressed_view(x: torch.Tensor, quant: TensorQuant, residual: int, done: int) -> tuple[torch.Tensor, int]:

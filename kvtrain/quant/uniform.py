@@ -6,6 +6,12 @@ group minimum is kept as a float zero point, codes = round((x - min) / scale) in
 x_hat = codes * scale + min. Symmetric: scale = absmax / (2^(b-1) - 1), signed codes stored with an
 offset of 2^(b-1) so every code is an unsigned b-bit integer.
 
+Stored parameters: a real cache keeps each group's scale and zero point in 16 bits whatever the
+activation dtype (KIVI keeps them in fp16). With `param_dtype`, both are rounded to that dtype
+(clamped to its finite range) before the codes are chosen, so the codes are the best ones for the
+parameters actually stored; `quantize` returns them in that dtype, and dequantization (here and in
+`fake_quant`, identically) computes in the input's dtype. None keeps them in the input's dtype.
+
 Degenerate groups are handled deliberately: a constant group (max == min, e.g. all zeros) gets
 scale 0 and round-trips exactly. Non-finite inputs: `quantize` raises (a NaN would poison its whole
 group silently); `fake_quant` does not check (the check would synchronize the GPU every step) and a
@@ -43,6 +49,7 @@ class QuantizedTensor:
     axis: int
     shape: torch.Size
     symmetric: bool
+    dtype: torch.dtype = torch.float32  # of the quantized input: dequantization computes in it
 
 
 def _grouped(x: torch.Tensor, group_size: int, axis: int) -> torch.Tensor:
@@ -60,17 +67,28 @@ def _ungrouped(g: torch.Tensor, axis: int, shape: torch.Size) -> torch.Tensor:
     return g.reshape(moved_shape).movedim(-1, axis)
 
 
-def _params(g: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> tuple[torch.Tensor, ...]:
-    """(scale, zero, lo, hi, qmax): the grid of each group and its representable range."""
+def _params(g: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
+            param_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """(scale, zero, lo, hi): each group's grid, as stored (rounded to `param_dtype`, held in g's
+    dtype), and its clipping range (where the straight-through gradient passes)."""
     if symmetric:
         half = 2 ** (bits - 1)
         absmax = g.abs().amax(-1, keepdim=True) * clip_ratio
-        scale = absmax / (half - 1)
-        zero = torch.zeros_like(scale)
-        return scale, zero, -half * scale, (half - 1) * scale, 2**bits - 1
-    lo = g.amin(-1, keepdim=True) * clip_ratio
-    hi = g.amax(-1, keepdim=True) * clip_ratio
-    return (hi - lo) / (2**bits - 1), lo, lo, hi, 2**bits - 1
+        scale, zero = absmax / (half - 1), torch.zeros_like(absmax)
+        lo, hi = -half * scale, (half - 1) * scale
+    else:
+        lo = g.amin(-1, keepdim=True) * clip_ratio
+        hi = g.amax(-1, keepdim=True) * clip_ratio
+        scale, zero = (hi - lo) / (2**bits - 1), lo
+    return _stored(scale, param_dtype), _stored(zero, param_dtype), lo, hi
+
+
+def _stored(t: torch.Tensor, param_dtype: torch.dtype | None) -> torch.Tensor:
+    """t as a cache storing it in `param_dtype` would give it back, in t's dtype."""
+    if param_dtype is None or param_dtype == t.dtype:
+        return t
+    limit = torch.finfo(param_dtype).max
+    return t.clamp(-limit, limit).to(param_dtype).to(t.dtype)
 
 
 def _codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -85,21 +103,25 @@ def _dequant_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize(
-    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0
+    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0,
+    param_dtype: torch.dtype | None = None,
 ) -> QuantizedTensor:
-    """Quantize `x` group-wise along `axis`. Raises on NaN/inf input."""
+    """Quantize `x` group-wise along `axis`; scale and zero point stored in `param_dtype` (default:
+    x's dtype). Raises on NaN/inf input."""
     check_bits(bits, symmetric)
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantize a tensor with NaN or inf values (check the model's activations)")
     axis = axis % x.dim()
     g = _grouped(x, group_size, axis)
-    scale, zero, _, _, _ = _params(g, bits, symmetric, clip_ratio)
+    scale, zero, _, _ = _params(g, bits, symmetric, clip_ratio, param_dtype)
     codes = _codes(g, scale, zero, bits, symmetric).to(torch.uint8)
-    return QuantizedTensor(codes, scale, zero, bits, axis, x.shape, symmetric)
+    store = param_dtype or x.dtype
+    return QuantizedTensor(codes, scale.to(store), zero.to(store), bits, axis, x.shape, symmetric, x.dtype)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    g = _dequant_grouped(q.codes.to(q.scale.dtype), q.scale, q.zero, q.bits, q.symmetric)
+    """The quantized values, computed in the input's dtype (as `fake_quant` does), then cast to `dtype`."""
+    g = _dequant_grouped(q.codes.to(q.dtype), q.scale.to(q.dtype), q.zero.to(q.dtype), q.bits, q.symmetric)
     out = _ungrouped(g, q.axis, q.shape)
     return out if dtype is None else out.to(dtype)
 
@@ -109,9 +131,9 @@ class _FakeQuantSTE(torch.autograd.Function):
     zero outside it (only non-empty when clip_ratio < 1)."""
 
     @staticmethod
-    def forward(ctx, x, bits, group_size, axis, symmetric, clip_ratio):
+    def forward(ctx, x, bits, group_size, axis, symmetric, clip_ratio, param_dtype):
         g = _grouped(x, group_size, axis)
-        scale, zero, lo, hi, _ = _params(g, bits, symmetric, clip_ratio)
+        scale, zero, lo, hi = _params(g, bits, symmetric, clip_ratio, param_dtype)
         out = _dequant_grouped(_codes(g, scale, zero, bits, symmetric), scale, zero, bits, symmetric)
         ctx.save_for_backward((g >= lo) & (g <= hi))
         ctx.axis, ctx.shape = axis, x.shape
@@ -121,15 +143,16 @@ class _FakeQuantSTE(torch.autograd.Function):
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         g = _grouped(grad, inside.shape[-1], ctx.axis)
-        return _ungrouped(g * inside, ctx.axis, ctx.shape), None, None, None, None, None
+        return _ungrouped(g * inside, ctx.axis, ctx.shape), None, None, None, None, None, None
 
 
 def fake_quant(
-    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0
+    x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0,
+    param_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """dequantize(quantize(x)) in x's dtype, differentiable with a straight-through estimator.
 
     Equals `dequantize(quantize(x, ...))` exactly (same operations); see the module docstring for NaN/inf.
     """
     check_bits(bits, symmetric)
-    return _FakeQuantSTE.apply(x, bits, group_size, axis % x.dim(), symmetric, clip_ratio)
+    return _FakeQuantSTE.apply(x, bits, group_size, axis % x.dim(), symmetric, clip_ratio, param_dtype)

@@ -4,6 +4,10 @@ Each problem chains 2-4 operations (+ or - by 1-9, * by 2 or 3) on a start in 1-
 chain of thought does one line per step and then re-checks earlier steps ("Check: 3 + 4 = 7.
 Correct.") a random 0-4 times: a model fine-tuned on it is accurate but verbose, and every re-check line
 is tokens (and KV cache) that a length-penalized RL run can teach it to drop.
+
+Train, validation and test problems are disjoint by construction: a hash of the problem's prompt
+(the canonical expression) decides its split, as for corpus documents, and a draw for a split keeps
+only that split's problems. Different seeds draw different samples of the same split.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from kvtrain.data.corpus import SPLITS, split_of
+
 OPS = ["+", "-", "*"]
+HELD_OUT_PERCENT = 5  # of all problems, each to val and test
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,20 @@ def make_problem(rng: random.Random, max_rechecks: int = 4) -> Problem:
     return Problem(prompt=prompt, answer=str(value), solution="\n".join(body) + f"\nAnswer: {value}\n")
 
 
-def arithmetic_problems(n: int, seed: int = 0, max_rechecks: int = 4) -> list[Problem]:
-    """`n` problems, deterministic in `seed` (use different seeds for train and held-out sets)."""
+def problem_split(problem: Problem) -> str:
+    return split_of(problem.prompt, HELD_OUT_PERCENT)
+
+
+def arithmetic_problems(n: int, seed: int = 0, split: str = "train", max_rechecks: int = 4) -> list[Problem]:
+    """`n` problems of one split ("train", "val" or "test"), drawn i.i.d. from the task's
+    distribution restricted to that split (a problem may repeat), deterministic in `seed`."""
     if n < 1:
         raise ValueError(f"need at least one problem, got n={n}")
-    rng = random.Random(seed)
-    return [make_problem(rng, max_rechecks) for _ in range(n)]
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rng, problems = random.Random(seed), []
+    while len(problems) < n:
+        problem = make_problem(rng, max_rechecks)
+        if problem_split(problem) == split:
+            problems.append(problem)
+    return problems

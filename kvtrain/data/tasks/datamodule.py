@@ -56,7 +56,8 @@ class TaskDataModule(L.LightningDataModule):
     Args:
         task: "arithmetic" (the embedded task), or a JSONL file of {"prompt", "answer"} lines.
         val_task: held-out JSONL for a JSONL task (the embedded task draws its own).
-        train_size, val_size: problems drawn for the embedded task (train and val use different seeds).
+        train_size, val_size: problems drawn for the embedded task (its train and val problems are disjoint
+            by construction: a hash of each problem decides its split).
         batch_size: prompts per training step (each is sampled num_generations times).
         seed: shuffling and problem-drawing seed.
         format: "rl" or "sft" (needs solutions: the embedded task has them; JSONL rows may carry "solution").
@@ -81,14 +82,20 @@ class TaskDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def _problems(self, split: str) -> list[Problem]:
-        if self.task == "arithmetic":
-            size, seed = (self.train_size, self.seed) if split == "train" else (self.val_size, self.seed + 1)
-            return arithmetic_problems(size, seed=seed)
+        if self.task == "arithmetic":  # the splits are disjoint by construction
+            size = self.train_size if split == "train" else self.val_size
+            return arithmetic_problems(size, seed=self.seed, split=split)
         if split == "train":
             return load_jsonl(self.task)
         if self.val_task is None:
             raise ValueError(f"task {self.task!r} is a JSONL file: pass val_task=<held-out JSONL> to validate")
-        return load_jsonl(self.val_task)
+        held_out = load_jsonl(self.val_task)
+        seen = {p.prompt for p in self.dataset("train").problems}
+        overlap = sum(p.prompt in seen for p in held_out)
+        if overlap:
+            raise ValueError(f"{overlap} of the {len(held_out)} prompts of val_task {self.val_task!r} also occur in "
+                             f"task {self.task!r}: a held-out set must not repeat training prompts")
+        return held_out
 
     def _collate(self):
         if self.format == "rl":
