@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -63,17 +65,19 @@ def answer_accuracy(
     batch_size: int = 64,
     spec: KVQuantSpec | str | None = None,
     desc: str = "answers",
+    kv_bytes: bool = False,
 ) -> dict[str, object]:
     """Greedy completions of held-out problems (objects or dicts with `prompt` and `answer`), decoded
     under QuantizedKVCache(spec) when given: accuracy, mean completion length in tokens, truncation
-    rate, and the per-problem lengths and correctness (for histograms and paired comparisons)."""
+    rate, and the per-problem lengths and correctness (for histograms and paired comparisons). With
+    `kv_bytes`, also each answer's measured cache bytes (prompt + answer, `answer_kv_bytes`) and their mean."""
     from kvtrain.data.tasks import is_correct
     from kvtrain.rl.rollout import sample
 
     rows = [p if isinstance(p, dict) else {"prompt": p.prompt, "answer": p.answer} for p in problems]
     if not rows:
         raise ValueError("no problems to evaluate")
-    was_training, lengths, correct, truncated = model.training, [], [], []
+    was_training, lengths, correct, truncated, cache_bytes, measured = model.training, [], [], [], [], {}
     model.eval()
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", file=sys.stderr):
         chunk = rows[start : start + batch_size]
@@ -81,10 +85,15 @@ def answer_accuracy(
         lengths += out.lengths.tolist()
         truncated += out.truncated.tolist()
         correct += [is_correct(text, r["answer"]) for text, r in zip(out.texts, chunk)]
+        if kv_bytes:
+            cache_bytes += answer_kv_bytes(model, out, spec, measured).tolist()
     model.train(was_training)
     n = len(rows)
-    return {"accuracy": sum(correct) / n, "length": sum(lengths) / n, "truncated": sum(truncated) / n,
-            "problems": n, "lengths": lengths, "correct": correct}
+    result = {"accuracy": sum(correct) / n, "length": sum(lengths) / n, "truncated": sum(truncated) / n,
+              "problems": n, "lengths": lengths, "correct": correct}
+    if kv_bytes:
+        result.update(kv_bytes_per_answer=sum(cache_bytes) / n, kv_bytes=cache_bytes)
+    return result
 
 
 def _tensor_bytes(obj: object) -> int:
@@ -113,9 +122,9 @@ def cache_nbytes(cache: Cache) -> int:
 
 
 @torch.no_grad()
-def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> float:
-    """Measured KV bytes per token after prefilling `input_ids` (1, T) into a real cache:
-    QuantizedKVCache(spec), or a full-precision DynamicCache when `spec` is None."""
+def kv_cache_bytes(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> int:
+    """Measured bytes of a real cache holding `input_ids` (1, T): QuantizedKVCache(spec), or a
+    full-precision DynamicCache when `spec` is None. Leaves the model in eval mode."""
     model.eval()
     if spec is None:
         cache = DynamicCache(config=model.config)
@@ -124,7 +133,33 @@ def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: KV
         cache = QuantizedKVCache(spec)
         with attached(model, spec):
             model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-    return cache_nbytes(cache) / input_ids.numel()
+    return cache_nbytes(cache)
+
+
+def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> float:
+    """Measured KV bytes per token of a real cache holding `input_ids` (1, T) (see kv_cache_bytes)."""
+    return kv_cache_bytes(model, input_ids, spec) / input_ids.numel()
+
+
+def answer_kv_bytes(model: PreTrainedModel, rollouts, spec: KVQuantSpec | str | None = None,
+                    measured: dict | None = None) -> torch.Tensor:
+    """(B,) bytes of the cache each answer ends its generation with: its prompt (without padding) and
+    completion in a real cache of its own (QuantizedKVCache(spec), or DynamicCache).
+
+    Both caches' storage is a function of the number of tokens they hold (a test checks it), so one
+    answer per distinct length is measured; `measured` ({(spec, tokens): bytes}) carries the
+    measurements across calls, so a training run measures each length once.
+    """
+    measured = {} if measured is None else measured
+    key = json.dumps(asdict(KVQuantSpec.resolve(spec)), sort_keys=True) if spec is not None else None
+    out = []
+    for i, n_completion in enumerate(rollouts.lengths.tolist()):
+        prompt = rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()]
+        ids = torch.cat([prompt, rollouts.completion_ids[i, :n_completion]])
+        if (key, ids.numel()) not in measured:
+            measured[key, ids.numel()] = kv_cache_bytes(model, ids[None], spec)
+        out.append(measured[key, ids.numel()])
+    return torch.tensor(out)
 
 
 def unigram_perplexity(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int) -> float:
@@ -146,7 +181,14 @@ def format_table(rows: list[dict[str, object]], columns: list[str]) -> str:
 
 
 def write_json(path: str | Path, payload: object) -> Path:
+    """Write JSON atomically (a temporary sibling renamed into place): a reader, or a rerun that
+    takes the file as a done marker, never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

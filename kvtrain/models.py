@@ -101,7 +101,7 @@ def load_model(
     overrides = dict(config_overrides or {})
     if init == "random":
         if is_embedded(name_or_path):
-            vocab = len(load_tokenizer(REFERENCE))
+            vocab = overrides.pop("vocab_size", None) or len(load_tokenizer(REFERENCE))
             config = reference_config(vocab, **overrides)
         else:
             config = hub_call(AutoConfig.from_pretrained, name_or_path, trust_remote_code=trust_remote_code)

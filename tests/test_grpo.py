@@ -16,9 +16,11 @@ def digit_reward(prompt: str, completion: str, answer: str) -> float:
     return sum(c.isdigit() for c in completion) / max(1, len(completion))
 
 
-def plus_only_reward(prompt: str, completion: str, answer: str) -> float:
-    """Informative only for prompts with a "+": the other groups all score 0 and carry no signal."""
-    return digit_reward(prompt, completion, answer) + 0.01 if "+" in prompt else 0.0
+def odd_start_reward(prompt: str, completion: str, answer: str) -> float:
+    """Informative only for prompts whose first number is odd (about half): the other groups all score 0
+    and carry no signal."""
+    first = next(c for c in prompt if c.isdigit())
+    return digit_reward(prompt, completion, answer) + 0.01 if int(first) % 2 else 0.0
 
 
 def zero_reward(prompt: str, completion: str, answer: str) -> float:
@@ -80,10 +82,10 @@ def test_every_variant_trains_and_logs(tiny_model_dir, tmp_path, variant):
 
 @pytest.mark.slow
 def test_dynamic_sampling_drops_flat_groups_and_refills_the_batch(tiny_model_dir, tmp_path):
-    _, rows = fit(tiny_model_dir, tmp_path, steps=3, verifier="test_grpo.plus_only_reward", dynamic_sampling=True,
-                  max_sampling_rounds=3)
+    _, rows = fit(tiny_model_dir, tmp_path, steps=3, verifier="test_grpo.odd_start_reward", dynamic_sampling=True,
+                  max_sampling_rounds=8)
     dropped, rounds, groups = (series(rows, k) for k in ["train/dropped_groups", "train/resampled_rounds", "train/groups"])
-    assert sum(dropped) > 0 and sum(rounds) > 0  # some batches had prompts without "+"
+    assert sum(dropped) > 0 and sum(rounds) > 0  # about half the prompts start with an even number
     assert groups == [4.0, 4.0, 4.0]  # refilled to the full batch from more prompts
     _, flat = fit(tiny_model_dir, tmp_path / "flat", steps=1, verifier="test_grpo.zero_reward", dynamic_sampling=True,
                   max_sampling_rounds=2)
@@ -97,10 +99,11 @@ def test_rollouts_run_under_the_attached_kv_spec(tiny_model_dir, tmp_path):
     spec = KVQuantCallback("kivi2", overrides={"residual": 0, "key_group_size": 4, "value_group_size": 16})
     _, quantized = fit(tiny_model_dir, tmp_path / "q", steps=2, callbacks=[spec])
     _, plain = fit(tiny_model_dir, tmp_path / "fp", steps=2)
-    # bytes/token measured from the real caches against fp32 K/V: keys 2 bits + fp32 scale and zero per
-    # 4 tokens (0.56x), values 2 bits + scale and zero per 16 channels (0.19x): ~0.38x (observed 0.382)
+    # each answer's real cache (prompt + completion) against fp32 K/V: keys 2 bits + fp16 scale and zero per
+    # 4 tokens (1.25 of 4 bytes), values 2 bits + fp16 scale and zero per 16 channels (0.5 of 4 bytes):
+    # 0.219x, plus keys waiting in fp32 for their 4-token group (up to 3 tokens of ~22): observed 0.245
     ratio = series(quantized, "train/kv_bytes_per_answer")[0] / series(plain, "train/kv_bytes_per_answer")[0]
-    assert 0.3 < ratio < 0.45
+    assert 0.219 < ratio < 0.27
 
 
 def test_a_failing_verifier_is_named_with_its_sample(tiny_model_dir, tmp_path):

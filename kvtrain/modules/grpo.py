@@ -17,11 +17,11 @@ import torch
 
 from kvtrain import rl
 from kvtrain.data.tasks import is_correct
-from kvtrain.eval import kv_bytes_per_token
+from kvtrain.eval import answer_kv_bytes
 from kvtrain.kv import attached, attached_spec
 from kvtrain.models import count_parameters, load_model, load_tokenizer
 from kvtrain.modules.causal_lm import LoRASettings, apply_lora, export_pretrained, warmup_cosine
-from kvtrain.rl.rollout import Rollouts, completion_logits, policy_logprobs, sample
+from kvtrain.rl.rollout import Rollouts, policy_logprobs, sample
 
 
 @dataclass
@@ -33,6 +33,9 @@ class RewardSettings:
             truncated ones are scaled by this (None: plain 0/1 correctness).
         grpo_lambda: GRPO-lambda: the top fraction of groups by accuracy get the efficiency reward
             1 - lambda_alpha * sigmoid(z(length)) on correct answers (None: off).
+        l1, l1_target, l1_alpha, l1_delta: L1 (LCPO): "exact" gives 1[correct] - alpha * |length - target|,
+            "max" gives 1[correct] * clip(alpha * (target - length) + delta, 0, 1), with a target length
+            in tokens (alpha defaults: 3e-4 exact, 1e-3 max, as the paper).
         soft_overlong, overlong_cache: DAPO soft overlong punishment weight and its cache length.
         kimi: weight of Kimi k1.5's group length reward.
     """
@@ -40,6 +43,10 @@ class RewardSettings:
     truncation_factor: float | None = None
     grpo_lambda: float | None = None
     lambda_alpha: float = 0.6
+    l1: Literal["exact", "max"] | None = None
+    l1_target: int | None = None
+    l1_alpha: float | None = None
+    l1_delta: float = 0.5
     soft_overlong: float = 0.0
     overlong_cache: int = 0
     kimi: float = 0.0
@@ -47,8 +54,13 @@ class RewardSettings:
     def __post_init__(self) -> None:
         if self.soft_overlong and self.overlong_cache <= 0:
             raise ValueError("reward.soft_overlong needs reward.overlong_cache > 0 (tokens before the limit)")
-        if self.truncation_factor is not None and self.grpo_lambda is not None:
-            raise ValueError("choose one correctness term: truncation_factor (DLER) or grpo_lambda, not both")
+        chosen = [name for name in ("truncation_factor", "grpo_lambda", "l1") if getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one correctness term (truncation_factor, grpo_lambda or l1), got {chosen}")
+        if self.l1 is not None and self.l1 not in ("exact", "max"):
+            raise ValueError(f"reward.l1 must be 'exact' or 'max', got {self.l1!r}")
+        if self.l1 is not None and (self.l1_target is None or self.l1_target < 1):
+            raise ValueError(f"reward.l1={self.l1!r} needs reward.l1_target, a target length >= 1 token, got {self.l1_target}")
 
 
 def completion_rewards(settings: RewardSettings, correct: torch.Tensor, rollouts: Rollouts,
@@ -59,6 +71,10 @@ def completion_rewards(settings: RewardSettings, correct: torch.Tensor, rollouts
         reward = rl.truncation_penalty(correct, truncated, settings.truncation_factor)
     elif settings.grpo_lambda is not None:
         reward = rl.grpo_lambda(correct, lengths, group_size, settings.grpo_lambda, settings.lambda_alpha)
+    elif settings.l1 == "exact":
+        reward = rl.l1_exact(correct, lengths, settings.l1_target, settings.l1_alpha or 3e-4)
+    elif settings.l1 == "max":
+        reward = rl.l1_max(correct, lengths, settings.l1_target, settings.l1_alpha or 1e-3, settings.l1_delta)
     else:
         reward = correct.float()
     if settings.soft_overlong:
@@ -96,6 +112,11 @@ class GRPOModule(L.LightningModule):
         loss: "ppo" (clip-higher, optional dual clip), "gppo" or "drpo" (no advantages).
         eps_low, eps_high, dual_clip: clipping. aggregation: token_mean | seq_mean_token_mean | constant.
         num_iterations: policy updates per rollout batch (the first has importance ratio 1).
+        micro_batch_size: rows per forward in the policy and reference passes (None: all rows of a
+            generate call at once). With several micro-batches an update first computes every
+            log-prob without gradients, takes the loss's gradient with respect to them, then
+            back-propagates it one micro-batch at a time: the same loss and gradients as one pass
+            (for every loss, DRPO's group terms included) for one extra forward without activations.
         kl_weight: weight of the k3 KL to the frozen starting policy (0: reference-free).
         drpo_temperature, drpo_tau: DRPO's lambda and tau.
         verifier: dotted path of a function (prompt, completion, answer) -> float scoring correctness
@@ -129,6 +150,7 @@ class GRPOModule(L.LightningModule):
         dual_clip: float | None = None,
         aggregation: rl.losses.Aggregation = "token_mean",
         num_iterations: int = 1,
+        micro_batch_size: int | None = None,
         kl_weight: float = 0.0,
         drpo_temperature: float = 0.1,
         drpo_tau: float = 10.0,
@@ -149,7 +171,15 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"num_generations must be at least 2 (advantages compare a group), got {num_generations}")
         if num_iterations < 1:
             raise ValueError(f"num_iterations must be at least 1, got {num_iterations}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1 row (or None), got {micro_batch_size}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0: GRPO compares {num_generations} samples of each prompt, "
+                             f"and at temperature {temperature} they would all be the greedy answer")
         self.reward_settings = RewardSettings(**reward) if isinstance(reward, dict) else reward or RewardSettings()
+        if loss == "drpo" and self.reward_settings != RewardSettings():
+            raise ValueError(f"loss='drpo' scores answers by correctness and weighs them by length itself, so reward "
+                             f"settings {self.reward_settings} would be ignored: remove them, or use loss='ppo'/'gppo'")
         lora = LoRASettings(**lora) if isinstance(lora, dict) else lora
         self.save_hyperparameters(ignore=["reward", "lora"])
         self.hparams["reward"] = asdict(self.reward_settings)
@@ -164,7 +194,7 @@ class GRPOModule(L.LightningModule):
         self.__dict__["reference"] = reference  # frozen, outside the module tree (not trained or saved)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.verifier = import_callable(verifier) if verifier else answer_matches
-        self._bytes_per_token: float | None = None
+        self._kv_bytes: dict = {}  # (spec, tokens held) -> measured bytes, see answer_kv_bytes
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
@@ -224,11 +254,10 @@ class GRPOModule(L.LightningModule):
             return rl.reinforce_pp_baseline(rewards.to(mask.device), h.num_generations, mask)
         return rl.group_advantages(rewards, h.num_generations, scale=h.advantage).to(mask.device)
 
-    def _policy_loss(self, rollouts: Rollouts, old: torch.Tensor, advantages, correct,
-                     reference: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def _policy_loss(self, logp: torch.Tensor, entropy: torch.Tensor, rollouts: Rollouts, old: torch.Tensor,
+                     advantages, correct, reference: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         h = self.hparams
         mask = rollouts.completion_mask.float()
-        logp, entropy = _logprobs_and_entropy(self.model, rollouts, h.temperature)
         if h.loss == "drpo":
             loss = rl.drpo(logp, old, mask, correct.to(mask.device), rollouts.lengths, h.num_generations,
                            h.max_new_tokens, h.drpo_temperature, h.drpo_tau)
@@ -243,17 +272,40 @@ class GRPOModule(L.LightningModule):
             kl = rl.aggregate(rl.k3_kl(logp, reference), mask)
             loss = loss + h.kl_weight * kl
             stats["kl"] = kl.detach()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"policy loss is {loss.item()} at step {self.global_step}")
         return loss, stats
+
+    def _backward(self, rollouts: Rollouts, old: torch.Tensor, advantages, correct,
+                  reference: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """The policy loss of the whole batch, back-propagated micro-batch by micro-batch."""
+        h = self.hparams
+        parts = rollouts.micro_batches(h.micro_batch_size)
+        if len(parts) == 1:
+            logp, entropy = policy_logprobs(self.model, rollouts, h.temperature, h.micro_batch_size, entropy=True)
+            loss, stats = self._policy_loss(logp, entropy, rollouts, old, advantages, correct, reference)
+            self.manual_backward(loss)
+            return loss.detach(), stats
+        with torch.no_grad():
+            logp, entropy = policy_logprobs(self.model, rollouts, h.temperature, h.micro_batch_size, entropy=True)
+        logp.requires_grad_(True)
+        loss, stats = self._policy_loss(logp, entropy, rollouts, old, advantages, correct, reference)
+        (grad,) = torch.autograd.grad(loss, logp)  # d loss / d log-prob: (B, T), cheap
+        for rows, part in parts:
+            part_logp = policy_logprobs(self.model, part, h.temperature)
+            self.manual_backward((part_logp * grad[rows]).sum())
+        return loss.detach(), stats
 
     @torch.no_grad()
     def _reference_logprobs(self, rollouts: Rollouts) -> torch.Tensor:
         """The frozen start's log-probs, seeing the same K/V view as the policy."""
+        h = self.hparams
         if self.reference is None:  # LoRA: the base model is the reference
             with self.model.disable_adapter():
-                return policy_logprobs(self.model, rollouts, self.hparams.temperature)
+                return policy_logprobs(self.model, rollouts, h.temperature, h.micro_batch_size)
         spec = attached_spec(self.model)
         with attached(self.reference, spec) if spec is not None else contextlib.nullcontext():
-            return policy_logprobs(self.reference, rollouts, self.hparams.temperature)
+            return policy_logprobs(self.reference, rollouts, h.temperature, h.micro_batch_size)
 
     def training_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
         h = self.hparams
@@ -266,11 +318,8 @@ class GRPOModule(L.LightningModule):
         reference = self._reference_logprobs(rollouts) if h.kl_weight > 0 else None  # fixed for the batch
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         for _ in range(h.num_iterations):
-            loss, stats = self._policy_loss(rollouts, old, advantages, correct, reference)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"policy loss is {loss.item()} at step {self.global_step}")
             optimizer.zero_grad()
-            self.manual_backward(loss)
+            loss, stats = self._backward(rollouts, old, advantages, correct, reference)
             if h.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=h.grad_clip, gradient_clip_algorithm="norm")
             optimizer.step()
@@ -279,11 +328,12 @@ class GRPOModule(L.LightningModule):
 
     def _log_step(self, rollouts, correct, rewards, loss, stats, sampling) -> None:
         lengths = rollouts.lengths.float()
-        bytes_per_token = self._kv_bytes_per_token(rollouts)
+        kv_bytes = answer_kv_bytes(self.model, rollouts, attached_spec(self.model), self._kv_bytes)
+        self.model.train()
         metrics = {
             "train/reward": rewards.mean(), "train/accuracy": correct.mean(), "train/length": lengths.mean(),
             "train/max_length": lengths.max(), "train/truncated": rollouts.truncated.float().mean(),
-            "train/loss": loss.detach(), "train/kv_bytes_per_answer": lengths.mean() * bytes_per_token,
+            "train/loss": loss, "train/kv_bytes_per_answer": kv_bytes.float().mean(),
             "train/groups": len(lengths) / self.hparams.num_generations,
             "train/resampled_rounds": float(sampling["rounds"]), "train/dropped_groups": float(sampling["dropped_groups"]),
             **{f"train/{k}": v for k, v in stats.items()},
@@ -291,17 +341,6 @@ class GRPOModule(L.LightningModule):
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in metrics.items()}, batch_size=len(lengths))
         self.log("reward", metrics["train/reward"], prog_bar=True, logger=False)
         self.log("len", metrics["train/length"], prog_bar=True, logger=False)
-
-    def _kv_bytes_per_token(self, rollouts: Rollouts) -> float:
-        """Measured once, from a real cache filled with one prompt + completion (QuantizedKVCache under
-        the attached spec, else DynamicCache)."""
-        if self._bytes_per_token is None:
-            prompt = rollouts.prompt_ids[0][rollouts.prompt_mask[0].bool()]  # without left padding
-            row = torch.cat([prompt, rollouts.completion_ids[0]])[None]
-            with torch.no_grad():
-                self._bytes_per_token = kv_bytes_per_token(self.model, row, attached_spec(self.model))
-            self.model.train()
-        return self._bytes_per_token
 
     # -- evaluation -----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, list[str]], batch_idx: int) -> None:
@@ -322,15 +361,6 @@ class GRPOModule(L.LightningModule):
     def export(self, path: str | Path, merge_lora: bool = True) -> Path:
         """A `from_pretrained` folder, tokenizer included (see CausalLMModule.export)."""
         return export_pretrained(self.model, self.tokenizer, path, merge=self.lora is not None and merge_lora)
-
-
-def _logprobs_and_entropy(model, rollouts: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = completion_logits(model, rollouts).float() / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, rollouts.completion_ids[..., None]).squeeze(-1) * rollouts.completion_mask
-    with torch.no_grad():  # logged only: no B x T x vocab product kept for backward
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
 
 
 def _select_groups(parts, keep: torch.Tensor, group_size: int):

@@ -68,6 +68,17 @@ class Rollouts:
             start += rows
         return calls
 
+    def micro_batches(self, size: int | None) -> list[tuple[slice, "Rollouts"]]:
+        """(rows, part) pieces of at most `size` rows (None: one per generate call), each inside one
+        generate call, in row order."""
+        parts, start = [], 0
+        for call in self.generate_calls():
+            n = len(call.texts)
+            step = size or n
+            parts += [(slice(start + i, start + min(n, i + step)), call.rows(slice(i, i + step))) for i in range(0, n, step)]
+            start += n
+        return parts
+
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int,
                     stopped_by_string: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,19 +147,70 @@ def sample(
     return Rollouts(prompt_ids, prompt_mask, completion, mask, logprobs * mask, truncated.to(device), texts)
 
 
+LOGPROB_CHUNK_BYTES = 1 << 26  # fp32 working memory of the chunked log-softmax (64 MiB)
+
+
+def _chunks(n: int, vocab: int) -> list[slice]:
+    step = max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """log_softmax(logits / T) at `tokens` over rows of (N, V) logits, a chunk of rows at a time: the
+    fp32 softmax exists for one chunk only, in the forward and in the backward (which recomputes it
+    from the logits the graph holds anyway and the saved (N,) logsumexp)."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, out_dtype):
+        out = logits.new_empty(tokens.shape, dtype=out_dtype)
+        lse = logits.new_empty(tokens.shape, dtype=out_dtype)
+        for c in _chunks(len(tokens), logits.shape[-1]):
+            z = logits[c].to(out_dtype) / temperature
+            lse[c] = torch.logsumexp(z, dim=-1)
+            out[c] = z.gather(-1, tokens[c, None]).squeeze(-1) - lse[c]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, tokens, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for c in _chunks(len(tokens), logits.shape[-1]):
+            g = -torch.exp(logits[c].to(lse.dtype) / ctx.temperature - lse[c, None]) * grad[c, None]
+            g.scatter_add_(-1, tokens[c, None], grad[c, None])
+            grad_logits[c] = g / ctx.temperature
+        return grad_logits, None, None, None
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits / temperature) at `tokens`, in at least fp32."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    """log_softmax(logits / temperature) at `tokens`, in at least fp32, without materializing the
+    (…, vocab) log-softmax: chunked over positions, differentiable."""
+    if temperature <= 0:
+        raise ValueError(f"log-probs need a temperature > 0, got {temperature}")
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    flat = _ChunkedLogProb.apply(logits.flatten(0, -2), tokens.flatten(), temperature, out_dtype)
+    return flat.view(tokens.shape)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, chunked like `token_logprobs` (no gradient)."""
+    flat, dtype = logits.flatten(0, -2), torch.promote_types(logits.dtype, torch.float32)
+    out = flat.new_empty(flat.shape[0], dtype=dtype)
+    for c in _chunks(flat.shape[0], flat.shape[-1]):
+        z = flat[c].to(dtype) / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[c] = (lse - (torch.exp(z - lse) * z).sum(-1, keepdim=True)).squeeze(-1)
+    return out.view(logits.shape[:-1])
 
 
 def completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tensor:
-    """(B, T, vocab) logits predicting each completion token, from a training forward per generate
-    call with the padding, positions and mask generation used (left padding shifts positions)."""
-    return torch.cat([_completion_logits(model, call) for call in rollouts.generate_calls()])
-
-
-def _completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tensor:
+    """(B, T, vocab) logits predicting each completion token of rollouts from one generate call,
+    from a training forward with the padding, positions and mask generation used (left padding
+    shifts positions)."""
+    if rollouts.blocks:
+        raise ValueError("completion_logits takes the rows of one generate call: iterate rollouts.micro_batches()")
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -165,7 +227,17 @@ def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """(B, T) log-probs of the completions under `model` now, masked like the rollout."""
-    logits = completion_logits(model, rollouts)
-    return token_logprobs(logits, rollouts.completion_ids, temperature) * rollouts.completion_mask
+def policy_logprobs(model: PreTrainedModel, rollouts: Rollouts, temperature: float = 1.0,
+                    micro_batch_size: int | None = None, entropy: bool = False):
+    """(B, T) log-probs of the completions under `model` now, masked like the rollout, computed
+    `micro_batch_size` rows at a time (None: a generate call at a time); with `entropy`, also the
+    (B, T) entropy of each prediction (no gradient)."""
+    logps, entropies = [], []
+    for _, part in rollouts.micro_batches(micro_batch_size):
+        logits = completion_logits(model, part)
+        logps.append(token_logprobs(logits, part.completion_ids, temperature) * part.completion_mask)
+        if entropy:
+            entropies.append(token_entropy(logits, temperature))
+        del logits
+    logp = torch.cat(logps)
+    return (logp, torch.cat(entropies)) if entropy else logp
