@@ -39,6 +39,23 @@ LABELS = {
 }
 
 
+def environment() -> dict:
+    """What a result depends on besides the code: the Python version (the embedded corpus is this
+    interpreter's standard library), library versions, the CPU and torch's threads."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": installed("transformers"),
+            "hqq": installed("hqq"), "trl": installed("trl"), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
 def set_threads(n: int) -> None:
     """Pin torch's intra-op threads: on a shared 2-core machine 2 threads oversubscribe and time 5x noisier."""
     torch.set_num_threads(n)
@@ -88,5 +105,5 @@ def save_outputs(out_dir: str | Path, stem: str, payload: dict, markdown: str) -
     return json_path, md_path
 
 
-__all__ = ["LABELS", "OURS", "PEER_BITS", "cache_nbytes", "fill_random", "format_table", "make_cache", "prepared",
+__all__ = ["LABELS", "OURS", "PEER_BITS", "cache_nbytes", "environment", "fill_random", "format_table", "make_cache", "prepared",
            "save_outputs", "set_threads"]

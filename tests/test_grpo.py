@@ -169,3 +169,42 @@ def load_start(folder):
     from kvtrain.models import load_model
 
     return load_model(str(folder)).state_dict()
+
+
+def test_bad_settings_are_errors_not_silent(tiny_model_dir):
+    with pytest.raises(ValueError, match="temperature must be > 0: GRPO compares 8 samples"):
+        GRPOModule(str(tiny_model_dir), temperature=0.0)
+    with pytest.raises(ValueError, match="loss='drpo' scores answers by correctness .* would be ignored"):
+        GRPOModule(str(tiny_model_dir), loss="drpo", reward={"truncation_factor": 0.0})
+    with pytest.raises(ValueError, match="micro_batch_size must be at least 1 row"):
+        GRPOModule(str(tiny_model_dir), micro_batch_size=0)
+    with pytest.raises(ValueError, match=r"choose one correctness term .* got \['truncation_factor', 'l1'\]"):
+        GRPOModule(str(tiny_model_dir), reward={"truncation_factor": 0.0, "l1": "exact", "l1_target": 8})
+    with pytest.raises(ValueError, match="reward.l1='max' needs reward.l1_target"):
+        GRPOModule(str(tiny_model_dir), reward={"l1": "max"})
+
+
+def test_l1_rewards_are_reachable_from_a_recipe(tiny_model_dir, tmp_path):
+    from kvtrain.cli import KVTrainCLI
+    from kvtrain.modules.grpo import completion_rewards
+    from kvtrain.rl.rollout import Rollouts
+
+    recipe = tmp_path / "l1.yaml"
+    recipe.write_text(f"""
+model:
+  class_path: kvtrain.modules.GRPOModule
+  init_args: {{model: {tiny_model_dir}, reward: {{l1: max, l1_target: 10, l1_alpha: 0.05}}}}
+data: {{class_path: kvtrain.data.tasks.TaskDataModule}}
+trainer: {{accelerator: cpu, logger: false}}
+""")
+    settings = KVTrainCLI(args=["--config", str(recipe)], run=False).model.reward_settings
+    assert (settings.l1, settings.l1_target, settings.l1_alpha) == ("max", 10, 0.05)
+    lengths = torch.tensor([4, 10, 30, 4])
+    mask = (torch.arange(30)[None] < lengths[:, None]).long()
+    rollouts = Rollouts(mask, mask, mask, mask, mask.float(), torch.zeros(4, dtype=torch.bool), [""] * 4)
+    reward = completion_rewards(settings, torch.tensor([1.0, 1.0, 1.0, 0.0]), rollouts, 2, 30)
+    # clip(0.05 * (10 - L) + 0.5, 0, 1) on correct answers: 0.8, 0.5, 0 (clipped), and 0 for the wrong one
+    assert reward.tolist() == pytest.approx([0.8, 0.5, 0.0, 0.0])
+    exact = completion_rewards(type(settings)(l1="exact", l1_target=10), torch.tensor([1.0, 0.0, 1.0, 1.0]),
+                               rollouts, 2, 30)
+    assert exact.tolist() == pytest.approx([1 - 6 * 3e-4, -0.0, 1 - 20 * 3e-4, 1 - 6 * 3e-4])

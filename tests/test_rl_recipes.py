@@ -126,9 +126,17 @@ def test_rl_length_bench_smoke_reports_every_run_and_trl(tmp_path, tiny_rl_model
         fp = result["evals"]["full precision"]
         assert fp["problems"] == 16 and len(fp["lengths"]) == 16 and 0 < fp["length"] <= 24
         assert len(result["step_s"]) == (0 if name == "sft" else 2)
+        assert len(fp["kv_bytes"]) == 16 and fp["kv_bytes_per_answer"] == pytest.approx(sum(fp["kv_bytes"]) / 16)
     assert set(report["dler_kivi2"]["evals"]) == {"full precision", "2-bit (dler_kivi2's spec)"}
+    two_bit = report["dler_kivi2"]["evals"]["2-bit (dler_kivi2's spec)"]
+    assert two_bit["kv_bytes_per_answer"] < report["dler_kivi2"]["evals"]["full precision"]["kv_bytes_per_answer"]
+    # the peer pair trained in turns: ours, TRL, ours, TRL, never at the same time
+    spans = sorted((a, b, name) for name in ("kvtrain_trl_settings", "trl") for a, b in report[name]["step_stamps"])
+    assert [name for _, _, name in spans] == ["kvtrain_trl_settings", "trl"] * 2
+    assert all(prev[1] <= nxt[0] for prev, nxt in zip(spans, spans[1:]))
     markdown = (out / "rl_length.md").read_text()
     assert "time per step median, ours / TRL" in markdown and "| trl |" in markdown
+    assert "trained in turns" in markdown and " ± " in markdown  # paired standard errors
     assert (out / "rl_length.png").stat().st_size > 10_000
     for name in ("dler", "trl"):  # kvtrain's export and TRL's save_pretrained are both plain model folders
         assert load_model(str(out / name / "model")).config.hidden_size == TINY_RL["hidden_size"]
