@@ -1,51 +1,84 @@
-"""How much of the perplexity that a 2-bit KV cache costs does KV QAT win back?
+"""How much of the perplexity that a 2-bit KV cache costs does KV QAT win back? Over several seeds.
 
-Runs `recipes/qat_kivi2.yaml` twice from the same start, data and steps: once as written (QAT: the
-spec attached) and once with KVQuantCallback removed (the control fine-tune, so that extra training
-alone cannot pass). Then evaluates start, control and QAT models with full-precision KV and under
-the recipe's spec and reports
+Runs `recipes/qat_kivi2.yaml` from the same start for each seed (the seed draws the data order), once
+as written (QAT: the spec attached) and once with KVQuantCallback removed (the control fine-tune, so
+that extra training alone cannot pass), then evaluates the start, every control and every QAT model
+with full-precision KV and under the recipe's spec on whole 1024-token windows. Two measures per seed:
 
-    recovery = (ppl(control, spec) - ppl(QAT, spec)) / (ppl(control, spec) - ppl(control, full precision))
+    recovered = (ppl(control, spec) - ppl(QAT, spec)) / (ppl(control, spec) - ppl(control, fp))
+    gap left  = ppl(QAT, spec) / ppl(QAT, fp) - 1
 
-    python bench/qat_recovery.py                       # the recipe as shipped (~15 min on 2 cores)
-    python bench/qat_recovery.py --smoke               # a minute, for CI
-    python bench/qat_recovery.py --override=--model.init_args.distill_weight=0
+the first against the control of the same seed, the second against the QAT model's own
+full-precision KV; the report gives each seed and the mean and sample standard deviation.
+
+Every run lands in OUT/<arm>-seed<S>/ and a finished run (its exported model) is skipped on rerun,
+an interrupted one resumes from its last checkpoint, so runs can be split over processes (--only)
+and the report assembled by a last plain call.
+
+    python bench/qat_recovery.py                          # 3 seeds x 2 arms (~25 min a run on 1 core)
+    python bench/qat_recovery.py --only qat:1 control:1   # some runs (e.g. one process per core)
+    python bench/qat_recovery.py --smoke                  # a minute, for CI
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from bench_utils import environment
 from kvtrain.callbacks import ExportPretrained, KVQuantCallback
 from kvtrain.cli import KVTrainCLI, recipe_path
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, perplexity, write_json
+from kvtrain.home import is_complete
 from kvtrain.kv import PRESETS, KVQuantSpec
 from kvtrain.models import load_model, load_tokenizer
-from lightning.pytorch.callbacks import ModelCheckpoint
+
+ARMS = ("qat", "control")
 
 
-def train(recipe: Path, out: Path, quantized: bool, overrides: list[str]) -> tuple[Path, object, float]:
-    """Fit the recipe into `out`; returns (exported model folder, the recipe's KV spec, seconds)."""
-    cli = KVTrainCLI(args=["--config", str(recipe), f"--trainer.default_root_dir={out}", *overrides], run=False)
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / f"{arm}-seed{seed}"
+
+
+def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str]) -> dict:
+    """Fit the recipe (with or without its KVQuantCallback) into out/; resumes an interrupted run."""
+    folder = run_dir(out, arm, seed)
+    seeded = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
+    cli = KVTrainCLI(args=["--config", str(recipe), f"--trainer.default_root_dir={folder}", *seeded, *overrides],
+                     run=False)
     trainer = cli.trainer
-    spec = next(cb.spec for cb in trainer.callbacks if isinstance(cb, KVQuantCallback))
-    if not quantized:
+    if arm == "control":
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, KVQuantCallback)]
     for cb in trainer.callbacks:  # keep each run's files apart
         if isinstance(cb, ModelCheckpoint):
-            cb.dirpath = str(out / "checkpoints")
+            cb.dirpath = str(folder / "checkpoints")
         if isinstance(cb, ExportPretrained):
-            cb.to = str(out / "model")
+            cb.to = str(folder / "model")
     trainer.logger = False
+    last = folder / "checkpoints" / "last.ckpt"
     start = time.time()
-    trainer.fit(cli.model, datamodule=cli.datamodule)
-    return out / "model", spec, time.time() - start
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
+    return {"seconds": time.time() - start}
 
 
-def evaluate(models: dict[str, str], spec, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
+def recipe_spec(recipe: Path) -> KVQuantSpec:
+    cli = KVTrainCLI(args=["--config", str(recipe)], run=False)
+    return next(cb.spec for cb in cli.trainer.callbacks if isinstance(cb, KVQuantCallback))
+
+
+def spec_name(spec: KVQuantSpec) -> str:
+    return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), "recipe spec")
+
+
+def evaluate(models: dict[str, str], spec: KVQuantSpec, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
     tokens = token_stream(None, split, load_tokenizer("kvtrain-ref"))
     dataset = PackedDataset(tokens, seq_len)
     rows = []
@@ -57,42 +90,102 @@ def evaluate(models: dict[str, str], spec, split: str, seq_len: int, max_batches
     return rows
 
 
-def spec_name(spec) -> str:
-    return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), "recipe spec")
-
-
-def recovery(rows: list[dict], split: str) -> float:
+def measures(rows: list[dict], split: str, seed: int) -> dict:
     ppl = {(r["model"], r["kv"] == "full precision"): r["ppl"] for r in rows if r["split"] == split}
-    gap = ppl["control", False] - ppl["control", True]
-    return (ppl["control", False] - ppl["qat", False]) / gap
+    control_q, control_fp = ppl[f"control-seed{seed}", False], ppl[f"control-seed{seed}", True]
+    qat_q, qat_fp = ppl[f"qat-seed{seed}", False], ppl[f"qat-seed{seed}", True]
+    return {"recovered": (control_q - qat_q) / (control_q - control_fp), "gap_left": qat_q / qat_fp - 1}
 
 
-def main() -> None:
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def summary_rows(rows: list[dict], seeds: list[int], splits: list[str]) -> list[dict]:
+    """Mean and sd over seeds of each arm's perplexity, plus the start."""
+    out = []
+    for split in splits:
+        for kv in dict.fromkeys(r["kv"] for r in rows):
+            pick = {r["model"]: r["ppl"] for r in rows if r["split"] == split and r["kv"] == kv}
+            out.append({"model": "start", "kv": kv, "split": split, "ppl mean": pick["start"], "ppl sd": ""})
+            for arm in ARMS:
+                mean, sd = mean_sd([pick[f"{arm}-seed{s}"] for s in seeds])
+                out.append({"model": arm, "kv": kv, "split": split, "ppl mean": mean, "ppl sd": sd})
+    return out
+
+
+def report(result: dict) -> str:
+    seeds, splits, name = result["seeds"], result["splits"], result["spec_name"]
+    per_seed = [{"split": split, "seed": s, "recovered %": 100 * m["recovered"], "gap left %": 100 * m["gap_left"]}
+                for split, by_seed in result["measures"].items() for s, m in by_seed.items()]
+    lines = [f"{result['recipe']} for {len(seeds)} seeds (data order) per arm; perplexity on whole "
+             f"{result['seq_len']}-token windows; Python {result['env']['python']}. Mean and sample sd over seeds:",
+             "", format_table(summary_rows(result["rows"], seeds, splits), ["model", "kv", "split", "ppl mean", "ppl sd"]),
+             "", f"Per seed: recovered = share of the control's {name} gap that QAT wins back; gap left = "
+                 f"ppl(QAT, {name}) / ppl(QAT, full precision) - 1:",
+             "", format_table(per_seed, ["split", "seed", "recovered %", "gap left %"]), ""]
+    for split in splits:
+        rec = mean_sd([m["recovered"] for m in result["measures"][split].values()])
+        left = mean_sd([m["gap_left"] for m in result["measures"][split].values()])
+        lines.append(f"- {split}: recovered {100 * rec[0]:.1f}% ± {100 * rec[1]:.1f}, gap left {100 * left[0]:.2f}% "
+                     f"± {100 * left[1]:.2f} (mean ± sd over {len(seeds)} seeds)")
+    seconds = result["train_seconds"]
+    lines.append("- training wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="qat_kivi2.yaml")
     parser.add_argument("--out", default="bench/results/qat_recovery")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
-    parser.add_argument("--smoke", action="store_true", help="4 steps, 2 eval batches")
-    parser.add_argument("--override", action="append", default=[], help="a recipe override, e.g. --override=--trainer.max_steps=60")
-    args = parser.parse_args()
-    out = Path(args.out)
-    overrides = list(args.override)
+    parser.add_argument("--only", nargs="+", metavar="ARM:SEED", help="train just these runs (no report)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="2 seeds, 4 steps, 2 eval batches")
+    parser.add_argument("--override", action="append", default=[],
+                        help="a recipe override, e.g. --override=--trainer.max_steps=60")
+    args = parser.parse_args(argv)
     if args.smoke:
-        overrides += ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1"]
+        args.seeds = args.seeds[:2]
+        args.override += ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+                          "--trainer.enable_progress_bar=false"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
     recipe = Path(args.recipe) if Path(args.recipe).is_file() else recipe_path(args.recipe)
-    qat, spec, qat_s = train(recipe, out / "qat", True, overrides)
-    control, _, control_s = train(recipe, out / "control", False, overrides)
-    models = {"start": "kvtrain-ref", "control": str(control), "qat": str(qat)}
+    runs = [(arm, seed) for seed in args.seeds for arm in ARMS]
+    if args.only:
+        runs = [(arm, int(seed)) for arm, seed in (item.split(":") for item in args.only)]
+    for arm, seed in runs:
+        if not is_complete(run_dir(out, arm, seed) / "model"):
+            write_json(run_dir(out, arm, seed) / "train.json", train(recipe, out, arm, seed, args.override))
+    if args.only:
+        return
+    spec = recipe_spec(recipe)
+    models = {"start": "kvtrain-ref", **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
     max_batches = 2 if args.smoke else None
     rows = [row for split in args.splits for row in evaluate(models, spec, split, 1024, max_batches)]
-    recoveries = {split: recovery(rows, split) for split in args.splits}
-    table = format_table(rows, ["model", "kv", "split", "tokens", "ppl"])
-    summary = ", ".join(f"{s}: {100 * r:.1f}%" for s, r in recoveries.items())
-    report = f"{table}\n\nrecovery of the {spec_name(spec)} gap ({summary}); training {qat_s:.0f} s QAT, {control_s:.0f} s control"
-    print(report)
-    (out / "table.md").write_text(report + "\n")
-    write_json(out / "results.json", {"rows": rows, "recovery": recoveries, "overrides": overrides,
-                                      "train_seconds": {"qat": qat_s, "control": control_s}})
+    train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
+    result = {"recipe": recipe.name, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
+              "seq_len": 1024, "overrides": args.override, "env": environment(), "rows": rows,
+              "measures": {split: {s: measures(rows, split, s) for s in args.seeds} for split in args.splits},
+              "train_seconds": train_seconds}
+    markdown = report(result)
+    print(markdown)
+    (out / "table.md").write_text(markdown + "\n")
+    write_json(out / "results.json", result)
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}", file=sys.stderr)
+
+
+def read_seconds(folder: Path) -> float:
+    path = folder / "train.json"
+    return json.loads(path.read_text())["seconds"] if path.is_file() else float("nan")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ import importlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import lightning as L
 import torch
 
-from kvtrain.home import publish
+from kvtrain.home import check_replaceable, publish
 from kvtrain.kv import KVQuantSpec, attached_spec
 from kvtrain.models import embedded_model_path, is_embedded
 from kvtrain.strategies.deepspeed import consolidated_checkpoint, full_parameters
@@ -24,19 +24,36 @@ def export_target(to: str | Path) -> Path:
     return embedded_model_path() if is_embedded(str(to)) else Path(to).expanduser()
 
 
-def write_export(write: Callable[[Path], None], spec: KVQuantSpec | None, to: str | Path) -> Path:
-    """Run `write(folder)` into a temporary folder, add kv_spec.json, then rename it into place, so an
-    interrupted export never leaves a half-written model behind."""
+def check_export_target(to: str | Path, overwrite: bool = False) -> Path:
+    """The export folder, or a clear error before any work if kvtrain may not replace it: a non-empty
+    folder kvtrain did not write, or the embedded reference model without overwrite=True (every
+    `kvtrain-ref` run resolves to it)."""
     target = export_target(to)
+    check_replaceable(target, overwrite)
+    if is_embedded(str(to)) and target.exists() and not overwrite:
+        raise FileExistsError(f"exporting to {to!r} would replace the embedded reference model at {target}; "
+                              "pass overwrite=True to rebuild it, or export to a folder of your own")
+    return target
+
+
+def write_export(write: Callable[[Path], None], spec: KVQuantSpec | None, to: str | Path,
+                 overwrite: bool = False) -> Path:
+    """Run `write(folder)` into a temporary folder, add kv_spec.json, then rename it into place, so an
+    interrupted export never leaves a half-written model behind (nor removes the previous one)."""
+    target = check_export_target(to, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write(tmp)
         if spec is not None:
             spec.save(tmp)
-        publish(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written export is worth nothing
+        raise
+    try:
+        publish(tmp, target, overwrite=True)  # checked above, before the work
+    except OSError as e:
+        raise OSError(f"could not move the export into {target} ({e}); it is complete in {tmp}") from e
     print(f"kvtrain: exported the model to {target}")
     return target
 
@@ -49,10 +66,16 @@ class ExportPretrained(L.Callback):
     Args:
         to: destination folder, or "kvtrain-ref" for the embedded reference model's cache slot.
         merge_lora: with LoRA, write the merged model (True) or only the adapter (False).
+        overwrite: replace `to` even if it is a non-empty folder kvtrain did not write, or the
+            embedded reference model. Checked when fit starts, so a bad destination fails before training.
     """
 
-    def __init__(self, to: str, merge_lora: bool = True):
-        self.to, self.merge_lora = to, merge_lora
+    def __init__(self, to: str, merge_lora: bool = True, overwrite: bool = False):
+        self.to, self.merge_lora, self.overwrite = to, merge_lora, overwrite
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_export_target(self.to, self.overwrite)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not hasattr(pl_module, "export"):
@@ -60,24 +83,36 @@ class ExportPretrained(L.Callback):
         with full_parameters(pl_module):
             if trainer.is_global_zero:
                 spec = attached_spec(find_hf_model(pl_module))
-                write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to)
+                write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to,
+                             self.overwrite)
         trainer.strategy.barrier()
 
 
-def export_checkpoint(checkpoint: str | Path, to: str | Path, merge_lora: bool = True) -> Path:
-    """A CausalLMModule checkpoint (a `.ckpt` file, or a DeepSpeed ZeRO-2/3 sharded checkpoint folder)
-    as a plain `from_pretrained` folder, with the KV spec it was trained with as kv_spec.json."""
+def export_checkpoint(checkpoint: str | Path, to: str | Path, merge_lora: bool = True, overwrite: bool = False) -> Path:
+    """A checkpoint of a kvtrain LightningModule (a `.ckpt` file, or a DeepSpeed ZeRO-2/3 sharded checkpoint
+    folder) as a plain `from_pretrained` folder, with the KV spec it was trained with as kv_spec.json."""
+    check_export_target(to, overwrite)
+    module, spec = module_from_checkpoint(checkpoint)
+    return write_export(lambda folder: module.export(folder, merge_lora=merge_lora), spec, to, overwrite)
+
+
+def load_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint dict from a `.ckpt` file or a DeepSpeed sharded checkpoint folder."""
     path = Path(checkpoint)
     if path.is_dir():
-        state = consolidated_checkpoint(path)
-    elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        return consolidated_checkpoint(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+def module_from_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, KVQuantSpec | None]:
+    """The run's LightningModule (CausalLMModule, GRPOModule, ...) with the checkpoint's weights, and
+    the KV spec it trained with (None without KVQuantCallback)."""
+    state = load_checkpoint(checkpoint)
     module = _module_from_hyperparameters(state["hyper_parameters"])
     module.load_state_dict(state["state_dict"])
-    spec = spec_from_checkpoint(state)
-    return write_export(lambda folder: module.export(folder, merge_lora=merge_lora), spec, to)
+    return module, spec_from_checkpoint(state)
 
 
 def _module_from_hyperparameters(hparams: dict) -> L.LightningModule:

@@ -22,14 +22,12 @@ import torch
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
-from kvtrain.callbacks.export import export_checkpoint
-from kvtrain.callbacks.kv_quant import spec_from_checkpoint
+from kvtrain.callbacks.export import export_checkpoint, module_from_checkpoint
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
-from kvtrain.kv import KVQuantSpec
+from kvtrain.kv import SPEC_FILE, KVQuantSpec
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, embedded_model_path, load_model, load_tokenizer
-from kvtrain.modules import CausalLMModule
 import kvtrain.strategies  # noqa: F401  (registers trainer.strategy: zero2 / zero3 / zero3_offload)
 
 
@@ -73,22 +71,21 @@ def recipe_path(name: str) -> Path:
     return path
 
 
-def load_for_eval(model: str) -> tuple[torch.nn.Module, str]:
-    """(HF model, tokenizer name) from a Lightning checkpoint, a model folder, a hub name or kvtrain-ref."""
-    if model.endswith(".ckpt"):
-        module = CausalLMModule.load_from_checkpoint(model, map_location="cpu", weights_only=True)
-        return module.model, module.tokenizer_name
-    return load_model(model), model
+def is_checkpoint(model: str) -> bool:
+    """A `.ckpt` file or folder (DeepSpeed writes folders named like files), or a DeepSpeed checkpoint folder."""
+    path = Path(model)
+    return path.suffix == ".ckpt" or (path.is_dir() and (path / "latest").is_file())
 
 
-def model_spec(model: str) -> KVQuantSpec:
-    """The KV spec a model was trained with: kv_spec.json in its folder, or a checkpoint's KVQuantCallback state."""
-    if not model.endswith(".ckpt"):
-        return KVQuantSpec.resolve(model)
-    spec = spec_from_checkpoint(torch.load(model, map_location="cpu", weights_only=True))
-    if spec is None:
-        raise ValueError(f"{model} was not trained with KVQuantCallback, so it holds no KV spec; pass --kv <preset>")
-    return spec
+def load_for_eval(model: str) -> tuple[torch.nn.Module, str, KVQuantSpec | None]:
+    """(HF model, tokenizer name, the KV spec it trained with) from a Lightning checkpoint of any kvtrain
+    module (a `.ckpt` file or a ZeRO checkpoint folder), a model folder, a hub name or kvtrain-ref."""
+    if is_checkpoint(model):
+        module, spec = module_from_checkpoint(model)
+        return module.model, module.tokenizer_name, spec
+    path = Path(model).expanduser()
+    spec = KVQuantSpec.load(path / SPEC_FILE) if (path / SPEC_FILE).is_file() else None
+    return load_model(model), model, spec
 
 
 def evaluate(
@@ -117,14 +114,15 @@ def evaluate(
         baseline: also report the unigram perplexity (train-split token frequencies).
         output: JSON file for the results (None: do not write).
     """
-    hf_model, tokenizer_name = load_for_eval(model)
+    hf_model, tokenizer_name, trained_spec = load_for_eval(model)
+    if kv == "model" and trained_spec is None:
+        raise ValueError(f"{model} was not trained with KVQuantCallback, so it holds no KV spec; pass --kv <preset>")
     tokenizer = load_tokenizer(tokenizer_name)
     tokens = token_stream(data, split, tokenizer)
     dataset = PackedDataset(tokens, seq_len)
     specs = {"full precision": None}
     if kv is not None:
-        spec = model_spec(model) if kv == "model" else KVQuantSpec.resolve(kv)
-        specs[kv if kv != "model" else "model's spec"] = spec
+        specs[kv if kv != "model" else "model's spec"] = trained_spec if kv == "model" else KVQuantSpec.resolve(kv)
     rows = [_eval_row(hf_model, dataset, split, name, spec, batch_size, max_batches) for name, spec in specs.items()]
     for row in rows:
         row["model"] = model
@@ -198,15 +196,16 @@ def run_recipe(name: str, overrides: list[str]) -> None:
         KVTrainCLI(args=args)
 
 
-def export(checkpoint: str, to: str, merge_lora: bool = True) -> str:
+def export(checkpoint: str, to: str, merge_lora: bool = True, overwrite: bool = False) -> str:
     """Write a trained checkpoint as a plain Hugging Face folder (`from_pretrained` loads it).
 
     Args:
         checkpoint: a `.ckpt` file, or a DeepSpeed ZeRO-2/3 checkpoint folder (its shards are consolidated).
         to: the output folder; it gets kv_spec.json when the run trained with KVQuantCallback.
         merge_lora: with LoRA, write the merged model (True) or only the adapter (False).
+        overwrite: replace `to` even if it is a non-empty folder kvtrain did not write.
     """
-    return str(export_checkpoint(checkpoint, to, merge_lora))
+    return str(export_checkpoint(checkpoint, to, merge_lora, overwrite))
 
 
 COMMANDS = {"eval": evaluate, "export": export, "quickstart": quickstart}

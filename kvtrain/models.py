@@ -61,24 +61,35 @@ def resolve(name_or_path: str) -> str:
     return str(path)
 
 
+def in_hf_cache(name: str) -> bool:
+    """True when the Hugging Face cache holds a snapshot of the repository `name`."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(name, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError):
+        return False
+    return True
+
+
 def hub_call(load: Callable[..., Any], name: str, what: str = "model", **kwargs: Any) -> Any:
-    """`load(name, **kwargs)` from a local folder or the HF cache first, the hub only if allowed."""
+    """`load(name, **kwargs)` from a local folder or the HF cache first, the hub only if allowed.
+    A model that is there but fails to load raises its own error, not "not found"."""
     if Path(name).expanduser().exists():
         return load(str(Path(name).expanduser()), **kwargs)
-    try:
+    if in_hf_cache(name):
         return load(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
+    reason = "the hub is off (HF_HUB_OFFLINE)"
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
         try:
             return load(name, **kwargs)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as e:
+            reason = f"fetching it from the hub failed: {e}"
     raise OSError(
-        f"{what} {name!r} is not a local path and is not in the Hugging Face cache, and the hub cannot "
-        f"be reached (kvtrain works offline). Pass a local folder instead, e.g. `model: /path/to/{name.split('/')[-1]}` "
-        f"(a `save_pretrained` folder), or download it on a machine with network access first. "
-        f"The embedded reference model is {REFERENCE!r}."
+        f"{what} {name!r} is not a local path and is not in the Hugging Face cache, and {reason} (kvtrain works "
+        f"offline). Pass a local folder instead, e.g. `model: /path/to/{name.split('/')[-1]}` (a `save_pretrained` "
+        f"folder), or download it on a machine with network access first. The embedded reference model is {REFERENCE!r}."
     )
 
 

@@ -118,6 +118,35 @@ def test_unknown_model_offline_error(tmp_path, corpus_file):
         main(["eval", "--model=no-such-org/no-such-model", f"--data={corpus_file}", "--output=null"])
 
 
+def test_a_cached_model_that_fails_to_load_reports_its_own_error(tmp_path, monkeypatch):
+    from kvtrain.models import load_model
+
+    # a Hugging Face cache entry whose config.json is broken: the error says so, not "not in the cache"
+    repo = tmp_path / "hub" / "models--some-org--broken"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{not json")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(Exception) as info:
+        load_model("some-org/broken")
+    assert "not in the Hugging Face cache" not in str(info.value)
+    assert "json" in str(info.value).lower() or "config" in str(info.value).lower()
+
+
+def test_export_refuses_a_folder_it_did_not_write(tmp_path, tiny_model_dir):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="kvtrain did not write"):
+        main(["export", str(tmp_path / "missing.ckpt"), str(work)])
+    assert (work / "notes.md").read_text() == "mine"  # refused before even reading the checkpoint
+
+
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path, home):
     shutil.copytree(home / "tokenizers", tmp_path / "home" / "smoke" / "tokenizers")  # skip rebuilding the BPE
@@ -132,10 +161,10 @@ def test_quickstart_smoke(tmp_path, home):
     ]
     ref, ptq, qat_fp, qat = report["rows"]
     assert ptq["ppl"] > ref["ppl"]  # 2-bit KV costs perplexity before QAT
-    # kivi2 at 1024 tokens: 896 quantized (0.5 byte/element with fp32 scales) + 128 fp32 tokens,
-    # over 4 layers x 2 KV heads x 32 dims x (K, V)
+    # kivi2 at 1024 tokens: 896 quantized (2-bit codes + fp16 scale and zero per 32 = 0.375 byte/element)
+    # + 128 fp32 tokens, over 4 layers x 2 KV heads x 32 dims x (K, V)
     assert ref["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * 4
-    assert qat["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * (896 * 0.5 + 128 * 4) / 1024
+    assert qat["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * (896 * 0.375 + 128 * 4) / 1024
     assert (smoke / "models" / "kvtrain-ref" / "model.safetensors").is_file()
     assert (smoke / "runs" / "qat_kivi2" / "model" / "kv_spec.json").is_file()
     assert "| QAT model | model's spec |" in result.stdout

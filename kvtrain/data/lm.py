@@ -189,6 +189,13 @@ class LMDataModule(L.LightningDataModule):
             self.datasets[split] = PackedDataset(tokens, self.seq_len)
         return self.datasets[split]
 
+    def prepare_data(self) -> None:
+        """Tokenize the train and val splits into $KVTRAIN_HOME once per node (Lightning calls this on
+        one process); the ranks' `setup` then loads the cached streams. A test split (which a corpus
+        may not have) is built on first use; the cache's file lock makes concurrent builders wait."""
+        for split in ("train", "val"):
+            token_stream(self.data, split, self.tokenizer())
+
     def setup(self, stage: str) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for split in needed:

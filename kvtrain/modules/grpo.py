@@ -192,7 +192,8 @@ class GRPOModule(L.LightningModule):
             self.model = apply_lora(self.model, lora, quantized=False)
         self.model.train()
         self.__dict__["reference"] = reference  # frozen, outside the module tree (not trained or saved)
-        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.tokenizer_name = tokenizer or model
+        self.tokenizer = load_tokenizer(self.tokenizer_name)
         self.verifier = import_callable(verifier) if verifier else answer_matches
         self._kv_bytes: dict = {}  # (spec, tokens held) -> measured bytes, see answer_kv_bytes
 
