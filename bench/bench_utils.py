@@ -1,21 +1,25 @@
 """Helpers shared by the KV benchmarks: the caches they compare, their real byte counts, and output.
 
 Caches, by name:
-    fp      transformers' DynamicCache (full precision), on the plain model
-    kivi2   kvtrain's QuantizedKVCache(KVQuantSpec.preset("kivi2")), on the model with the spec attached
-    kivi4   the same with the kivi4 preset
-    hqq2    transformers' QuantizedCache(backend="hqq", nbits=2), on the plain model (the peer)
-    hqq4    the same with nbits=4
+    fp            transformers' DynamicCache (full precision), on the plain model
+    kivi2         kvtrain's QuantizedKVCache(KVQuantSpec.preset("kivi2")), on the model with the spec attached
+    kivi4         the same with the kivi4 preset
+    hqq2-k1v1     transformers' QuantizedCache(backend="hqq", nbits=2, axis_key=1, axis_value=1), on the
+                  plain model (the peer); any bits in {2, 4} and axes in {0, 1}
+    hqq2, hqq4    the peer at the axes `best_peer_axes` found in bench/results/kv_quality.json
 
-The peer uses the same group size (32) and full-precision window (128 tokens) as our presets, and
-transformers' default grouping axes (axis_key = axis_value = 0). Its layer keeps the newest tokens in
-full precision until the window fills, then dequantizes everything, appends the window and
+The peer uses the same group size (32) and full-precision window (128 tokens) as our presets. Its
+grouping axes are the two transformers documents for HQQ (0 or 1 for keys and for values); 1 groups
+each token's channels, 0 groups along the flattened leading dimensions. Its layer keeps the newest
+tokens in full precision until the window fills, then dequantizes everything, appends the window and
 re-quantizes the whole tensor (HQQ with its default proximal optimizer) and empties the window.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -28,15 +32,46 @@ from kvtrain import KVQuantSpec, QuantizedKVCache, attached
 from kvtrain.eval import cache_nbytes, format_table, write_json
 
 OURS = ("kivi2", "kivi4")
-PEER_BITS = {"hqq2": 2, "hqq4": 4}
 GROUP, RESIDUAL = 32, 128  # the kivi presets' group size and window, given to the peer too
-LABELS = {
-    "fp": "DynamicCache (full precision)",
-    "kivi2": "ours QuantizedKVCache kivi2",
-    "kivi4": "ours QuantizedKVCache kivi4",
-    "hqq2": "peer QuantizedCache HQQ 2-bit",
-    "hqq4": "peer QuantizedCache HQQ 4-bit",
-}
+PEER = re.compile(r"hqq(?P<bits>[24])(-k(?P<key>[01])v(?P<value>[01]))?$")
+PEER_AXES = [(k, v) for k in (0, 1) for v in (0, 1)]
+RESULTS = Path(__file__).parent / "results"
+
+
+def is_peer(name: str) -> bool:
+    return PEER.match(name) is not None
+
+
+def peer_name(bits: int, axes: tuple[int, int]) -> str:
+    return f"hqq{bits}-k{axes[0]}v{axes[1]}"
+
+
+def best_peer_axes(bits: int, results: Path = RESULTS / "kv_quality.json") -> tuple[int, int]:
+    """The axes with the lowest perplexity in the last kv_quality run, else transformers' documented
+    HQQ example (axis_key=1, axis_value=1)."""
+    if results.is_file():
+        best = json.loads(results.read_text()).get("best_peer_axes", {}).get(str(bits))
+        if best:
+            return tuple(best)
+    return (1, 1)
+
+
+def resolve_peer(name: str) -> tuple[int, tuple[int, int]]:
+    match = PEER.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a peer cache name (hqq2, hqq4, hqq2-k1v0, ...)")
+    bits = int(match["bits"])
+    axes = (int(match["key"]), int(match["value"])) if match["key"] is not None else best_peer_axes(bits)
+    return bits, axes
+
+
+def label(name: str) -> str:
+    if name == "fp":
+        return "DynamicCache (full precision)"
+    if name in OURS:
+        return f"ours QuantizedKVCache {name}"
+    bits, (key, value) = resolve_peer(name)
+    return f"peer QuantizedCache HQQ {bits}-bit axis_key={key} axis_value={value}"
 
 
 def environment() -> dict:
@@ -67,10 +102,9 @@ def make_cache(name: str, config) -> Cache:
         return DynamicCache(config=config)
     if name in OURS:
         return QuantizedKVCache(KVQuantSpec.preset(name))
-    if name in PEER_BITS:
-        return QuantizedCache(backend="hqq", config=config, nbits=PEER_BITS[name], q_group_size=GROUP,
-                              residual_length=RESIDUAL)
-    raise ValueError(f"unknown cache {name!r}; choose one of {list(LABELS)}")
+    bits, (key, value) = resolve_peer(name)
+    return QuantizedCache(backend="hqq", config=config, nbits=bits, axis_key=key, axis_value=value,
+                          q_group_size=GROUP, residual_length=RESIDUAL)
 
 
 @contextlib.contextmanager
@@ -105,5 +139,5 @@ def save_outputs(out_dir: str | Path, stem: str, payload: dict, markdown: str) -
     return json_path, md_path
 
 
-__all__ = ["LABELS", "OURS", "PEER_BITS", "cache_nbytes", "environment", "fill_random", "format_table", "make_cache", "prepared",
-           "save_outputs", "set_threads"]
+__all__ = ["OURS", "PEER_AXES", "best_peer_axes", "cache_nbytes", "environment", "fill_random", "format_table",
+           "is_peer", "label", "make_cache", "peer_name", "prepared", "save_outputs", "set_threads"]

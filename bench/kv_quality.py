@@ -1,23 +1,28 @@
-"""Perplexity and KV bytes per token under each cache: full precision, the HQQ peer, ours post-training.
+"""Perplexity and KV bytes per token under each cache: full precision, the HQQ peer, ours.
 
-On kvtrain-ref and the embedded val split (non-overlapping `seq_len` windows, the first `max_windows`):
+Perplexity, the way a user generates: each window of the embedded val split (`seq_len` tokens, the
+first `max_windows`) is a prompt of `prefill` tokens followed by decoding; the score is the next-token
+loss over the decoded part (the tokens after the prompt), the same predictions for every cache:
 
 - full precision: a plain forward (what DynamicCache hands attention is K/V unchanged);
-- ours (kivi2, kivi4): one forward with the spec attached, which equals token-by-token decoding with
+- ours (kivi2, kivi4): one forward with the spec attached, which equals prefilling and decoding with
   QuantizedKVCache(spec) (train/decode parity). This script checks that claim itself first: on one
-  short window it decodes token by token with our cache and asserts max |logit difference| < 1e-3;
-- the peer (transformers' QuantizedCache, HQQ, 2 and 4 bits, group 32, window 128): each window is
-  decoded one token at a time from an empty cache, so every prediction sees the cache as greedy
-  generation after a 1-token prompt would;
+  window it prefills and decodes token by token with our cache and asserts max |logit diff| < 1e-3;
+- the peer (transformers' QuantizedCache, HQQ backend, 2 and 4 bits, group 32, window 128) in every
+  axis combination transformers documents for HQQ (axis_key, axis_value in {0, 1}): the prompt is
+  prefilled into the cache, then the rest decoded one token at a time. The best axes per bit width
+  are recorded (`best_peer_axes`) and are what kv_speed.py and the README compare against;
 - each `--model NAME=PATH` (a save_pretrained folder, e.g. a QAT run's export): full precision and kivi2.
 
-KV bytes per token come from real cache objects filled with random K/V (batch 1, the model's KV heads
-and head_dim) to T tokens, for T in `--byte_lengths`, in float32 and bfloat16, in two states: right
-after a T-token prefill, and while decoding (the mean over the last 128 single-token steps up to T);
-ratios are to DynamicCache in the same dtype.
+KV bytes per token, in the deployment dtype (`--bytes_dtype`, bfloat16 by default) against a
+DynamicCache in the same dtype, at T in `--byte_lengths` (1k, 4k, 32k): real cache objects for the
+model's shape (batch 1, its layers, KV heads and head_dim) filled with random K/V, counting every
+tensor each holds. Two states: decoding (a (T - 128)-token prefill, then 128 single-token steps; the
+mean over those steps of bytes / tokens held, the state a user meets while generating) and prefill
+(one T-token update, the peer's smallest state).
 
     python bench/kv_quality.py --smoke
-    python bench/kv_quality.py                                  # all 12 val windows (~6 min on 1 core)
+    python bench/kv_quality.py                                  # 12 val windows (~25 min on 1 core)
     python bench/kv_quality.py --model qat_kivi2=runs/qat_kivi2/model --model control=runs/qat_control/model
 """
 
@@ -26,42 +31,45 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from importlib.metadata import version
 
 import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from bench_utils import (LABELS, OURS, PEER_BITS, cache_nbytes, fill_random, format_table, make_cache, prepared,
-                         save_outputs, set_threads)
+from bench_utils import (OURS, PEER_AXES, cache_nbytes, environment, fill_random, format_table, is_peer, label,
+                         make_cache, peer_name, prepared, save_outputs, set_threads)
 from kvtrain import QuantizedKVCache, attached
 from kvtrain.data.lm import PackedDataset, token_stream
-from kvtrain.eval import perplexity
 from kvtrain.loss import next_token_nll
 from kvtrain.models import load_model, load_tokenizer
 
-CACHES = ("fp", "hqq2", "hqq4", "kivi2", "kivi4")
 PARITY_TOL = 1e-3
+DECODE_STEPS = 128  # one full-precision window of single-token steps: the peer flushes once in any 128
+STATES = ("decoding", "prefill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq_len", type=int, default=1024, help="window length (default: the model's context)")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of each window; the rest is decoded")
     p.add_argument("--max_windows", type=int, default=None, help="evaluate the first N val windows (default: all)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                    help="an extra model to evaluate under full precision and kivi2 (repeatable)")
     p.add_argument("--base", default="kvtrain-ref", help="the model every cache is compared on")
     p.add_argument("--tokenizer", default="kvtrain-ref")
-    p.add_argument("--check_len", type=int, default=320, help="tokens of the token-by-token parity check")
-    p.add_argument("--byte_lengths", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--peer_bits", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--byte_lengths", type=int, nargs="+", default=[1024, 4096, 32768])
+    p.add_argument("--bytes_dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--smoke", action="store_true", help="2 windows of 256 tokens, bytes at 256 and 512: seconds")
     args = p.parse_args(argv)
     if args.smoke:
-        args.seq_len, args.max_windows, args.check_len, args.byte_lengths = 256, 2, 200, [256, 512]
+        args.seq_len, args.prefill, args.max_windows, args.byte_lengths = 256, 160, 2, [256, 512]
     if min(args.byte_lengths) <= DECODE_STEPS:
         p.error(f"--byte_lengths must exceed {DECODE_STEPS} (the decoding state ends with {DECODE_STEPS} single steps)")
+    if not 0 < args.prefill < args.seq_len:
+        p.error(f"--prefill must be in 1..{args.seq_len - 1} (tokens of the prompt), got {args.prefill}")
     args.extra = dict(parse_named(m) for m in args.model)
     return args
 
@@ -73,67 +81,56 @@ def parse_named(spec: str) -> tuple[str, str]:
     return name, path
 
 
-# ---------------------------------------------------------------- the claim this relies on
+# ---------------------------------------------------------------- generating: prefill, then decode
 
 
 @torch.inference_mode()
-def decode_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Logits (1, T, vocab) of feeding `ids` one token at a time into `cache`."""
-    steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
-             for t in range(ids.shape[1])]
+def generation_logits(model, ids: torch.Tensor, cache, prefill: int) -> torch.Tensor:
+    """Logits (1, T, vocab) of prefilling ids[:, :prefill] into `cache`, then feeding the rest one token at a time."""
+    steps = [model(input_ids=ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    steps += [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+              for t in range(prefill, ids.shape[1])]
     return torch.cat(steps, dim=1)
 
 
 @torch.inference_mode()
-def check_parity(model, ids: torch.Tensor, spec: str) -> float:
-    """Max |logit difference| between the attached forward and token-by-token QuantizedKVCache decoding."""
+def check_parity(model, ids: torch.Tensor, spec: str, prefill: int) -> float:
+    """Max |logit difference| between the attached forward and prefill + token-by-token QuantizedKVCache decoding."""
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError("the parity check runs in float32")
     with attached(model, spec):
         one_forward = model(input_ids=ids, use_cache=False).logits
-        decoded = decode_logits(model, ids, QuantizedKVCache(spec))
-    diff = float((one_forward - decoded).abs().max())
+        generated = generation_logits(model, ids, QuantizedKVCache(spec), prefill)
+    diff = float((one_forward - generated).abs().max())
     assert diff < PARITY_TOL, f"{spec}: attached forward and cache decoding differ by {diff:.3g} (> {PARITY_TOL})"
     return diff
 
 
-# ---------------------------------------------------------------- perplexity
+# ---------------------------------------------------------------- perplexity of the decoded part
 
 
-def nll_result(nll_sum: float, tokens: int, windows: int) -> dict:
-    loss = nll_sum / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens, "windows": windows}
+def continuation_nll(logits: torch.Tensor, ids: torch.Tensor, prefill: int) -> tuple[float, int]:
+    """Summed NLL of the tokens after the prompt (predicted from positions prefill - 1 ... T - 2)."""
+    nll, n = next_token_nll(logits[:, prefill - 1:], ids[:, prefill - 1:])
+    return nll.item(), int(n)
 
 
-def ppl_by_decoding(model, windows: Subset, cache_name: str) -> dict:
-    """Perplexity with every prediction made by token-by-token decoding through a fresh cache per window."""
+def evaluate(model, windows: Subset, cache_name: str, prefill: int, desc: str) -> dict:
     nll_sum, tokens = 0.0, 0
-    for item in tqdm(windows, desc=f"decode {cache_name}", unit="window", file=sys.stderr):
+    for item in tqdm(windows, desc=desc, unit="window", file=sys.stderr):
         ids = item["input_ids"][None]
-        with prepared(model, cache_name):
-            logits = decode_logits(model, ids, make_cache(cache_name, model.config))
-        nll, n = next_token_nll(logits, ids)
-        nll_sum, tokens = nll_sum + nll.item(), tokens + int(n)
-    return nll_result(nll_sum, tokens, len(windows))
-
-
-def ppl_by_forward(model, windows: Subset, spec: str | None, desc: str) -> dict:
-    """Perplexity of one forward per window, with `spec` attached (ours) or not (full precision)."""
-    result = perplexity(model, windows, batch_size=1, desc=desc, spec=spec)
-    return {**result, "windows": len(windows)}
-
-
-def evaluate(model, windows: Subset, cache_name: str, desc: str) -> dict:
-    if cache_name in PEER_BITS:
-        return ppl_by_decoding(model, windows, cache_name)
-    return ppl_by_forward(model, windows, cache_name if cache_name in OURS else None, desc)
+        if is_peer(cache_name):
+            logits = generation_logits(model, ids, make_cache(cache_name, model.config), prefill)
+        else:
+            with prepared(model, cache_name), torch.inference_mode():  # ours: one forward = prefill + decoding
+                logits = model(input_ids=ids, use_cache=False).logits
+        nll, n = continuation_nll(logits, ids, prefill)
+        nll_sum, tokens = nll_sum + nll, tokens + n
+    loss = nll_sum / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": tokens, "windows": len(windows)}
 
 
 # ---------------------------------------------------------------- bytes
-
-
-STATES = ("prefill", "decoding")
-DECODE_STEPS = 128  # one full-precision window of single-token steps: the peer flushes once in any 128
 
 
 def bytes_per_token(config, cache_name: str, tokens: int, dtype: torch.dtype, state: str) -> float:
@@ -150,77 +147,60 @@ def bytes_per_token(config, cache_name: str, tokens: int, dtype: torch.dtype, st
     return sum(per_token) / len(per_token)
 
 
-def bytes_rows(config, lengths: list[int], dtypes: list[torch.dtype], caches=CACHES) -> list[dict]:
+def bytes_rows(config, lengths: list[int], dtype: torch.dtype, caches: list[str]) -> list[dict]:
+    full = {t: bytes_per_token(config, "fp", t, dtype, "prefill") for t in lengths}
     rows = []
-    for dtype in dtypes:
-        full = {t: bytes_per_token(config, "fp", t, dtype, "prefill") for t in lengths}
+    for state in STATES:
         for name in caches:
-            for state in STATES:
-                row = {"cache": LABELS[name], "name": name, "dtype": str(dtype).removeprefix("torch."), "state": state}
-                for t in tqdm(lengths, desc=f"bytes {name} {row['dtype']} {state}", leave=False, file=sys.stderr):
-                    row[f"B/tok {t}"] = bytes_per_token(config, name, t, dtype, state)
-                    row[f"x fp {t}"] = row[f"B/tok {t}"] / full[t]
-                rows.append(row)
+            row = {"cache": label(name), "name": name, "dtype": str(dtype).removeprefix("torch."), "state": state}
+            for t in tqdm(lengths, desc=f"bytes {name} {state}", leave=False, file=sys.stderr):
+                row[f"B/tok {t}"] = bytes_per_token(config, name, t, dtype, state)
+                row[f"x fp {t}"] = row[f"B/tok {t}"] / full[t]
+            rows.append(row)
     return rows
 
 
 # ---------------------------------------------------------------- report
 
 
-def ppl_row(model_name: str, cache_name: str, result: dict, bytes_by_cache: dict, lengths: list[int]) -> dict:
-    row = {"model": model_name, "kv cache": LABELS[cache_name], **result}
-    for t in lengths:
-        row[f"B/tok {t}"] = bytes_by_cache[cache_name][f"B/tok {t}"]
-        row[f"x fp {t}"] = bytes_by_cache[cache_name][f"x fp {t}"]
-    return row
-
-
-def ppl_caption(result: dict, args) -> str:
-    env, parity = result["env"], ", ".join(f"{s}: {d:.2g}" for s, d in result["parity_max_abs_diff"].items())
-    return " ".join([
-        f"Perplexity on the val split of the embedded corpus, {result['windows']} window(s) of {args.seq_len} tokens",
-        f"(next-token loss over the {args.seq_len - 1} predictions of each window), {result['model_dtype']}.",
-        "Full precision: a plain forward. Ours: one forward with the spec attached; this run checked on a",
-        f"{args.check_len}-token window that it equals token-by-token decoding with QuantizedKVCache",
-        f"(max |logit diff| {parity}; asserted < {PARITY_TOL}).",
-        f"Peer: transformers {env['transformers']} QuantizedCache, backend hqq {env['hqq']}, q_group_size 32,",
-        "residual_length 128, axis_key = axis_value = 0. Each window is decoded one token at a time from an empty",
-        "cache, so each prediction sees the cache exactly as greedy generation after a 1-token prompt would (the",
-        "1-token prefill is quantized at once; after that the peer holds up to 127 tokens in full precision, then",
-        "dequantizes, appends and re-quantizes the whole cache).",
-        f"B/tok: KV bytes per token in {result['model_dtype']} while decoding at about T tokens (the 'decoding' rows",
-        "of the table below); x fp: ratio to DynamicCache.",
-    ])
-
-
-def bytes_caption() -> str:
-    return " ".join([
-        "KV bytes per token from real cache objects filled with random keys and values (batch 1, the model's KV",
-        "heads, head_dim and layers, in the given dtype), counting every tensor each cache holds.",
-        "prefill: one T-token update per layer, divided by T; the peer quantizes a whole prefill, so this is its",
-        f"smallest state. decoding: a (T - {DECODE_STEPS})-token prefill, then {DECODE_STEPS} single-token updates,",
-        "the mean over those steps of bytes / tokens held; the peer's full-precision window (up to 127 tokens)",
-        f"fills and empties once in any {DECODE_STEPS} steps. Ours keeps the tokens older than its 128-token window",
-        "packed (keys in whole 32-token groups); its storage depends only on how many tokens it holds.",
-    ])
+def best_axes(rows: list[dict], bits: list[int]) -> dict[str, list[int]]:
+    """The peer's axes with the lowest perplexity, per bit width."""
+    best = {}
+    for b in bits:
+        candidates = [r for r in rows if r["name"].startswith(f"hqq{b}-")]
+        winner = min(candidates, key=lambda r: r["ppl"])["name"]
+        best[str(b)] = [int(winner[-3]), int(winner[-1])]
+    return best
 
 
 def markdown(result: dict, args) -> str:
-    byte_cols = [c for t in args.byte_lengths for c in (f"B/tok {t}", f"x fp {t}")]
-    return "\n".join([
-        ppl_caption(result, args), "",
-        format_table(result["perplexity"], ["model", "kv cache", "windows", "ppl", *byte_cols]), "",
-        bytes_caption(), "",
-        format_table(result["bytes"], ["cache", "dtype", "state", *byte_cols]),
+    parity = ", ".join(f"{s}: {d:.2g}" for s, d in result["parity_max_abs_diff"].items())
+    env = result["env"]
+    ppl_caption = " ".join([
+        f"Perplexity on the val split of the embedded corpus (Python {env['python']}'s standard library),",
+        f"{result['windows']} window(s) of {args.seq_len} tokens: a {args.prefill}-token prompt, then decoding;",
+        f"the loss is over the {args.seq_len - args.prefill} tokens after the prompt, {result['model_dtype']}.",
+        "Full precision: a plain forward. Ours: one forward with the spec attached; this run checked on a window",
+        f"that it equals prefilling and decoding token by token with QuantizedKVCache (max |logit diff| {parity};",
+        f"asserted < {PARITY_TOL}). Peer: transformers {env['transformers']} QuantizedCache, backend hqq {env['hqq']},",
+        "q_group_size 32, residual_length 128, in each documented axis combination, prompt prefilled then decoded",
+        "(after the prefill it holds up to 127 tokens in full precision, then dequantizes, appends and",
+        f"re-quantizes the whole cache). Best peer axes: {result['best_peer_axes']}.",
     ])
-
-
-def evaluate_extra(name: str, path: str, windows: Subset, lengths: list[int]) -> list[dict]:
-    """Rows for an extra model: full precision and ours kivi2, with bytes for its own shape and dtype."""
-    model = load_model(path).eval()
-    caches = ("fp", "kivi2")
-    by_cache = {r["name"]: r for r in bytes_rows(model.config, lengths, [model.dtype], caches) if r["state"] == "decoding"}
-    return [ppl_row(name, c, evaluate(model, windows, c, f"{name} / {c}"), by_cache, lengths) for c in caches]
+    byte_cols = [c for t in args.byte_lengths for c in (f"B/tok {t}", f"x fp {t}")]
+    bytes_caption = " ".join([
+        f"KV bytes per token in {args.bytes_dtype} (the deployment dtype) for {args.base}'s shape, from real cache",
+        "objects filled with random keys and values, counting every tensor each cache holds; x fp: ratio to a",
+        f"{args.bytes_dtype} DynamicCache. decoding: a (T - {DECODE_STEPS})-token prefill, then {DECODE_STEPS}",
+        "single-token steps, the mean over those steps of bytes / tokens held (the peer's full-precision window",
+        f"fills and empties once in any {DECODE_STEPS} steps); prefill: right after one T-token update, the peer's",
+        "smallest state. Ours stores scales and zero points in fp16 and keeps the newest 128 tokens (plus keys",
+        "waiting for a whole 32-token group) in the model's dtype; its storage depends only on the tokens held.",
+    ])
+    return "\n".join([
+        ppl_caption, "", format_table(result["perplexity"], ["model", "kv cache", "windows", "tokens", "ppl"]), "",
+        bytes_caption, "", format_table(result["bytes"], ["cache", "state", *byte_cols]),
+    ])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,19 +210,21 @@ def main(argv: list[str] | None = None) -> None:
     dataset = PackedDataset(tokens, args.seq_len)
     windows = Subset(dataset, range(min(len(dataset), args.max_windows or len(dataset))))
     base = load_model(args.base).eval()
-    check_ids = tokens[: args.check_len].long()[None]
-    parity = {spec: check_parity(base, check_ids, spec) for spec in OURS}
-    byte_rows = bytes_rows(base.config, args.byte_lengths, [torch.float32, torch.bfloat16])
-    model_dtype = str(base.dtype).removeprefix("torch.")
-    by_cache = {r["name"]: r for r in byte_rows if r["dtype"] == model_dtype and r["state"] == "decoding"}
-    rows = [ppl_row(args.base, c, evaluate(base, windows, c, f"{args.base} / {c}"), by_cache, args.byte_lengths)
-            for c in CACHES]
+    check_ids = windows[0]["input_ids"][None]
+    parity = {spec: check_parity(base, check_ids, spec, args.prefill) for spec in OURS}
+    peers = [peer_name(b, axes) for b in args.peer_bits for axes in PEER_AXES]
+    rows = [{"model": args.base, "name": c, "kv cache": label(c),
+             **evaluate(base, windows, c, args.prefill, f"{args.base} / {c}")} for c in ["fp", *OURS, *peers]]
+    best = best_axes(rows, args.peer_bits)
     for name, path in args.extra.items():
-        rows += evaluate_extra(name, path, windows, args.byte_lengths)
-    result = {"args": vars(args), "windows": len(windows), "model_dtype": model_dtype,
-              "env": {"torch": torch.__version__, "transformers": version("transformers"), "hqq": version("hqq"),
-                      "threads": torch.get_num_threads()},
-              "parity_max_abs_diff": parity, "perplexity": rows, "bytes": byte_rows}
+        model = load_model(path).eval()
+        rows += [{"model": name, "name": c, "kv cache": label(c), **evaluate(model, windows, c, args.prefill, f"{name} / {c}")}
+                 for c in ("fp", "kivi2")]
+    best_peers = [peer_name(b, tuple(best[str(b)])) for b in args.peer_bits]
+    byte_rows = bytes_rows(base.config, args.byte_lengths, getattr(torch, args.bytes_dtype), ["fp", *OURS, *best_peers])
+    result = {"args": vars(args), "windows": len(windows), "model_dtype": str(base.dtype).removeprefix("torch."),
+              "env": environment(), "parity_max_abs_diff": parity, "best_peer_axes": best, "perplexity": rows,
+              "bytes": byte_rows}
     save_outputs(args.out, "kv_quality_smoke" if args.smoke else "kv_quality", result, markdown(result, args))
 
 

@@ -1,16 +1,19 @@
 """How much does a compressed KV cache cost in time? Training steps and greedy decoding on CPU.
 
-1. Training: one step (forward + backward + AdamW) on a `batch x seq_len` batch, plain vs with a KV
-   spec attached (the fake-quant view QAT trains against). Variants alternate after warmup, in a
-   rotating order, on one model and one optimizer; reported are medians and attached / plain.
+1. Training: one step (forward + backward + AdamW) on a `batch x seq_len` batch (4 x 1024 by default,
+   the QAT recipe's shape), plain vs with a KV spec attached (the fake-quant view QAT trains against),
+   each with and without distillation from a frozen full-precision copy (the QAT recipe distills with
+   weight 1, as CausalLMModule(distill_weight=1) does). Variants alternate after warmup, in a rotating
+   order, on one model and one optimizer; reported are medians and the ratios to the plain step.
 2. Decoding: greedy decoding of `new_tokens` after a `prompt`-token prefill, with our
-   QuantizedKVCache(kivi2) on the attached model, transformers' DynamicCache and its QuantizedCache
-   (HQQ backend, 2 and 4 bits) on the plain model, alternating per repetition. Reported are decode
-   tokens/s (the `new_tokens - 1` single-token steps after the prefill), the prefill time, the
-   ratios ours / others, and each cache's real bytes at the end of decoding.
+   QuantizedKVCache (kivi2, kivi4) on the attached model, transformers' DynamicCache and its
+   QuantizedCache (HQQ backend, 2 and 4 bits, at the grouping axes bench/kv_quality.py found best) on
+   the plain model, alternating per repetition. Reported are decode tokens/s (the `new_tokens - 1`
+   single-token steps after the prefill), the prefill time, the ratios ours / others, and each
+   cache's real bytes at the end of decoding.
 
     python bench/kv_speed.py --smoke          # seconds
-    python bench/kv_speed.py                  # seq 512 training, 256 + 512 decoding (~8 min on 1 core)
+    python bench/kv_speed.py                  # 4 x 1024 training, 256 + 512 decoding (~15 min on 1 core)
     python bench/kv_speed.py --profile        # also cProfile our decode loop (top functions to a file)
 
 Timings on a shared machine are noisy: compare the ratios, which come from interleaved runs.
@@ -19,21 +22,21 @@ Timings on a shared machine are noisy: compare the ratios, which come from inter
 from __future__ import annotations
 
 import argparse
+import copy
 import cProfile
 import io
-import platform
 import pstats
 import statistics
 import sys
-from importlib.metadata import version
 from pathlib import Path
 from time import perf_counter
 
 import torch
 from tqdm.auto import tqdm
 
-from bench_utils import LABELS, OURS, cache_nbytes, format_table, make_cache, prepared, save_outputs, set_threads
+from bench_utils import OURS, cache_nbytes, environment, format_table, label, make_cache, prepared, save_outputs, set_threads
 from kvtrain import attached
+from kvtrain.loss import distillation_kl, next_token_nll
 from kvtrain.data.lm import token_stream
 from kvtrain.models import load_model, load_tokenizer
 
@@ -45,14 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 avoids oversubscribing shared cores)")
     p.add_argument("--train_batch", type=int, default=4)
-    p.add_argument("--train_seq", type=int, default=512)
-    p.add_argument("--train_specs", nargs="+", default=["kivi2", "kivi4"])
+    p.add_argument("--train_seq", type=int, default=1024)
+    p.add_argument("--train_variants", nargs="+", default=["plain", "kivi2", "plain+distill", "kivi2+distill"],
+                   help="plain or a KV preset, optionally +distill")
     p.add_argument("--train_warmup", type=int, default=2)
     p.add_argument("--train_reps", type=int, default=7)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new_tokens", type=int, default=512)
     p.add_argument("--decode_batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--caches", nargs="+", default=["fp", "kivi2", "kivi4", "hqq2", "hqq4"], choices=list(LABELS))
+    p.add_argument("--caches", nargs="+", default=["fp", "kivi2", "kivi4", "hqq2", "hqq4"],
+                   help="fp, kivi2, kivi4, hqq2 / hqq4 (the peer at its best axes) or e.g. hqq2-k0v1")
     p.add_argument("--decode_reps", type=int, default=3, help="recorded repetitions (after one warmup round)")
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--skip_decode", action="store_true")
@@ -60,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: seconds")
     args = p.parse_args(argv)
+    for name in args.caches:
+        label(name)  # an unknown cache name is an error here, not after the training benchmark
+    if "plain" not in args.train_variants:
+        p.error("--train_variants must include plain (the ratios are to it)")
     if args.smoke:
         args.train_batch, args.train_seq, args.train_warmup, args.train_reps = 1, 192, 1, 2
         args.prompt, args.new_tokens, args.decode_batches, args.decode_reps = 64, 128, [1], 1
@@ -83,37 +92,52 @@ def windows(tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 # ---------------------------------------------------------------- training
 
 
-def train_step(model, optimizer, ids: torch.Tensor) -> float:
+def train_step(model, optimizer, ids: torch.Tensor, teacher=None) -> float:
+    """CausalLMModule's training step: mean next-token NLL, plus the distillation KL to `teacher`
+    (weight 1) when given; backward and AdamW."""
     start = perf_counter()
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    logits = model(input_ids=ids, use_cache=False).logits
+    nll, n = next_token_nll(logits, ids)
+    loss = nll / n
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        loss = loss + distillation_kl(logits, teacher_logits)[0] / n
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return perf_counter() - start
 
 
-def timed_step(model, optimizer, ids: torch.Tensor, variant: str) -> float:
-    if variant == "plain":
-        return train_step(model, optimizer, ids)
-    with attached(model, variant):
-        return train_step(model, optimizer, ids)
+def timed_step(model, optimizer, ids: torch.Tensor, variant: str, teacher) -> float:
+    spec, _, distill = variant.partition("+")
+    teacher = teacher if distill else None
+    if spec == "plain":
+        return train_step(model, optimizer, ids, teacher)
+    with attached(model, spec):
+        return train_step(model, optimizer, ids, teacher)
 
 
 def bench_training(args, tokens: torch.Tensor) -> dict:
     model = load_model(args.model, init="random").train()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the full-precision start, as in QAT
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = windows(tokens, args.train_batch, args.train_seq)
-    variants = ["plain", *args.train_specs]
+    variants = list(args.train_variants)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for rep in tqdm(range(args.train_warmup + args.train_reps), desc="train steps", file=sys.stderr):
         for v in rotated(variants, rep):
-            seconds = timed_step(model, optimizer, ids, v)
+            seconds = timed_step(model, optimizer, ids, v, teacher)
             if rep >= args.train_warmup:
                 times[v].append(seconds)
     medians = {v: statistics.median(t) for v, t in times.items()}
     rows = [{"variant": v, "median s/step": medians[v], "min s/step": min(times[v]),
              "ratio vs plain": medians[v] / medians["plain"]} for v in variants]
-    return {"batch": args.train_batch, "seq_len": args.train_seq, "times": times, "rows": rows}
+    ratios = {f"{v}/plain": medians[v] / medians["plain"] for v in variants if v != "plain"}
+    for spec in {v.split("+")[0] for v in variants} - {"plain"}:
+        if f"{spec}+distill" in medians and "plain+distill" in medians:
+            ratios[f"{spec}+distill/plain+distill"] = medians[f"{spec}+distill"] / medians["plain+distill"]
+    return {"batch": args.train_batch, "seq_len": args.train_seq, "times": times, "rows": rows, "ratios": ratios}
 
 
 # ---------------------------------------------------------------- decoding
@@ -160,7 +184,7 @@ def bench_decode_batch(model, args, tokens: torch.Tensor, batch: int) -> dict:
 def summary_row(name: str, runs: list[dict], batch: int, new_tokens: int, reference: torch.Tensor | None) -> dict:
     """Median speeds over the repetitions; bytes and agreement from the last one."""
     last = runs[-1]
-    row = {"batch": batch, "cache": name, "label": LABELS[name],
+    row = {"batch": batch, "cache": name, "label": label(name),
            "decode tok/s": batch * (new_tokens - 1) / statistics.median(r["decode_s"] for r in runs),
            "prefill ms": 1000 * statistics.median(r["prefill_s"] for r in runs),
            "KV bytes": last["nbytes"], "KV bytes/token": last["nbytes"] / last["tokens"]}
@@ -212,16 +236,13 @@ def profile_decode(model, args, tokens: torch.Tensor, path: Path, top: int = 30)
 # ---------------------------------------------------------------- report
 
 
-def environment(args) -> dict:
-    return {"torch": torch.__version__, "transformers": version("transformers"), "hqq": version("hqq"),
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "smoke": args.smoke}
-
-
 def training_markdown(t: dict, model: str, threads: int) -> list[str]:
     caption = (f"Training step (forward + backward + AdamW) of {model}'s config at random init, batch {t['batch']} x "
-               f"{t['seq_len']} tokens, CPU, {threads} thread(s); variants interleaved, medians:")
-    return [caption, "", format_table(t["rows"], ["variant", "median s/step", "min s/step", "ratio vs plain"]), ""]
+               f"{t['seq_len']} tokens, CPU, {threads} thread(s); +distill adds the KL to a frozen full-precision "
+               f"copy (weight 1, as the QAT recipe); variants interleaved, medians:")
+    ratios = "; ".join(f"{k} {v:.3g}" for k, v in t["ratios"].items())
+    return [caption, "", format_table(t["rows"], ["variant", "median s/step", "min s/step", "ratio vs plain"]), "",
+            f"step-time ratios: {ratios}", ""]
 
 
 def decoding_markdown(d: dict, model: str, threads: int) -> list[str]:
@@ -255,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     torch.manual_seed(0)
     tokens = token_stream(None, "val", load_tokenizer("kvtrain-ref"))
-    result: dict = {"args": vars(args), "env": environment(args)}
+    result: dict = {"args": vars(args), "env": {**environment(), "smoke": args.smoke}}
     if not args.skip_train:
         result["training"] = bench_training(args, tokens)
     stem = "kv_speed_smoke" if args.smoke else "kv_speed"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 
+from bench_utils import environment
 from kvtrain.eval import format_table, write_json
 
 HERE = Path(__file__).parent
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "scale.md").write_text(table + "\n")
-        write_json(out / "scale.json", {"rows": rows, "args": vars(args)})
+        write_json(out / "scale.json", {"rows": rows, "args": vars(args), "env": environment()})
         print(f"wrote {out / 'scale.md'} and {out / 'scale.json'}")
 
 

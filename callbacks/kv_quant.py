@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -65,6 +66,10 @@ class KVQuantCallback(L.Callback):
         return {"spec": asdict(self.spec)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.spec = KVQuantSpec(**state_dict["spec"])
+        saved = KVQuantSpec(**state_dict["spec"])
+        if saved != self.spec:
+            warnings.warn(f"KVQuantCallback: resuming with the checkpoint's KV spec {saved}, not the configured "
+                          f"{self.spec}; the run continues as it was trained", stacklevel=2)
+        self.spec = saved
         if self._model is not None and attached_spec(self._model) != self.spec:
             attach(self._model, self.spec)  # resumed: train on with the checkpoint's spec

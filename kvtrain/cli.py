@@ -63,6 +63,18 @@ def working_directory(path: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+@contextmanager
+def own_arguments() -> Iterator[None]:
+    """Hide this process's command line (e.g. `kvtrain quickstart`) from a LightningCLI that is given its
+    arguments, so it neither mixes the two nor warns about them."""
+    previous = sys.argv
+    sys.argv = previous[:1]
+    try:
+        yield
+    finally:
+        sys.argv = previous
+
+
 def recipe_path(name: str) -> Path:
     """A recipe shipped with kvtrain, by file name (e.g. "pretrain_reference.yaml")."""
     path = Path(str(resources.files("kvtrain.recipes") / name))
@@ -187,7 +199,7 @@ def quickstart(smoke: bool = False) -> dict[str, Any]:
 def run_recipe(name: str, overrides: list[str]) -> None:
     """`kvtrain fit` a shipped recipe inside $KVTRAIN_HOME (its runs/ land there), resuming if interrupted."""
     home = kvtrain_home()
-    with working_directory(home):
+    with working_directory(home), own_arguments():
         args = ["fit", "--config", str(recipe_path(name)), *overrides]
         checkpoint = home / "runs" / Path(name).stem / "checkpoints" / "last.ckpt"
         if checkpoint.is_file():

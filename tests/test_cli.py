@@ -168,6 +168,7 @@ def test_quickstart_smoke(tmp_path, home):
     assert (smoke / "models" / "kvtrain-ref" / "model.safetensors").is_file()
     assert (smoke / "runs" / "qat_kivi2" / "model" / "kv_spec.json").is_file()
     assert "| QAT model | model's spec |" in result.stdout
+    assert "not recommended to provide both args and command line arguments" not in result.stderr  # a clean first screen
 
 
 @pytest.mark.slow

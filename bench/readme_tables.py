@@ -1,0 +1,173 @@
+"""Render the README's results from bench/results/*.json, so the README never says what a results file
+does not. Each rendered block sits between `<!-- results:NAME -->` and `<!-- /results:NAME -->`.
+
+    python bench/readme_tables.py            # rewrite the blocks in README.md
+    python bench/readme_tables.py --check    # exit 1, naming the blocks, if README.md differs (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+BLOCK = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+def load(relpath: str, results: Path) -> dict:
+    return json.loads((results / relpath).read_text())
+
+
+def fmt(v: float, digits: int = 4) -> str:
+    return f"{v:.{digits}g}"
+
+
+def table(rows: list[list[object]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+# ------------------------------------------------------------------------------ the blocks
+
+
+def qat_recovery(results: Path) -> str:
+    r = load("qat_recovery/results.json", results)
+    name, seeds, splits = r["spec_name"], r["seeds"], r["splits"]
+    ppl = {(row["model"], row["kv"], row["split"]): row["ppl"] for row in r["rows"]}
+    rows = []
+    for model, kv, label in [("start", "full precision", "kvtrain-ref (start)"), ("start", name, "kvtrain-ref (start)"),
+                             ("control", "full precision", "control fine-tune"), ("control", name, "control fine-tune"),
+                             ("qat", name, f"**{name} QAT**"), ("qat", "full precision", f"{name} QAT")]:
+        cells = []
+        for split in splits:
+            if model == "start":
+                cells.append(fmt(ppl["start", kv, split]))
+            else:
+                cells.append(mean_sd([ppl[f"{model}-seed{s}", kv, split] for s in seeds]))
+        kv_label = f"{name}, post-training" if model == "start" and kv != "full precision" else kv
+        rows.append([label, kv_label, *cells])
+    out = [table(rows, ["model", "KV cache", *[f"{s} ppl" for s in splits]]), ""]
+    for split in splits:
+        by_seed = [r["measures"][split][str(s)] for s in seeds]
+        rec = [100 * m["recovered"] for m in by_seed]
+        left = [100 * m["gap_left"] for m in by_seed]
+        out.append(f"- {split}: QAT recovers **{statistics.mean(rec):.1f}% ± {statistics.stdev(rec):.1f}** of the gap "
+                   f"the 2-bit cache opens on the control (seeds: {', '.join(f'{v:.1f}' for v in rec)}); the gap left "
+                   f"against its own full-precision KV is {statistics.mean(left):.2f}% ± {statistics.stdev(left):.2f} "
+                   f"(seeds: {', '.join(f'{v:.2f}' for v in left)}).")
+    out.append(f"- {len(seeds)} seeds per arm (the data order), mean ± sample sd; Python {r['env']['python']}.")
+    return "\n".join(out)
+
+
+def kv_quality(results: Path) -> str:
+    r = load("kv_quality.json", results)
+    best = {f"hqq{b}-k{a[0]}v{a[1]}" for b, a in r["best_peer_axes"].items()}
+    shown = [row for row in r["perplexity"] if not row["name"].startswith("hqq") or row["name"] in best]
+    rows = [[row["model"], row["kv cache"], fmt(row["ppl"])] for row in shown]
+    peers = [row for row in r["perplexity"] if row["name"].startswith("hqq")]
+    axes = "; ".join(f"{row['name']} {fmt(row['ppl'])}" for row in peers)
+    args = r["args"]
+    return "\n".join([
+        table(rows, ["model", "KV cache", "ppl"]), "",
+        f"{r['windows']} val windows of {args['seq_len']} tokens, a {args['prefill']}-token prompt then decoding, the "
+        f"loss over the decoded {args['seq_len'] - args['prefill']} tokens; the peer at its best axes of the four "
+        f"transformers documents (all four: {axes}); Python {r['env']['python']}.",
+    ])
+
+
+def kv_bytes(results: Path) -> str:
+    r = load("kv_quality.json", results)
+    lengths = r["args"]["byte_lengths"]
+    rows = [[row["cache"], row["state"], *[f"{fmt(row[f'B/tok {t}'])} ({row[f'x fp {t}']:.3f}x)" for t in lengths]]
+            for row in r["bytes"]]
+    return "\n".join([
+        table(rows, ["cache", "state", *[f"bytes/token at {t}" for t in lengths]]), "",
+        f"{r['args']['bytes_dtype']} K/V of kvtrain-ref's shape (4 layers x 2 KV heads x 32 dims), measured from the "
+        "tensors each cache holds; (x) is the ratio to a DynamicCache in the same dtype.",
+    ])
+
+
+def kv_speed(results: Path) -> str:
+    r = load("kv_speed.json", results)
+    t, d = r["training"], r["decoding"]
+    train = "; ".join(f"{k} **{v:.2f}x**" for k, v in t["ratios"].items())
+    rows = [[b["batch"], row["label"], fmt(row["decode tok/s"]), fmt(row["KV bytes/token"])]
+            for b in d["by_batch"] for row in b["rows"]]
+    return "\n".join([
+        f"Training step at {t['batch']} x {t['seq_len']} tokens (the QAT recipe's shape), interleaved, medians: {train}.",
+        "", f"Greedy decoding, {d['prompt']}-token prompt + {d['new_tokens']} tokens, {d['dtype']}, interleaved:", "",
+        table(rows, ["batch", "cache", "decode tok/s", "KV bytes/token"]), "",
+        f"CPU, {r['env']['threads']} thread(s), Python {r['env']['python']}.",
+    ])
+
+
+def rl_length(results: Path) -> str:
+    text = (results / "rl_length" / "rl_length.md").read_text()
+    r = load("rl_length/rl_length.json", results)
+    body = text.split("\n\n", 1)[1].strip()  # the tables and verdicts, without the header paragraph
+    return f"{body}\n\nPython {r['env']['python']}."
+
+
+def reference(results: Path) -> str:
+    rows = []
+    for split in ("val", "test"):
+        r = load(f"reference/{split}.json", results)
+        model, unigram = r["rows"]
+        rows.append([split, fmt(model["ppl"]), fmt(unigram["ppl"]), f"{model['tokens']:,}"])
+    return table(rows, ["split", "kvtrain-ref ppl", "unigram baseline ppl", "tokens"])
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
+    "kv_speed": kv_speed, "rl_length": rl_length,
+}
+
+
+def render(readme: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """(README with every block re-rendered, the names of the blocks that changed)."""
+    changed = []
+
+    def sub(match: re.Match) -> str:
+        name = match["name"]
+        if name not in BLOCKS:
+            raise KeyError(f"README has a results block {name!r} that no renderer knows ({sorted(BLOCKS)})")
+        body = BLOCKS[name](results) + "\n"
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(sub, readme), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only report blocks that differ (exit 1)")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    rendered, changed = render(text, args.results)
+    missing = sorted(set(BLOCKS) - set(m["name"] for m in BLOCK.finditer(text)))
+    if args.check:
+        if changed or missing:
+            print(f"README results differ from bench/results: {changed}; blocks missing: {missing}", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(rendered)
+    print(f"rendered {sorted(set(BLOCKS) - set(missing))}; changed {changed}; missing {missing}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Every benchmark runs end to end at smoke size and writes what its report says it measured.
+(`bench/rl_length.py` and `bench/scale.py` have theirs in test_rl_recipes.py and test_deepspeed.py.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_bench(script, tmp_path, *args, timeout=900):
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke", f"--out={tmp_path}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def reference(home):
+    """A (tiny, 3-step) kvtrain-ref in the test home: the benchmarks compare caches on it."""
+    from conftest import run_kvtrain
+    from kvtrain.models import embedded_model_path
+
+    if not embedded_model_path().is_dir():
+        args = ["fit", "--config", str(REPO / "recipes" / "pretrain_reference.yaml"), "--trainer.max_steps=3",
+                "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false"]
+        result = run_kvtrain(args, cwd=home)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return embedded_model_path()
+
+
+@pytest.mark.slow
+def test_kv_quality_smoke(tmp_path, reference):
+    run_bench("kv_quality.py", tmp_path)
+    result = json.loads((tmp_path / "kv_quality_smoke.json").read_text())
+    assert result["env"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    assert all(d < 1e-3 for d in result["parity_max_abs_diff"].values())
+    names = [r["name"] for r in result["perplexity"]]
+    # every documented axis combination of the peer at both bit widths, scored on the same decoded tokens
+    assert names == ["fp", "kivi2", "kivi4", *[f"hqq{b}-k{k}v{v}" for b in (2, 4) for k in (0, 1) for v in (0, 1)]]
+    assert len({r["tokens"] for r in result["perplexity"]}) == 1 == len({r["windows"] for r in result["perplexity"]})
+    best = result["best_peer_axes"]
+    for bits in ("2", "4"):
+        winner = min((r for r in result["perplexity"] if r["name"].startswith(f"hqq{bits}-")), key=lambda r: r["ppl"])
+        assert winner["name"] == f"hqq{bits}-k{best[bits][0]}v{best[bits][1]}"
+    rows = {(r["name"], r["state"]): r for r in result["bytes"]}
+    # bf16: 4 layers x 2 KV heads x 32 dims x (K, V) x 2 bytes = 1024 bytes/token for DynamicCache. Ours kivi2
+    # after a 512-token prefill: 384 tokens quantized (2-bit codes + fp16 scale/zero per 32 = 0.375 byte/element)
+    # and the 128-token window in bf16: (384 x 0.375 + 128 x 2) x 512 / 512 = 400 bytes/token.
+    assert rows["fp", "decoding"]["B/tok 512"] == 1024
+    assert rows["kivi2", "prefill"]["B/tok 512"] == 400
+    assert 400 < rows["kivi2", "decoding"]["B/tok 512"] < 460  # over the last 128 steps: more tokens in bf16
+
+
+@pytest.mark.slow
+def test_kv_speed_smoke(tmp_path, reference):
+    run_bench("kv_speed.py", tmp_path)
+    result = json.loads((tmp_path / "kv_speed_smoke.json").read_text())
+    assert [r["variant"] for r in result["training"]["rows"]] == ["plain", "kivi2", "plain+distill", "kivi2+distill"]
+    assert set(result["training"]["ratios"]) == {"kivi2/plain", "plain+distill/plain", "kivi2+distill/plain",
+                                                 "kivi2+distill/plain+distill"}
+    rows = result["decoding"]["by_batch"][0]["rows"]
+    assert [r["cache"] for r in rows] == ["fp", "kivi2", "kivi4", "hqq2", "hqq4"]
+    assert "axis_key=" in rows[3]["label"]  # the peer runs at named axes
+    assert rows[0]["KV bytes/token"] == 2048 and all(r["KV bytes/token"] < 2048 for r in rows[1:])
+    assert result["env"]["python"]
+
+
+@pytest.mark.slow
+def test_qat_recovery_smoke(tmp_path, reference):
+    run_bench("qat_recovery.py", tmp_path, "--threads=1")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["seeds"] == [1, 2] and result["env"]["python"]
+    models = {r["model"] for r in result["rows"]}
+    assert models == {"start", "qat-seed1", "control-seed1", "qat-seed2", "control-seed2"}
+    ppl = {(r["model"], r["kv"], r["split"]): r["ppl"] for r in result["rows"]}
+    for split in ("val", "test"):
+        for seed in ("1", "2"):
+            m = result["measures"][split][seed]
+            control_q, control_fp = ppl[f"control-seed{seed}", "kivi2", split], ppl[f"control-seed{seed}", "full precision", split]
+            qat_q, qat_fp = ppl[f"qat-seed{seed}", "kivi2", split], ppl[f"qat-seed{seed}", "full precision", split]
+            assert m["recovered"] == pytest.approx((control_q - qat_q) / (control_q - control_fp))
+            assert m["gap_left"] == pytest.approx(qat_q / qat_fp - 1)
+    table = (tmp_path / "table.md").read_text()
+    assert "mean ± sd over 2 seeds" in table and "gap left" in table
