@@ -76,9 +76,20 @@ def test_peft_recipes_run_tiny_and_report_trainable_parameters(recipe, tmp_path,
     # r=16 on q,k,v,o of 2 tiny layers: q 64*16+16*64, k 64*16+16*32, v same, o 64*16+16*64
     lora = 2 * (2 * (64 * 16 + 16 * 64) + 2 * (64 * 16 + 16 * 32))
     assert f"kvtrain: {lora:,} trainable / " in result.stdout
+    from safetensors.torch import load_file
+
     exported = tmp_path / "runs" / recipe.replace(".yaml", "") / "model"
-    expected = "model.safetensors" if recipe.startswith("lora") else "adapter_model.safetensors"
-    assert (exported / expected).is_file()
+    if recipe.startswith("lora"):  # merged: the adapted projections moved, nothing else did
+        start, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(exported / "model.safetensors")
+        assert start.keys() == merged.keys()
+        for name, tensor in start.items():
+            moved = (merged[name] - tensor).abs().max() > 0
+            assert moved == any(p in name for p in ("q_proj", "k_proj", "v_proj", "o_proj")), name
+    else:  # QLoRA writes the adapter only: r=16 on the recipe's modules, B trained away from its zero init
+        config = json.loads((exported / "adapter_config.json").read_text())
+        assert config["r"] == 16 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        adapter = load_file(exported / "adapter_model.safetensors")
+        assert all(t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name)
 
 
 @pytest.mark.slow

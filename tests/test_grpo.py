@@ -75,6 +75,10 @@ def test_every_variant_trains_and_logs(tiny_model_dir, tmp_path, variant):
     assert series(rows, "train/entropy")[0] > 5.0  # a random model over 4096 tokens: ln 4096 = 8.3
     # max_steps counts policy updates: num_iterations updates per rollout batch
     assert len(series(rows, "train/reward")) == 4 // variant.get("num_iterations", 1)
+    if variant.get("num_iterations", 1) == 1:  # each logged update is the first on its rollouts: ratio 1
+        assert series(rows, "train/clip_fraction") == [0.0] * 4
+    else:  # the second update sees the first one's change
+        assert max(series(rows, "train/clip_fraction")) > 0
     if variant.get("kl_weight"):
         kl = series(rows, "train/kl")
         assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # starts at the reference, then moves away

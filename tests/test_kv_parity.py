@@ -146,18 +146,26 @@ def test_generate_greedy_with_quantized_cache_matches_teacher_forcing():
     torch.testing.assert_close(logits[0, 29:-1].argmax(-1), out[0, 30:])
 
 
-def test_generate_sampling_batch_left_padding_runs():
+def test_generate_sampling_batch_left_padding_matches_the_training_view():
     model = build("llama")
     attach(model, "kivi2")
+    torch.manual_seed(1)
     prompt = torch.randint(1, 512, (3, 12))
     mask = torch.ones_like(prompt)
     mask[0, :5] = 0
     cache = QuantizedKVCache("kivi2")
     out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=150, do_sample=True,
-                         top_p=0.9, temperature=0.8, pad_token_id=0)
-    assert out.shape == (3, 162)
+                         top_p=0.9, temperature=0.8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 162)
     assert cache.layers[0].k.packed.n == 32  # 161 cached tokens, 128 in the window: one 32-token key group
     assert cache.layers[0].v.packed.n == 161 - 128
+    # every sampled step's logits, left padding and all, are the training forward's on the sampled sequence
+    full_mask = torch.cat([mask, torch.ones(3, 150, dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
+    # (generate hands its logits out in fp32)
+    torch.testing.assert_close(logits[:, 11:-1].float(), torch.stack(out.logits, dim=1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype, ratio", [(torch.float32, 0.1221), (torch.bfloat16, 0.2129)])

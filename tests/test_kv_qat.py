@@ -90,8 +90,12 @@ def test_distillation_kl_matches_hand_values():
     logits = torch.randn(2, 5, 7)
     assert distillation_kl(logits, logits)[0].item() == pytest.approx(0.0, abs=1e-6)
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    masked, count = distillation_kl(torch.randn(2, 5, 7), logits, mask)
-    assert count == 4 + 2
+    student = torch.randn(2, 5, 7)
+    masked, count = distillation_kl(student, logits, mask)
+    assert count == 4 + 2  # row 1 predicts only from positions 2 and 3 (both they and their targets are real)
+    p, q = torch.softmax(logits, -1), torch.log_softmax(student, -1)
+    by_hand = sum((p[b, t] * (p[b, t].log() - q[b, t])).sum() for b, t in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 2), (1, 3)])
+    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
 def test_teacher_sees_full_precision_kv_while_the_student_is_quantized(corpus_file):

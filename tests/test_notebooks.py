@@ -32,7 +32,9 @@ def test_finetune_then_evaluate_notebook_runs(tmp_path, home, monkeypatch):
     checks = ("assert [r['kv bits'] for r in after] == ['fp32', 2, 3, 4, 8]\n"
               "sizes = [r['bytes/token'] for r in after]\n"
               "assert sizes[0] == 4 * 2 * 32 * 2 * 4 and sizes[1] < sizes[2] < sizes[3] < sizes[4] < sizes[0]\n"
-              "assert all(r['ppl'] > 1 for r in before + after)")
+              "assert all(r['ppl'] > 1 for r in before + after)\n"
+              "assert after[1]['kv bits'] == before[1]['kv bits'] == 2\n"
+              "assert after[1]['ppl'] < before[1]['ppl']  # the QAT row beats the post-training row under kivi2")
     nb = run_notebook("finetune_then_evaluate.ipynb", checks, tmp_path, home, monkeypatch)
     assert (tmp_path / "kv_bits_vs_ppl.png").stat().st_size > 10_000
     assert any("| QAT (kivi2) | 2 |" in table for table in markdown_outputs(nb))
@@ -44,7 +46,9 @@ def test_rl_length_penalty_notebook_runs(tmp_path, home, monkeypatch):
               "assert 0 < before['length'] <= EVAL_TOKENS and 0 < after['length'] <= EVAL_TOKENS\n"
               "assert series('train/length')[0] == list(range(RL_STEPS))\n"
               "assert all(0 < n <= BUDGET for n in series('train/length')[1])\n"
-              "assert series('val/accuracy')[1] and all(0 <= a <= 1 for a in series('val/accuracy')[1])")
+              "assert series('val/accuracy')[1] and all(0 <= a <= 1 for a in series('val/accuracy')[1])\n"
+              "again = evaluate(module.model, 'DLER')  # the table's DLER row is the trained policy's, greedy\n"
+              "assert again['lengths'] == after['lengths'] and again['correct'] == after['correct']")
     nb = run_notebook("rl_length_penalty.ipynb", checks, tmp_path, home, monkeypatch, timeout=1200)
     for plot in ("rl_training_curves.png", "length_histogram.png"):
         assert (tmp_path / plot).stat().st_size > 10_000

@@ -61,6 +61,11 @@ def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monk
     assert len(series(rows, "time/step_s")) == 4 and min(series(rows, "time/step_s")) > 0
     assert series(rows, "train/accuracy") == [0.0] * 4  # random weights do not do arithmetic
     assert series(rows, "train/reward") == [0.0] * 4
+    # every group is flat, so no recipe may move the policy: zero advantages (DRPO: no group with both kinds
+    # of answer) make the loss exactly 0; and the first importance ratio is 1 (the training forward sees the
+    # K/V the rollout's cache held, 2-bit for dler_kivi2), so nothing is clipped
+    assert series(rows, "train/loss") == [0.0] * 4
+    assert series(rows, "train/clip_fraction") == [0.0] * 4
     assert len(series(rows, "val/accuracy")) == 1 and 0 < series(rows, "val/length")[0] <= BUDGET  # greedy
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "model" / "config.json").is_file()
     hparams = cli.model.hparams

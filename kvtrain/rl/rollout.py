@@ -13,7 +13,7 @@ import inspect
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
 
@@ -97,6 +97,32 @@ def completion_mask(completion_ids: torch.Tensor, eos_id: int, pad_id: int,
     return mask, truncated
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Records, at each generation step, log_softmax(logits / temperature) at the token the step chose,
+    keeping one step's logits at a time (generate's `output_logits` would keep every step's: at 64 x
+    4096 tokens x a 152k vocabulary, 159 GB in fp32). It sees the logits before temperature, top-k and
+    top-p (which generate applies after it), as a training forward computes them."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.previous, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:  # the previous step's choice is the last column now
+            self._record(input_ids[:, -1])
+        self.previous = scores.clone()
+        return scores
+
+    def _record(self, chosen: torch.Tensor) -> None:
+        self.logprobs.append(token_logprobs(self.previous, chosen, self.temperature))
+
+    def finish(self, completion: torch.Tensor) -> torch.Tensor:
+        """(B, T) log-probs of `completion` (the generated ids), once generate has returned."""
+        if len(self.logprobs) < completion.shape[1]:
+            self._record(completion[:, -1])
+        self.previous = None
+        return torch.stack(self.logprobs, dim=1)
+
+
 def _hit_stop_string(texts: list[str], stop: list[str]) -> torch.Tensor:
     # generate stops at a stop string's first occurrence (its last token may overhang it), so any
     # occurrence means the row stopped there
@@ -128,8 +154,9 @@ def sample(
     prompt_mask = enc.attention_mask.repeat_interleave(num_generations, dim=0).to(device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(
         do_sample=False, temperature=None, top_p=None, top_k=None)
-    kwargs = dict(max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
-                  pad_token_id=tokenizer.pad_token_id, **sampling)
+    recorder = SampledLogprobs(temperature or 1.0)
+    kwargs = dict(max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([recorder]),
+                  return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, **sampling)
     if stop:
         kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
     if spec is None:
@@ -139,7 +166,7 @@ def sample(
             out = model.generate(prompt_ids, attention_mask=prompt_mask, past_key_values=QuantizedKVCache(resolved),
                                  **kwargs)
     completion = out.sequences[:, prompt_ids.shape[1]:]
-    logprobs = token_logprobs(torch.stack(out.logits, dim=1), completion, temperature or 1.0)
+    logprobs = recorder.finish(completion)
     texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
     stopped = _hit_stop_string(texts, stop) if stop else torch.zeros(len(texts), dtype=torch.bool)
     mask, truncated = completion_mask(completion.cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id, stopped)
