@@ -125,7 +125,8 @@ def reference(results: Path) -> str:
         r = load(f"reference/{split}.json", results)
         model, unigram = r["rows"]
         rows.append([split, fmt(model["ppl"]), fmt(unigram["ppl"]), f"{model['tokens']:,}"])
-    return table(rows, ["split", "kvtrain-ref ppl", "unigram baseline ppl", "tokens"])
+    return "\n".join([table(rows, ["split", "kvtrain-ref ppl", "unigram baseline ppl", "tokens"]), "",
+                      f"`kvtrain eval --split val|test` (256-token windows), Python {r['python']}."])
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {

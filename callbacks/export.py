@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import shutil
 import tempfile
 from pathlib import Path
@@ -110,18 +111,32 @@ def module_from_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, K
     """The run's LightningModule (CausalLMModule, GRPOModule, ...) with the checkpoint's weights, and
     the KV spec it trained with (None without KVQuantCallback)."""
     state = load_checkpoint(checkpoint)
-    module = _module_from_hyperparameters(state["hyper_parameters"])
+    module = _module_from_hyperparameters(state.get("hyper_parameters", {}), checkpoint)
     module.load_state_dict(state["state_dict"])
     return module, spec_from_checkpoint(state)
 
 
-def _module_from_hyperparameters(hparams: dict) -> L.LightningModule:
-    """Rebuild the run's LightningModule: LightningCLI records its class as `_class_path`."""
-    hparams = dict(hparams)
-    module_path, _, name = hparams.pop("_class_path", "kvtrain.modules.CausalLMModule").rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name)
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule) and hasattr(cls, "export")):
-        raise TypeError(f"{module_path}.{name} is not a LightningModule with an export(path) method")
+def _module_class(hparams: dict, checkpoint) -> type:
+    """LightningCLI records the class as `_class_path`; a module built in Python is the kvtrain module
+    whose arguments its hyperparameters are."""
+    if "_class_path" in hparams:
+        module_path, _, name = hparams["_class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_path), name)
+        if not (isinstance(cls, type) and issubclass(cls, L.LightningModule) and hasattr(cls, "export")):
+            raise TypeError(f"{module_path}.{name} is not a LightningModule with an export(path) method")
+        return cls
+    from kvtrain.modules import CausalLMModule, GRPOModule
+
+    keys = {k for k in hparams if not k.startswith("_")}
+    for cls in (CausalLMModule, GRPOModule):
+        if keys and keys <= set(inspect.signature(cls.__init__).parameters):
+            return cls
+    raise ValueError(f"{checkpoint} holds a LightningModule that is not a kvtrain module, so kvtrain cannot rebuild "
+                     "it; save its Hugging Face model with save_pretrained and pass that folder instead")
+
+
+def _module_from_hyperparameters(hparams: dict, checkpoint="the checkpoint") -> L.LightningModule:
+    cls = _module_class(hparams, checkpoint)
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if "distill_weight" in kwargs:
         kwargs["distill_weight"] = 0.0  # exporting needs no teacher

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from dataclasses import asdict
@@ -141,7 +142,7 @@ def evaluate(
     if baseline:
         rows.append(_unigram_row(data, split, tokens, tokenizer, rows[0]["tokens"], seq_len))
     print(format_table(rows, ["model", "kv", "split", "tokens", "loss", "ppl", "kv_bytes_per_token"]))
-    report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib",
+    report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib", "python": platform.python_version(),
               "specs": {name: asdict(spec) for name, spec in specs.items() if spec is not None}}
     if output:
         print(f"kvtrain: wrote {write_json(output, report)}")

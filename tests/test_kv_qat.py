@@ -153,8 +153,8 @@ def test_eval_reports_perplexity_and_measured_bytes_under_a_spec(tiny_model_dir,
           "--max_batches", "2", "--kv", str(spec_file), "--output", str(out), "--baseline", "false"])
     full, int8 = json.loads(out.read_text())["rows"]
     # head_dim 16, 2 KV heads, 2 layers, K and V: fp32 is 2*2*2*16*4 = 512 bytes/token; int8 codes
-    # (1 byte) plus an fp32 scale and zero per 16 channels (0.5 byte/element) are 1.5 bytes/element.
-    assert full["kv_bytes_per_token"] == 512 and int8["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 1.5
+    # (1 byte) plus an fp16 scale and zero per 16 channels (0.25 byte/element) are 1.25 bytes/element.
+    assert full["kv_bytes_per_token"] == 512 and int8["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 1.25
     assert int8["ppl"] == pytest.approx(full["ppl"], rel=2e-3) and int8["ppl"] != full["ppl"]
 
 
@@ -164,14 +164,17 @@ def test_eval_rejects_a_group_size_that_does_not_divide_head_dim(tiny_model_dir,
               "--max_batches", "1", "--kv", "kivi2", "--output", "null"])
 
 
-def test_eval_reads_the_spec_a_checkpoint_was_trained_with(corpus_file, tmp_path):
-    from kvtrain.cli import model_spec
+def test_a_checkpoint_carries_the_spec_it_was_trained_with(corpus_file, tmp_path):
+    from kvtrain.callbacks.export import load_checkpoint, module_from_checkpoint
+    from kvtrain.callbacks.kv_quant import spec_from_checkpoint
 
     user_fit(corpus_file, KVQuantCallback(bits=4, overrides=SPEC), steps=2, ckpt_dir=tmp_path)
-    assert model_spec(str(tmp_path / "last.ckpt")) == KVQuantSpec(key_bits=4, value_bits=4, **SPEC)
-    torch.save({"callbacks": {}}, tmp_path / "plain.ckpt")
-    with pytest.raises(ValueError, match="not trained with KVQuantCallback"):
-        model_spec(str(tmp_path / "plain.ckpt"))
+    checkpoint = load_checkpoint(tmp_path / "last.ckpt")
+    assert spec_from_checkpoint(checkpoint) == KVQuantSpec(key_bits=4, value_bits=4, **SPEC)
+    assert spec_from_checkpoint({"callbacks": {}}) is None
+    # a user's own module is not rebuilt from its checkpoint by guessing: the error says what to do
+    with pytest.raises(ValueError, match="not a kvtrain module.*save_pretrained"):
+        module_from_checkpoint(tmp_path / "last.ckpt")
 
 
 def test_cache_nbytes_counts_every_tensor_or_refuses():
