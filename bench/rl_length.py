@@ -385,6 +385,8 @@ def main() -> None:
     parser.add_argument("--sft", default="runs/sft_reasoning/model", help="the SFT warm start (a model folder)")
     parser.add_argument("--steps", type=int, default=40, help="RL steps of every run")
     parser.add_argument("--eval-size", type=int, default=500, help="held-out problems")
+    parser.add_argument("--eval-split", default="test", choices=("val", "test"),
+                        help="the task split to evaluate on: choose settings on val, report on test")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="evaluation budget (the SFT chains fit)")
     parser.add_argument("--eval-batch-size", type=int, default=100)
     parser.add_argument("--only", nargs="+", choices=("sft", *RECIPES, *PEER_RUNS),
@@ -406,7 +408,7 @@ def main() -> None:
                           "--trainer.enable_progress_bar=false"]
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED, split="test")
+    problems = arithmetic_problems(args.eval_size, seed=HELD_OUT_SEED, split=args.eval_split)
     if args.only:  # no report: another process may be running the other runs
         for name in args.only:
             if name not in PEER_RUNS:
@@ -419,8 +421,9 @@ def main() -> None:
         run_peer_pair(args, out, problems)
         results.update({name: run_one(name, args, out, problems) for name in PEER_RUNS})
     markdown = report(results, out)
-    header = (f"Held-out: {args.eval_size} arithmetic problems of the task's test split (disjoint from every "
-              f"training and validation set by construction; seed {HELD_OUT_SEED}), greedy, budget "
+    header = (f"Held-out: {args.eval_size} arithmetic problems of the task's {args.eval_split} split (disjoint from every "
+              f"training{' and validation' if args.eval_split == 'test' else ''} set by construction; seed "
+              f"{HELD_OUT_SEED}), greedy, budget "
               f"{args.max_new_tokens} tokens; every RL run {args.steps} steps from {args.sft}; "
               f"{args.threads} torch thread(s); Python {environment()['python']}. accuracy in %, accuracy_vs_sft "
               f"in points ± its paired standard error, length in tokens, kv_bytes_per_answer: mean over answers of "

@@ -171,3 +171,21 @@ def test_lm_data_is_built_in_prepare_data(tmp_path, corpus_file, home, monkeypat
     fresh = LMDataModule(data=str(corpus_file), tokenizer="kvtrain-ref", seq_len=32, batch_size=2)
     fresh.setup("fit")
     assert len(fresh.dataset("train")) > 0 and len(fresh.dataset("val")) > 0
+
+
+def test_write_json_never_leaves_half_a_file(tmp_path, monkeypatch):
+    from kvtrain.eval import write_json
+
+    target = write_json(tmp_path / "result.json", {"done": 1})
+    real_write = Path.write_text
+
+    def crash_halfway(self, text, *args, **kwargs):  # the process dies in the middle of writing
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("killed")
+
+    monkeypatch.setattr(Path, "write_text", crash_halfway)
+    with pytest.raises(OSError, match="killed"):
+        write_json(target, {"done": 2, "rows": list(range(100))})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"done": 1}  # a done marker is whole or absent, never half
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -282,7 +282,7 @@ class GRPOModule(L.LightningModule):
         """The policy loss of the whole batch, back-propagated micro-batch by micro-batch."""
         h = self.hparams
         parts = rollouts.micro_batches(h.micro_batch_size)
-        if len(parts) == 1:
+        if h.micro_batch_size is None or len(parts) == 1:  # one graph (over every generate call)
             logp, entropy = policy_logprobs(self.model, rollouts, h.temperature, h.micro_batch_size, entropy=True)
             loss, stats = self._policy_loss(logp, entropy, rollouts, old, advantages, correct, reference)
             self.manual_backward(loss)
