@@ -119,6 +119,30 @@ def rl_length(results: Path) -> str:
     return f"{body}\n\nPython {r['env']['python']}."
 
 
+def paired_se(a: list[bool], b: list[bool]) -> float:
+    d = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    return statistics.stdev(d) / len(d) ** 0.5
+
+
+def rl_selection(results: Path) -> str:
+    """DLER's learning rate and steps, chosen on the task's val split (never on the test split)."""
+    import yaml
+
+    folder = results / "rl_length_val"
+    sft = load("rl_length_val/sft/result.json", results)["evals"]["full precision"]
+    rows = []
+    for run in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "sft"):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        ev = load(f"rl_length_val/{run.name}/result.json", results)["evals"]["full precision"]
+        drop, cut = 100 * (ev["accuracy"] - sft["accuracy"]), 100 * (1 - ev["length"] / sft["length"])
+        meets = "yes" if cut >= 50 and drop >= -2 else "no"
+        rows.append([config["model"]["init_args"]["lr"], config["trainer"]["max_steps"],
+                     f"{drop:+.1f} ± {100 * paired_se(ev['correct'], sft['correct']):.1f}", f"-{cut:.1f}%", meets])
+    return "\n".join([table(rows, ["lr", "steps", "accuracy vs SFT (points)", "length vs SFT", "meets the bar"]), "",
+                      f"{sft['problems']} problems of the val split; SFT: accuracy {100 * sft['accuracy']:.1f}%, "
+                      f"length {sft['length']:.1f} tokens."])
+
+
 def reference(results: Path) -> str:
     rows = []
     for split in ("val", "test"):
@@ -131,7 +155,7 @@ def reference(results: Path) -> str:
 
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
-    "kv_speed": kv_speed, "rl_length": rl_length,
+    "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
 }
 
 
