@@ -153,9 +153,19 @@ def reference(results: Path) -> str:
                       f"`kvtrain eval --split val|test` (256-token windows), Python {r['python']}."])
 
 
+def smollm2_eval(results: Path) -> str:
+    r = load("smollm2/eval_val.json", results)
+    rows = [[row["kv"], fmt(row["ppl"]), f"{row['kv_bytes_per_token']:,.0f}"]
+            for row in r["rows"] if row.get("model") != "unigram baseline"]
+    return "\n".join([table(rows, ["KV cache", "val ppl", "KV bytes/token (fp32 model)"]), "",
+                      f"`kvtrain eval --model smollm2-135m --kv kivi2 --seq_len {r['seq_len']}` on the embedded val split "
+                      f"({r['rows'][0]['tokens']:,} predicted tokens), Python {r['python']}."])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
     "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
+    "smollm2_eval": smollm2_eval,
 }
 
 
