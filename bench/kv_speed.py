@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(0)
-    tokens = token_stream(None, "val", load_tokenizer("kvtrain-ref"))
+    tokens = token_stream(None, "val", load_tokenizer(args.model))
     result: dict = {"args": vars(args), "env": {**environment(), "smoke": args.smoke}}
     if not args.skip_train:
         result["training"] = bench_training(args, tokens)

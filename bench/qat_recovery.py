@@ -18,6 +18,8 @@ and the report assembled by a last plain call.
     python bench/qat_recovery.py                          # 3 seeds x 2 arms (~25 min a run on 1 core)
     python bench/qat_recovery.py --only qat:1 control:1   # some runs (e.g. one process per core)
     python bench/qat_recovery.py --smoke                  # a minute, for CI
+    python bench/qat_recovery.py --model smollm2-135m --out bench/results/smollm2/qat_recovery \
+        --override=--model.init_args.lr=3e-5 ...          # the recipe on another model (its tokenizer)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, perplexity, write_json
 from kvtrain.home import is_complete
 from kvtrain.kv import PRESETS, KVQuantSpec
-from kvtrain.models import load_model, load_tokenizer
+from kvtrain.models import REFERENCE, load_model, load_tokenizer
 
 ARMS = ("qat", "control")
 
@@ -78,8 +80,9 @@ def spec_name(spec: KVQuantSpec) -> str:
     return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), "recipe spec")
 
 
-def evaluate(models: dict[str, str], spec: KVQuantSpec, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
-    tokens = token_stream(None, split, load_tokenizer("kvtrain-ref"))
+def evaluate(models: dict[str, str], spec: KVQuantSpec, split: str, seq_len: int, max_batches: int | None,
+             tokenizer: str) -> list[dict]:
+    tokens = token_stream(None, split, load_tokenizer(tokenizer))
     dataset = PackedDataset(tokens, seq_len)
     rows = []
     for name, path in models.items():
@@ -118,7 +121,7 @@ def report(result: dict) -> str:
     seeds, splits, name = result["seeds"], result["splits"], result["spec_name"]
     per_seed = [{"split": split, "seed": s, "recovered %": 100 * m["recovered"], "gap left %": 100 * m["gap_left"]}
                 for split, by_seed in result["measures"].items() for s, m in by_seed.items()]
-    lines = [f"{result['recipe']} for {len(seeds)} seeds (data order) per arm; perplexity on whole "
+    lines = [f"{result['recipe']} on {result.get('model', REFERENCE)} for {len(seeds)} seeds (data order) per arm; perplexity on whole "
              f"{result['seq_len']}-token windows; Python {result['env']['python']}. Mean and sample sd over seeds:",
              "", format_table(summary_rows(result["rows"], seeds, splits), ["model", "kv", "split", "ppl mean", "ppl sd"]),
              "", f"Per seed: recovered = share of the control's {name} gap that QAT wins back; gap left = "
@@ -137,15 +140,20 @@ def report(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="qat_kivi2.yaml")
+    parser.add_argument("--model", default=REFERENCE, help="the start model (recipe's model replaced; its tokenizer)")
     parser.add_argument("--out", default="bench/results/qat_recovery")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
     parser.add_argument("--only", nargs="+", metavar="ARM:SEED", help="train just these runs (no report)")
+    parser.add_argument("--max_batches", type=int, default=None,
+                        help="evaluate the first N batches of 4 windows per split (default: whole splits)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="2 seeds, 4 steps, 2 eval batches")
     parser.add_argument("--override", action="append", default=[],
                         help="a recipe override, e.g. --override=--trainer.max_steps=60")
     args = parser.parse_args(argv)
+    if args.model != REFERENCE:
+        args.override.insert(0, f"--model.init_args.model={args.model}")
     if args.smoke:
         args.seeds = args.seeds[:2]
         args.override += ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
@@ -168,12 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         return
     spec = recipe_spec(recipe)
-    models = {"start": "kvtrain-ref", **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
-    max_batches = 2 if args.smoke else None
-    rows = [row for split in args.splits for row in evaluate(models, spec, split, 1024, max_batches)]
+    models = {"start": args.model, **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
+    max_batches = 2 if args.smoke else args.max_batches
+    rows = [row for split in args.splits for row in evaluate(models, spec, split, 1024, max_batches, args.model)]
     train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
-    result = {"recipe": recipe.name, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
-              "seq_len": 1024, "overrides": args.override, "env": environment(), "rows": rows,
+    result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
+              "seq_len": 1024, "max_batches": max_batches, "overrides": args.override, "env": environment(), "rows": rows,
               "measures": {split: {s: measures(rows, split, s) for s in args.seeds} for split in args.splits},
               "train_seconds": train_seconds}
     markdown = report(result)

@@ -12,6 +12,7 @@ import json
 import re
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -41,12 +42,12 @@ def mean_sd(values: list[float]) -> str:
 # ------------------------------------------------------------------------------ the blocks
 
 
-def qat_recovery(results: Path) -> str:
-    r = load("qat_recovery/results.json", results)
-    name, seeds, splits = r["spec_name"], r["seeds"], r["splits"]
+def qat_recovery(results: Path, folder: str = "") -> str:
+    r = load(f"{folder}qat_recovery/results.json", results)
+    name, seeds, splits, start = r["spec_name"], r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
     ppl = {(row["model"], row["kv"], row["split"]): row["ppl"] for row in r["rows"]}
     rows = []
-    for model, kv, label in [("start", "full precision", "kvtrain-ref (start)"), ("start", name, "kvtrain-ref (start)"),
+    for model, kv, label in [("start", "full precision", f"{start} (start)"), ("start", name, f"{start} (start)"),
                              ("control", "full precision", "control fine-tune"), ("control", name, "control fine-tune"),
                              ("qat", name, f"**{name} QAT**"), ("qat", "full precision", f"{name} QAT")]:
         cells = []
@@ -66,12 +67,15 @@ def qat_recovery(results: Path) -> str:
                    f"the 2-bit cache opens on the control (seeds: {', '.join(f'{v:.1f}' for v in rec)}); the gap left "
                    f"against its own full-precision KV is {statistics.mean(left):.2f}% ± {statistics.stdev(left):.2f} "
                    f"(seeds: {', '.join(f'{v:.2f}' for v in left)}).")
-    out.append(f"- {len(seeds)} seeds per arm (the data order), mean ± sample sd; Python {r['env']['python']}.")
+    settings = f" ({', '.join(o.removeprefix('--') for o in r['overrides'])})" if r["overrides"] else ""
+    out.append(f"- {len(seeds)} seeds per arm (the data order), mean ± sample sd; {r['recipe']}{settings}; training "
+               f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
+               f"min (2-core CPU); Python {r['env']['python']}.")
     return "\n".join(out)
 
 
-def kv_quality(results: Path) -> str:
-    r = load("kv_quality.json", results)
+def kv_quality(results: Path, folder: str = "") -> str:
+    r = load(f"{folder}kv_quality.json", results)
     best = {f"hqq{b}-k{a[0]}v{a[1]}" for b, a in r["best_peer_axes"].items()}
     shown = [row for row in r["perplexity"] if not row["name"].startswith("hqq") or row["name"] in best]
     rows = [[row["model"], row["kv cache"], fmt(row["ppl"])] for row in shown]
@@ -86,14 +90,16 @@ def kv_quality(results: Path) -> str:
     ])
 
 
-def kv_bytes(results: Path) -> str:
-    r = load("kv_quality.json", results)
+def kv_bytes(results: Path, folder: str = "") -> str:
+    r = load(f"{folder}kv_quality.json", results)
+    shape = r.get("shape", {"layers": 4, "kv_heads": 2, "head_dim": 32})  # kvtrain-ref's, before results recorded it
     lengths = r["args"]["byte_lengths"]
     rows = [[row["cache"], row["state"], *[f"{fmt(row[f'B/tok {t}'])} ({row[f'x fp {t}']:.3f}x)" for t in lengths]]
             for row in r["bytes"]]
     return "\n".join([
         table(rows, ["cache", "state", *[f"bytes/token at {t}" for t in lengths]]), "",
-        f"{r['args']['bytes_dtype']} K/V of kvtrain-ref's shape (4 layers x 2 KV heads x 32 dims), measured from the "
+        f"{r['args']['bytes_dtype']} K/V of {r['args']['base']}'s shape ({shape['layers']} layers x {shape['kv_heads']} KV "
+        f"heads x {shape['head_dim']} dims), measured from the "
         "tensors each cache holds; (x) is the ratio to a DynamicCache in the same dtype.",
     ])
 
@@ -166,6 +172,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
     "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
     "smollm2_eval": smollm2_eval,
+    # the same tables on the real pretrained model, next to each kvtrain-ref table
+    "smollm2_kv_bytes": partial(kv_bytes, folder="smollm2/"),
+    "smollm2_kv_quality": partial(kv_quality, folder="smollm2/"),
 }
 
 
