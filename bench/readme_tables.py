@@ -68,6 +68,9 @@ def qat_recovery(results: Path, folder: str = "") -> str:
                    f"against its own full-precision KV is {statistics.mean(left):.2f}% ± {statistics.stdev(left):.2f} "
                    f"(seeds: {', '.join(f'{v:.2f}' for v in left)}).")
     settings = f" ({', '.join(o.removeprefix('--') for o in r['overrides'])})" if r["overrides"] else ""
+    if r.get("max_batches"):
+        tokens = ", ".join(f"{split} {next(row['tokens'] for row in r['rows'] if row['split'] == split):,}" for split in splits)
+        out.append(f"- perplexity over at most the first {4 * r['max_batches']} windows of each split (predicted tokens: {tokens}).")
     out.append(f"- {len(seeds)} seeds per arm (the data order), mean ± sample sd; {r['recipe']}{settings}; training "
                f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
                f"min (2-core CPU); Python {r['env']['python']}.")
@@ -173,6 +176,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
     "smollm2_eval": smollm2_eval,
     # the same tables on the real pretrained model, next to each kvtrain-ref table
+    "smollm2_qat_recovery": partial(qat_recovery, folder="smollm2/"),
     "smollm2_kv_bytes": partial(kv_bytes, folder="smollm2/"),
     "smollm2_kv_quality": partial(kv_quality, folder="smollm2/"),
 }

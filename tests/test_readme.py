@@ -31,3 +31,26 @@ def test_a_changed_result_is_a_mismatch(tmp_path):
     assert changed == ["reference"]
     assert readme_tables.main(["--check", f"--results={results}"]) == 1
 
+
+def test_smollm2_qat_results_ran_the_shipped_recipe():
+    """bench/results/smollm2/qat_recovery ran qat_kivi2.yaml with overrides (its runs predate the recipe
+    file); applied, they must give recipes/qat_kivi2_smollm2.yaml's training settings, so the README's
+    SmolLM2 QAT table is that recipe's."""
+    import yaml
+
+    result = json.loads((REPO / "bench" / "results" / "smollm2" / "qat_recovery" / "results.json").read_text())
+    ran = yaml.safe_load((REPO / "recipes" / result["recipe"]).read_text())
+    for override in result["overrides"]:
+        key, value = override.removeprefix("--").split("=", 1)
+        *parents, leaf = key.split(".")
+        node = ran
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+        if isinstance(node[leaf], str) and node[leaf][:1].isdigit():
+            node[leaf] = float(node[leaf])  # YAML 1.1 reads "2e-4" as a string, LightningCLI as a float
+    shipped = yaml.safe_load((REPO / "recipes" / "qat_kivi2_smollm2.yaml").read_text())
+    assert ran["model"] == shipped["model"] and ran["data"] == shipped["data"]
+    assert ran["trainer"]["callbacks"][0] == shipped["trainer"]["callbacks"][0]  # KVQuantCallback kivi2
+    for key in ("max_steps", "gradient_clip_val", "precision", "val_check_interval", "limit_val_batches"):
+        assert ran["trainer"][key] == shipped["trainer"][key], key
