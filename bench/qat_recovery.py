@@ -19,7 +19,7 @@ and the report assembled by a last plain call.
     python bench/qat_recovery.py --only qat:1 control:1   # some runs (e.g. one process per core)
     python bench/qat_recovery.py --smoke                  # a minute, for CI
     python bench/qat_recovery.py --model smollm2-135m --out bench/results/smollm2/qat_recovery \
-        --override=--model.init_args.lr=3e-5 ...          # the recipe on another model (its tokenizer)
+        --override=--model.init_args.lr=2e-4 ...          # the recipe on another model (its tokenizer)
 """
 
 from __future__ import annotations
