@@ -42,6 +42,7 @@ def test_kv_quality_smoke(tmp_path, reference):
     # every documented axis combination of the peer at both bit widths, scored on the same decoded tokens
     assert names == ["fp", "kivi2", "kivi4", *[f"hqq{b}-k{k}v{v}" for b in (2, 4) for k in (0, 1) for v in (0, 1)]]
     assert len({r["tokens"] for r in result["perplexity"]}) == 1 == len({r["windows"] for r in result["perplexity"]})
+    assert result["shape"] == {"layers": 4, "kv_heads": 2, "head_dim": 32}  # kvtrain-ref's, for the bytes caption
     best = result["best_peer_axes"]
     for bits in ("2", "4"):
         winner = min((r for r in result["perplexity"] if r["name"].startswith(f"hqq{bits}-")), key=lambda r: r["ppl"])
@@ -53,6 +54,16 @@ def test_kv_quality_smoke(tmp_path, reference):
     assert rows["fp", "decoding"]["B/tok 512"] == 1024
     assert rows["kivi2", "prefill"]["B/tok 512"] == 400
     assert 400 < rows["kivi2", "decoding"]["B/tok 512"] < 460  # over the last 128 steps: more tokens in bf16
+
+
+def test_kv_quality_peer_axes_option():
+    sys.path.insert(0, str(REPO / "bench"))
+    import kv_quality
+
+    assert kv_quality.parse_args(["--smoke"]).peer_axes == ["00", "01", "10", "11"]  # all four by default
+    assert kv_quality.parse_args(["--smoke", "--peer_axes", "11"]).peer_axes == ["11"]
+    with pytest.raises(SystemExit):
+        kv_quality.parse_args(["--peer_axes", "12"])  # not an axis pair transformers documents
 
 
 @pytest.mark.slow
