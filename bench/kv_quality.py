@@ -24,7 +24,8 @@ mean over those steps of bytes / tokens held, the state a user meets while gener
     python bench/kv_quality.py --smoke
     python bench/kv_quality.py                                  # 12 val windows (~25 min on 1 core)
     python bench/kv_quality.py --model qat_kivi2=runs/qat_kivi2/model --model control=runs/qat_control/model
-    python bench/kv_quality.py --base smollm2-135m --max_windows 4 --out bench/results/smollm2
+    python bench/kv_quality.py --base smollm2-135m --max_windows 3 --out bench/results/smollm2 \
+        --model qat-seed1=bench/results/smollm2/qat_recovery/qat-seed1/model    # the SmolLM2 rows
 """
 
 from __future__ import annotations
