@@ -85,11 +85,13 @@ def kv_quality(results: Path, folder: str = "") -> str:
     peers = [row for row in r["perplexity"] if row["name"].startswith("hqq")]
     axes = "; ".join(f"{row['name']} {fmt(row['ppl'])}" for row in peers)
     args = r["args"]
+    swept = args.get("peer_axes", ["00", "01", "10", "11"])
+    peer = (f"the peer at its best axes of the four transformers documents (all four: {axes})" if len(swept) == 4 else
+            f"the peer at axes {', '.join(f'k{a[0]}v{a[1]}' for a in swept)} only ({axes})")
     return "\n".join([
         table(rows, ["model", "KV cache", "ppl"]), "",
         f"{r['windows']} val windows of {args['seq_len']} tokens, a {args['prefill']}-token prompt then decoding, the "
-        f"loss over the decoded {args['seq_len'] - args['prefill']} tokens; the peer at its best axes of the four "
-        f"transformers documents (all four: {axes}); Python {r['env']['python']}.",
+        f"loss over the decoded {args['seq_len'] - args['prefill']} tokens; {peer}; Python {r['env']['python']}.",
     ])
 
 
@@ -107,11 +109,11 @@ def kv_bytes(results: Path, folder: str = "") -> str:
     ])
 
 
-def kv_speed(results: Path) -> str:
-    r = load("kv_speed.json", results)
+def kv_speed(results: Path, folder: str = "") -> str:
+    r = load(f"{folder}kv_speed.json", results)
     t, d = r["training"], r["decoding"]
     train = "; ".join(f"{k} **{v:.2f}x**" for k, v in t["ratios"].items())
-    rows = [[b["batch"], row["label"], fmt(row["decode tok/s"]), fmt(row["KV bytes/token"])]
+    rows = [[b["batch"], row["label"], fmt(row["decode tok/s"]), f"{row['KV bytes/token']:,.1f}"]
             for b in d["by_batch"] for row in b["rows"]]
     return "\n".join([
         f"Training step at {t['batch']} x {t['seq_len']} tokens (the QAT recipe's shape), interleaved, medians: {train}.",
@@ -121,9 +123,9 @@ def kv_speed(results: Path) -> str:
     ])
 
 
-def rl_length(results: Path) -> str:
-    text = (results / "rl_length" / "rl_length.md").read_text()
-    r = load("rl_length/rl_length.json", results)
+def rl_length(results: Path, folder: str = "") -> str:
+    text = (results / folder / "rl_length" / "rl_length.md").read_text()
+    r = load(f"{folder}rl_length/rl_length.json", results)
     body = text.split("\n\n", 1)[1].strip()  # the tables and verdicts, without the header paragraph
     return f"{body}\n\nPython {r['env']['python']}."
 
@@ -179,6 +181,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_qat_recovery": partial(qat_recovery, folder="smollm2/"),
     "smollm2_kv_bytes": partial(kv_bytes, folder="smollm2/"),
     "smollm2_kv_quality": partial(kv_quality, folder="smollm2/"),
+    "smollm2_kv_quality_4096": partial(kv_quality, folder="smollm2/ctx4096/"),
+    "smollm2_kv_speed": partial(kv_speed, folder="smollm2/"),
+    "smollm2_rl_length": partial(rl_length, folder="smollm2/"),
 }
 
 

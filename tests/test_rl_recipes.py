@@ -104,6 +104,26 @@ def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monk
 
 
 @pytest.mark.slow
+def test_instruct_recipe_asks_in_the_chat_template(tmp_path, monkeypatch, home):
+    # recipes/dler_smollm2.yaml on the tiny model, its tokenizer given a chat template (SmolLM2's is ChatML)
+    from kvtrain.models import load_tokenizer
+
+    chat = load_tokenizer("kvtrain-ref")
+    chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    chat.save_pretrained(tmp_path / "chat-tokenizer")
+    with pytest.warns(UserWarning, match="hit max_new_tokens"):
+        cli, rows, run = fit_recipe("dler_smollm2.yaml", tmp_path, monkeypatch, steps=2,
+                                    tokenizer=str(tmp_path / "chat-tokenizer"))
+    problems = cli.datamodule.dataset("train").problems + cli.datamodule.dataset("val").problems
+    instruction = 'Show your work, then write "The answer is <number>."'
+    assert all(p.prompt.startswith("<user>Compute ") and p.prompt.endswith(f". {instruction}<assistant>") for p in problems)
+    assert {p.prompt.count("(") for p in problems} == {0, 1}  # one or two operations
+    assert (cli.model.hparams.advantage, cli.model.hparams.reward["truncation_factor"]) == ("dler", 0.0)
+    assert series(rows, "train/loss") == [0.0] * 2 and series(rows, "train/accuracy") == [0.0] * 2
+    assert (run / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
 def test_hub_template_runs_on_a_local_model_and_user_jsonl(tmp_path, monkeypatch, tiny_rl_model_dir):
     rows = [{"prompt": f"What is {a} + {a}?\n", "answer": f"#### {2 * a}"} for a in range(12)]
     for name, part in (("train.jsonl", rows[:8]), ("test.jsonl", rows[8:])):

@@ -23,6 +23,37 @@ def test_arithmetic_problems_are_deterministic_and_correct():
             assert eval(lhs) == int(rhs), line
 
 
+def test_operations_per_problem_are_a_range():
+    counts = {p.solution.count(" = ") - p.solution.count("Check:") for p in arithmetic_problems(300, seed=1, operations=(1, 2))}
+    assert counts == {1, 2}  # one line per operation (re-check lines also hold " = ")
+    assert {p.prompt.count("(") for p in arithmetic_problems(100, seed=1, operations=(3, 3))} == {2}
+    assert arithmetic_problems(50, seed=5) == arithmetic_problems(50, seed=5, operations=(2, 4))  # the default draw
+    with pytest.raises(ValueError, match=r"1 <= least <= most, got \(2, 1\)"):
+        arithmetic_problems(1, operations=(2, 1))
+
+
+def test_problems_in_a_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from kvtrain.data.tasks import TaskDataModule, in_chat
+    from kvtrain.models import load_tokenizer
+
+    tok = load_tokenizer("kvtrain-ref")
+    with pytest.raises(ValueError, match="has no chat template"):
+        in_chat(arithmetic_problems(1), tok)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    (problem,) = arithmetic_problems(1, seed=2)
+    (asked,) = in_chat([problem], tok, 'End with "The answer is N."')
+    assert asked.prompt == f'<user>{problem.prompt.strip()} End with "The answer is N."<a>'
+    assert (asked.answer, asked.solution) == (problem.answer, problem.solution)
+    tok.save_pretrained(tmp_path / "tok")
+    data = TaskDataModule(train_size=4, val_size=2, tokenizer=str(tmp_path / "tok"), chat=True, instruction="Go.")
+    assert all(p.prompt.startswith("<user>Compute ") and p.prompt.endswith(". Go.<a>") for p in data.dataset("val").problems)
+    with pytest.raises(ValueError, match="set chat=True"):
+        TaskDataModule(instruction="Go.")
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").chat_template == tok.chat_template
+
+
 def test_chains_of_thought_are_verbose_at_random():
     rechecks = [p.solution.count("Check:") for p in arithmetic_problems(500, seed=0)]
     assert min(rechecks) == 0 and max(rechecks) == 4
@@ -34,6 +65,7 @@ def test_chains_of_thought_are_verbose_at_random():
 @pytest.mark.parametrize(("text", "answer"), [
     ("so the total is 12.\n#### 1,234", "1234"), (r"thus \boxed{ -7 } done", "-7"), ("Answer: 42\n", "42"),
     ("Answer: 1\nAnswer: 2", "2"), (r"#### 5 and later \boxed{6}", "6"), ("no number here", None),
+    ("5 * 3 = 15\n\nThe answer is 15.", "15"), ("the answer is -2, so Answer: 3", "3"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -151,11 +183,14 @@ def test_no_held_out_prompt_occurs_in_any_training_stream():
     from kvtrain.data.tasks import TaskDataModule
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-    modules = [TaskDataModule(**args) for args in filter(None, map(_recipe_task_data, recipes))]
+    # the problems as drawn (a chat recipe only wraps each prompt in its template afterwards)
+    modules = [TaskDataModule(**{**args, "chat": False, "instruction": ""})
+               for args in filter(None, map(_recipe_task_data, recipes))]
     modules = [m for m in modules if m.task == "arithmetic"]
-    assert len(modules) >= 5  # sft_reasoning, dler, grpo_lambda, drpo, dler_kivi2
+    assert len(modules) >= 6  # sft_reasoning, dler, grpo_lambda, drpo, dler_kivi2, dler_smollm2
     trained = {p.prompt for m in modules for p in m.dataset("train").problems}
-    held_out = {p.prompt for p in arithmetic_problems(500, seed=4321, split="test")}  # bench/rl_length.py
+    held_out = {p.prompt for m in modules  # bench/rl_length.py, asked as each recipe asks
+                for p in arithmetic_problems(500, seed=4321, split="test", operations=m.operations)}
     validated = {p.prompt for m in modules for p in m.dataset("val").problems}
     assert len(trained) > 5000 and len(held_out) > 300
     assert not trained & held_out and not trained & validated

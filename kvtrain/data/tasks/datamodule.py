@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import lightning as L
@@ -25,6 +26,19 @@ class ProblemDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, str]:
         p = self.problems[i]
         return {"prompt": p.prompt, "answer": p.answer, "solution": p.solution}
+
+
+def in_chat(problems: list[Problem], tokenizer: PreTrainedTokenizerBase, instruction: str = "") -> list[Problem]:
+    """The problems with each prompt rendered as one user turn of the tokenizer's chat template, the
+    instruction after the question, the assistant's turn opened: how an instruct model is asked."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template: use chat=False for this model")
+
+    def render(prompt: str) -> str:
+        turn = [{"role": "user", "content": f"{prompt.strip()} {instruction}".strip()}]
+        return tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+
+    return [replace(p, prompt=render(p.prompt)) for p in problems]
 
 
 class SFTCollator:
@@ -61,30 +75,45 @@ class TaskDataModule(L.LightningDataModule):
         batch_size: prompts per training step (each is sampled num_generations times).
         seed: shuffling and problem-drawing seed.
         format: "rl" or "sft" (needs solutions: the embedded task has them; JSONL rows may carry "solution").
-        tokenizer: for "sft"; default: the tokenizer of the model being trained.
+        tokenizer: for "sft" and chat; default: the tokenizer of the model being trained.
         max_len: for "sft": tokens per example at most.
+        operations: (least, most) operations per problem of the embedded task.
+        chat: ask in the tokenizer's chat template (instruct models), `instruction` after the question.
     """
 
     def __init__(self, task: str = "arithmetic", val_task: str | None = None, train_size: int = 2000,
                  val_size: int = 100, batch_size: int = 8, eval_batch_size: int | None = None, seed: int = 1234,
-                 format: Literal["rl", "sft"] = "rl", tokenizer: str | None = None, max_len: int = 256):
+                 format: Literal["rl", "sft"] = "rl", tokenizer: str | None = None, max_len: int = 256,
+                 operations: tuple[int, int] = (2, 4), chat: bool = False, instruction: str = ""):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.task, self.val_task, self.train_size, self.val_size = task, val_task, train_size, val_size
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size or batch_size, seed
         self.format, self.tokenizer_name, self.max_len = format, tokenizer, max_len
+        self.operations, self.chat, self.instruction = tuple(operations), chat, instruction
+        if instruction and not chat:
+            raise ValueError("instruction is said inside the chat template: set chat=True to use it")
         self.datasets: dict[str, ProblemDataset] = {}
 
     def dataset(self, split: str) -> ProblemDataset:
         if split not in self.datasets:
-            self.datasets[split] = ProblemDataset(self._problems(split))
+            problems = self._problems(split)
+            if self.chat:
+                problems = in_chat(problems, self._tokenizer(), self.instruction)
+            self.datasets[split] = ProblemDataset(problems)
         return self.datasets[split]
+
+    def _tokenizer(self) -> PreTrainedTokenizerBase:
+        from kvtrain.models import REFERENCE, load_tokenizer
+
+        module = self.trainer.lightning_module if self.trainer else None
+        return load_tokenizer(self.tokenizer_name or getattr(module, "tokenizer_name", REFERENCE))
 
     def _problems(self, split: str) -> list[Problem]:
         if self.task == "arithmetic":  # the splits are disjoint by construction
             size = self.train_size if split == "train" else self.val_size
-            return arithmetic_problems(size, seed=self.seed, split=split)
+            return arithmetic_problems(size, seed=self.seed, split=split, operations=self.operations)
         if split == "train":
             return load_jsonl(self.task)
         if self.val_task is None:
@@ -100,13 +129,9 @@ class TaskDataModule(L.LightningDataModule):
     def _collate(self):
         if self.format == "rl":
             return None  # the default collation: lists of strings
-        from kvtrain.models import REFERENCE, load_tokenizer
-
-        module = self.trainer.lightning_module if self.trainer else None
-        name = self.tokenizer_name or getattr(module, "tokenizer_name", REFERENCE)
         if not all(p.solution for p in self.dataset("train").problems):
             raise ValueError(f"format='sft' needs a solution for every problem; {self.task!r} has problems without one")
-        return SFTCollator(load_tokenizer(name), self.max_len)
+        return SFTCollator(self._tokenizer(), self.max_len)
 
     def train_dataloader(self) -> ResumableLoader:
         return resumable_loader(self.trainer, self.dataset("train"), self.batch_size, self.seed,
