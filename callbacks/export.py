@@ -17,7 +17,7 @@ from kvtrain.kv import KVQuantSpec, attached_spec
 from kvtrain.models import embedded_model_path, is_embedded
 from kvtrain.strategies.deepspeed import consolidated_checkpoint, full_parameters
 
-from .kv_quant import find_hf_model, spec_from_checkpoint
+from .kv_quant import KVQuantCallback, find_hf_model, spec_from_checkpoint
 
 
 def export_target(to: str | Path) -> Path:
@@ -83,7 +83,8 @@ class ExportPretrained(L.Callback):
             raise TypeError(f"{type(pl_module).__name__} has no export(path) method; ExportPretrained needs one")
         with full_parameters(pl_module):
             if trainer.is_global_zero:
-                spec = attached_spec(find_hf_model(pl_module))
+                spec = next((cb.spec for cb in trainer.callbacks if isinstance(cb, KVQuantCallback)), None)
+                spec = spec or attached_spec(find_hf_model(pl_module))
                 write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to,
                              self.overwrite)
         trainer.strategy.barrier()

@@ -4,31 +4,59 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from transformers import PreTrainedModel
 
 from kvtrain.kv import KVQuantSpec, attach, attached_spec, detach
 from kvtrain.kv.attention import hf_model
 
 
-def find_hf_model(pl_module: L.LightningModule) -> nn.Module:
-    """The decoder to attach to: `pl_module.model` if it holds one, else the first one inside."""
-    for candidate in (getattr(pl_module, "model", None), pl_module):
-        if isinstance(candidate, nn.Module):
-            try:
-                return hf_model(candidate)
-            except TypeError:
-                continue
-    raise TypeError(
-        f"{type(pl_module).__name__} holds no transformers PreTrainedModel, so KVQuantCallback has nothing to "
-        "attach to; keep your Hugging Face model as an attribute (e.g. self.model) of the LightningModule"
-    )
+def find_hf_model(pl_module: L.LightningModule, attribute: str | None = None) -> nn.Module:
+    """The decoder to attach to: the one at `attribute` (a dotted path) if given, else `pl_module.model`
+    if it holds one, else the only one inside (several, e.g. a student and a teacher, are ambiguous)."""
+    name = type(pl_module).__name__
+    if attribute is not None:
+        target = pl_module
+        for part in attribute.split("."):
+            target = getattr(target, part, None)
+        if not isinstance(target, nn.Module):
+            raise ValueError(f"{name} has no module at {attribute!r} (KVQuantCallback(model_attribute=...))")
+        return hf_model(target)
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module) and any(isinstance(m, PreTrainedModel) for m in model.modules()):
+        return hf_model(model)
+    found = outermost_models(pl_module)
+    if len(found) > 1:
+        raise ValueError(f"{name} holds {len(found)} transformers models ({', '.join(found)}): name the one to train "
+                         "for the compressed cache with KVQuantCallback(model_attribute=...)")
+    if not found:
+        raise TypeError(f"{name} holds no transformers PreTrainedModel, so KVQuantCallback has nothing to attach "
+                        "to; keep your Hugging Face model as an attribute (e.g. self.model) of the LightningModule")
+    return next(iter(found.values()))
 
 
-def spec_from_checkpoint(checkpoint: dict[str, Any]) -> KVQuantSpec | None:
-    """The spec a KVQuantCallback stored in a Lightning checkpoint dict (None if it holds none)."""
+def outermost_models(module: nn.Module) -> dict[str, PreTrainedModel]:
+    """The PreTrainedModels inside `module` that no other one contains, by attribute path."""
+    found: dict[str, PreTrainedModel] = {}
+    for path, m in module.named_modules():
+        if isinstance(m, PreTrainedModel) and not any(path.startswith(f"{p}.") for p in found):
+            found[path] = m
+    return found
+
+
+def spec_from_checkpoint(checkpoint: dict[str, Any] | str | Path) -> KVQuantSpec | None:
+    """The spec a KVQuantCallback stored in a Lightning checkpoint (a loaded dict, a `.ckpt` file or a
+    DeepSpeed checkpoint folder); None if it holds none. Decode as trained with
+    `attach(model, spec)` and `QuantizedKVCache(spec)`."""
+    if not isinstance(checkpoint, dict):
+        from .export import load_checkpoint
+
+        checkpoint = load_checkpoint(checkpoint)
     states = checkpoint.get("callbacks", {})
     found = [state["spec"] for name, state in states.items() if name.startswith("KVQuantCallback")]
     return KVQuantSpec(**found[0]) if found else None
@@ -41,26 +69,36 @@ class KVQuantCallback(L.Callback):
         spec: a preset name ("kivi2", "kivi4", "int8") or a KVQuantSpec.
         bits: shorthand that sets both key_bits and value_bits on top of `spec`.
         overrides: any other KVQuantSpec field, e.g. residual=64 or full_precision_layers=[0].
+        model_attribute: the LightningModule attribute (dotted path) holding the decoder to train, when
+            it holds several (e.g. "student"); default: `model`, or the only one.
 
-    The spec is saved in checkpoints and restored from them on resume.
+    The spec is saved in checkpoints and restored from them on resume. After fit the model is detached
+    (full-precision KV) again: decode as trained with `attach(model, callback.spec)` and
+    `QuantizedKVCache(callback.spec)`, or with `spec_from_checkpoint(path)` for a checkpoint.
     """
 
-    def __init__(self, spec: KVQuantSpec | str = "kivi2", bits: int | None = None, overrides: dict[str, Any] | None = None):
+    def __init__(self, spec: KVQuantSpec | str = "kivi2", bits: int | None = None, overrides: dict[str, Any] | None = None,
+                 model_attribute: str | None = None):
         changes = dict(overrides or {})
         if bits is not None:
             changes.update(key_bits=bits, value_bits=bits)
         self.spec = KVQuantSpec.resolve(spec).with_(**changes) if changes else KVQuantSpec.resolve(spec)
 
+        self.model_attribute = model_attribute
         self._model: nn.Module | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._model = find_hf_model(pl_module)
+        self._model = find_hf_model(pl_module, self.model_attribute)
         attach(self._model, self.spec)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._model is not None:
             detach(self._model)
             self._model = None
+            if stage == "fit":
+                rank_zero_info(f"KVQuantCallback: fit is over and the model is detached (full-precision KV again); "
+                               f"decode as trained with attach(model, callback.spec) and QuantizedKVCache(callback.spec) "
+                               f"({self.spec})")
 
     def state_dict(self) -> dict[str, Any]:
         return {"spec": asdict(self.spec)}

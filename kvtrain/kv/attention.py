@@ -1,11 +1,12 @@
 """attach/detach: make any HF decoder's attention see K/V exactly as the compressed cache would.
 
 kvtrain registers an attention function ("kvtrain") in transformers' AttentionInterface and switches
-the model to it; no model code is copied. Per layer, the function builds the streaming view of K
-and V (`kvtrain.kv.view`) and, when queries of one chunk see different tokens quantized (training,
-prefill), runs attention with a per-query choice between the quantized and full-precision version of
-each key and value. When all queries see the same view (single-token decode), it runs the model's
-usual SDPA on the mixed tensors. Gradients flow through the straight-through fake-quant.
+the model to it; no model code is copied. Per layer, the function builds the view of K and V
+(`kvtrain.kv.view`) and, when queries of one chunk see different tokens compressed (training,
+prefill), runs attention over the window rule's tiers (`kvtrain.kv.window`), each query reading each
+token from the tier the cache held it in when that query was decoded. When all queries see the same
+view (single-token decode), it runs the model's usual SDPA on the mixed tensors. Gradients flow
+through the straight-through fake-quant.
 
 A forward pre-hook records the `past_key_values` of each call, so the function knows whether the
 tokens it receives are already quantized (a `QuantizedKVCache` hands back dequantized tokens for
@@ -27,7 +28,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvtrain.kv.spec import KVQuantSpec, TensorQuant
-from kvtrain.kv.view import compressed_view, quantized_mask, seen_quantized, uniform_view
+from kvtrain.kv.view import compressed_view
+from kvtrain.kv.window import WindowRule
 
 ATTN_NAME = "kvtrain"
 
@@ -41,12 +43,27 @@ class AttachState:
     modules: list[nn.Module] = field(default_factory=list)
 
 
-def _prepared(x: torch.Tensor, quant: TensorQuant | None, residual: int, past: int, quantized_prefix: bool):
-    """(view tensor, quant) for K or V: fake-quant what the cache would have compressed by chunk end."""
+@dataclass
+class TensorView:
+    """K or V of one layer as attention needs it: the full-precision tensor, its view (`hat`: the
+    compressed tier fake-quantized), and the window rule saying which query sees which tokens compressed."""
+
+    full: torch.Tensor
+    hat: torch.Tensor
+    rule: WindowRule | None  # None: the tensor stays in full precision
+
+    def seen(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rule is None:
+            return positions + 1, positions + 1  # an empty compressed tier at the top
+        return self.rule.seen(positions)
+
+
+def _prepared(x, quant: TensorQuant | None, rule: WindowRule | None, past: int, quantized_prefix: bool) -> TensorView:
+    """The view of K or V: what the cache would have compressed by the chunk's end, fake-quantized."""
     if quant is None:
-        return x, None
-    done = quant.quantized_len(past, residual) if quantized_prefix else 0
-    return compressed_view(x, quant, residual, done)[0], quant
+        return TensorView(x, x, None)
+    done = rule.end(past) if quantized_prefix else 0
+    return TensorView(x, compressed_view(x, quant, rule, done), rule)
 
 
 def kv_attention(
@@ -68,50 +85,62 @@ def kv_attention(
     q_len, total = query.shape[-2], key.shape[-2]
     past = total - q_len
     prefix = isinstance(state.cache, QuantizedKVCache)
-    k_hat, kq = _prepared(key, spec.keys(layer), spec.residual, past, prefix)
-    v_hat, vq = _prepared(value, spec.values(layer), spec.residual, past, prefix)
+    if prefix:
+        state.cache.viewed(layer, spec)
+    kq, vq = spec.keys(layer), spec.values(layer)
+    keys = _prepared(key, kq, spec.window(kq), past, prefix)
+    values = _prepared(value, vq, spec.window(vq), past, prefix)
     scaling = module.scaling if scaling is None else scaling
-    one_view = all(q is None or uniform_view(q, spec.residual, past, q_len) for q in (kq, vq))
+    one_view = all(t.rule is None or t.rule.uniform(past, q_len) for t in (keys, values))
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
-        out, probs = _per_query_attention(module, query, (key, k_hat, kq), (value, v_hat, vq), attention_mask,
-                                          scaling, dropout, past, kwargs["softcap"])
+        out, probs = _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past,
+                                          kwargs["softcap"])
     elif one_view:
-        out, probs = sdpa_attention_forward(module, query, k_hat, v_hat, attention_mask, dropout=dropout,
+        out, probs = sdpa_attention_forward(module, query, keys.hat, values.hat, attention_mask, dropout=dropout,
                                             scaling=scaling)
     else:
-        out, probs = _region_attention(module, query, (key, k_hat, kq), (value, v_hat, vq), attention_mask, scaling,
-                                       dropout, past), None
+        positions = torch.arange(past, past + q_len, device=query.device)
+        out, probs = _tiered_attention(module, query, _tiers(keys, values, positions), attention_mask, scaling,
+                                       dropout, positions), None
     return _zero_padding_queries(out, attention_mask, total), probs
 
 
 QUERY_CHUNK = 128
 
+Tier = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (K source, V source, lo, hi)
 
-def _region_attention(module, query, keys, values, attention_mask, scaling, dropout, past) -> torch.Tensor:
-    """Fused SDPA where each query sees each token quantized or not, as the cache would hold it then.
 
-    For query p, token j falls in one of three regions: j < lo(p) seen with quantized K and V,
-    lo(p) <= j < hi(p) with one of them quantized (the tensor with the finer unit is quantized
-    further), j >= hi(p) full precision. Concatenating the regions' K/V along the key axis and masking
-    each query to its own regions gives every (query, token) pair exactly once, so one SDPA call per
-    chunk of queries computes the exact view without materializing attention weights. Chunking keeps
-    regions short: a chunk only needs tokens up to its last position, and the full-precision regions
-    only span the residual window plus one group.
+def _tiers(keys: TensorView, values: TensorView, positions: torch.Tensor) -> list[Tier]:
+    """For each query position p, the tokens [lo(p), hi(p)) it reads from each pair of sources, as
+    the cache holds them when p is decoded: sinks (full precision), both compressed, one of them
+    compressed (the tensor whose tier reaches further), and the full-precision window."""
+    (ks, ke), (vs, ve) = keys.seen(positions), values.seen(positions)
+    start, lo, hi = torch.minimum(ks, vs), torch.minimum(ke, ve), torch.maximum(ke, ve)
+    return [
+        (keys.full, values.full, torch.zeros_like(start), start),
+        (keys.hat, values.hat, start, lo),
+        (keys.hat, values.full, lo, ke),  # empty where the values' tier reaches as far
+        (keys.full, values.hat, lo, ve),  # empty where the keys' tier reaches as far
+        (keys.full, values.full, hi, positions + 1),
+    ]
+
+
+def _tiered_attention(module, query, tiers: list[Tier], attention_mask, scaling, dropout, positions) -> torch.Tensor:
+    """Fused SDPA where each query reads each token from the tier the cache held it in at that query.
+
+    The tiers of a query partition its tokens [0, p], so concatenating each tier's K/V along the key
+    axis and masking each query to its own [lo, hi) gives every (query, token) pair exactly once: one
+    SDPA call per chunk of queries computes the exact view without materializing attention weights.
+    Chunking keeps the tiers short: a chunk only needs the columns its own queries read.
     """
-    (key, k_hat, kq), (value, v_hat, vq) = keys, values
-    spec, q_len = module.kvtrain_state.spec, query.shape[-2]
-    positions = torch.arange(past, past + q_len, device=query.device)
-    nk, nv = (seen_quantized(q, spec.residual, positions) for q in (kq, vq))
-    keys_ahead = bool((nk >= nv).all())  # units are fixed per layer, so one tensor leads at every position
-    lo, hi = torch.minimum(nk, nv), torch.maximum(nk, nv)
-    mixed = (k_hat, value) if keys_ahead else (key, v_hat)
     chunks = []
-    for c0 in range(0, q_len, QUERY_CHUNK):
-        c1 = min(q_len, c0 + QUERY_CHUNK)
-        spans = [(0, int(lo[c1 - 1])), (int(lo[c0]), int(hi[c1 - 1])), (int(hi[c0]), past + c1)]
-        k = torch.cat([t[..., a:b, :] for t, (a, b) in zip((k_hat, mixed[0], key), spans)], dim=-2)
-        v = torch.cat([t[..., a:b, :] for t, (a, b) in zip((v_hat, mixed[1], value), spans)], dim=-2)
-        mask = _region_mask(spans, lo[c0:c1], hi[c0:c1], positions[c0:c1], attention_mask, c0, query.dtype)
+    for c0 in range(0, query.shape[-2], QUERY_CHUNK):
+        c1 = min(query.shape[-2], c0 + QUERY_CHUNK)
+        spans = [_span(lo[c0:c1], hi[c0:c1]) for *_, lo, hi in tiers]
+        k = torch.cat([t[0][..., a:b, :] for t, (a, b) in zip(tiers, spans)], dim=-2)
+        v = torch.cat([t[1][..., a:b, :] for t, (a, b) in zip(tiers, spans)], dim=-2)
+        mask = _tier_mask(spans, [(lo[c0:c1], hi[c0:c1]) for *_, lo, hi in tiers], attention_mask, c0, c1 - c0,
+                          query.dtype)
         chunks.append(F.scaled_dot_product_attention(
             query[..., c0:c1, :], k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
             enable_gqa=True,
@@ -119,16 +148,23 @@ def _region_attention(module, query, keys, values, attention_mask, scaling, drop
     return torch.cat(chunks, dim=-2).transpose(1, 2).contiguous()
 
 
-def _region_mask(spans, lo, hi, positions, attention_mask, c0, dtype) -> torch.Tensor:
-    """Additive mask (B or 1, 1, chunk, columns) for the concatenated regions of one query chunk."""
-    device = lo.device
-    cols = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
-    region = torch.cat([torch.full((max(0, b - a),), r, device=device) for r, (a, b) in enumerate(spans)])
-    j, lo, hi = cols[None, :], lo[:, None], hi[:, None]
-    allowed = torch.where(region == 0, j < lo, torch.where(region == 1, (j >= lo) & (j < hi), j >= hi))
+def _span(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int]:
+    """The columns a chunk's queries read from one tier (none when they read nothing from it)."""
+    read = hi > lo
+    if not read.any():
+        return 0, 0
+    return int(lo[read].min()), int(hi[read].max())
+
+
+def _tier_mask(spans, bounds, attention_mask, c0, n, dtype) -> torch.Tensor:
+    """Additive mask (B or 1, 1, n, columns) for the concatenated tiers of one query chunk."""
+    device = bounds[0][0].device
+    cols = [torch.arange(a, b, device=device) for a, b in spans]
+    allowed = torch.cat([(c[None, :] >= lo[:, None]) & (c[None, :] < hi[:, None]) for c, (lo, hi) in zip(cols, bounds)],
+                        dim=1)
     if attention_mask is None:
-        return torch.where(allowed & (j <= positions[:, None]), 0.0, torch.finfo(dtype).min).to(dtype)
-    base = attention_mask[:, :, c0:c0 + len(positions)].index_select(-1, cols)
+        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    base = attention_mask[:, :, c0:c0 + n].index_select(-1, torch.cat(cols))
     return torch.where(allowed, base, torch.finfo(base.dtype).min)
 
 
@@ -146,18 +182,14 @@ def _zero_padding_queries(out: torch.Tensor, attention_mask: torch.Tensor | None
     return out.masked_fill(dead.transpose(1, 2), 0)
 
 
-def _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past, softcap):
-    """Eager attention where query i sees token j quantized iff the cache would hold it so at i."""
-    spec, groups = module.kvtrain_state.spec, module.num_key_value_groups
-    q_len, total = query.shape[-2], keys[0].shape[-2]
-
-    def mask(quant):
-        return quantized_mask(quant, spec.residual, past, q_len, total, query.device)
-
-    key, k_hat, kq = keys
-    scores = query @ repeat_kv(key, groups).transpose(2, 3)
-    if kq is not None:
-        scores = torch.where(mask(kq), query @ repeat_kv(k_hat, groups).transpose(2, 3), scores)
+def _per_query_attention(module, query, keys: TensorView, values: TensorView, attention_mask, scaling, dropout, past,
+                         softcap):
+    """Eager attention where query i sees token j compressed iff the cache would hold it so at i."""
+    groups, q_len, total = module.num_key_value_groups, query.shape[-2], keys.full.shape[-2]
+    scores = query @ repeat_kv(keys.full, groups).transpose(2, 3)
+    if keys.rule is not None:
+        seen = keys.rule.mask(past, q_len, total, query.device)
+        scores = torch.where(seen, query @ repeat_kv(keys.hat, groups).transpose(2, 3), scores)
     scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -167,12 +199,11 @@ def _per_query_attention(module, query, keys, values, attention_mask, scaling, d
     # mask's -1.8e308 cast to fp32 is -inf, and a fully padded row of -inf is NaN
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    value, v_hat, vq = values
-    if vq is None:
-        out = probs @ repeat_kv(value, groups)
+    if values.rule is None:
+        out = probs @ repeat_kv(values.full, groups)
     else:
-        m = mask(vq)
-        out = (probs * ~m) @ repeat_kv(value, groups) + (probs * m) @ repeat_kv(v_hat, groups)
+        m = values.rule.mask(past, q_len, total, query.device)
+        out = (probs * ~m) @ repeat_kv(values.full, groups) + (probs * m) @ repeat_kv(values.hat, groups)
     return out.transpose(1, 2).contiguous(), probs
 
 
@@ -206,7 +237,8 @@ def _head_dim(config) -> int:
 
 def _capture_cache(state: AttachState):
     def hook(module, args, kwargs):
-        state.cache = kwargs.get("past_key_values")
+        # transformers 5 renamed the argument to `cache`; generate and older callers still pass past_key_values
+        state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
 
     return hook
 

@@ -1,8 +1,9 @@
-"""QuantizedKVCache: a `transformers.Cache` that stores K/V packed, as the spec's streaming rule says.
+"""QuantizedKVCache: a `transformers.Cache` that stores K/V packed, in the tiers of the spec's window rule.
 
-Per layer it holds, for each of K and V, the quantized tokens (packed codes + per-group scale and
-zero point) and a full-precision tail (the residual window plus any incomplete group). A token is
-quantized once, when its unit becomes complete and older than the window, and never re-quantized.
+Per layer it holds, for each of K and V, the sink tokens (full precision), the quantized tokens
+(packed codes + per-group scale and zero point) and a full-precision tail (the window plus any
+incomplete unit). A token is quantized once, when the rule (`kvtrain.kv.window`) moves it out of the
+window, and never re-quantized.
 `update` hands attention the tokens as stored (dequantized where compressed) before compressing the
 units the new tokens complete, so the attached attention function (`kvtrain.kv.attention`) can give
 every query of the chunk its exact view. Use it on an attached model:
@@ -19,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtrain.kv.spec import KVQuantSpec, TensorQuant
+from kvtrain.kv.window import WindowRule
 from kvtrain.quant.packing import pack, unpack
 from kvtrain.quant.uniform import QuantizedTensor, dequantize, quantize
 
@@ -71,25 +73,33 @@ class PackedTokens:
 
 
 class CompressedTensor:
-    """K or V of one layer: quantized tokens followed by a full-precision tail."""
+    """K or V of one layer in the window rule's tiers: full-precision sinks, quantized tokens, and a
+    full-precision tail (the window plus any incomplete unit)."""
 
-    def __init__(self, quant: TensorQuant | None, residual: int):
-        self.quant, self.residual = quant, residual
+    def __init__(self, quant: TensorQuant | None, rule: WindowRule | None):
+        self.quant, self.rule = quant, rule
         self.packed = PackedTokens(quant) if quant is not None else None
+        self.sinks: torch.Tensor | None = None
         self.tail: torch.Tensor | None = None
 
     def update(self, new: torch.Tensor) -> torch.Tensor:
         """Append `new`; return all tokens as stored before this call's compression, plus `new`."""
         stored = [self.packed.dequantize()] if self.packed is not None and self.packed.n else []
         tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
-        view = torch.cat([*stored, tail], dim=-2) if stored else tail
+        view = torch.cat([*([self.sinks] if self.sinks is not None else []), *stored, tail], dim=-2)
         self.tail = tail
         if self.quant is not None:
             self._compress(view.shape[-2])
         return view
 
     def _compress(self, total: int) -> None:
-        move = self.quant.quantized_len(total, self.residual) - self.packed.n
+        held = 0 if self.sinks is None else self.sinks.shape[-2]
+        if held < self.rule.start(total):  # the first tokens become sinks for good
+            take = self.rule.start(total) - held
+            head = self.tail[..., :take, :]
+            self.sinks = head.clone() if self.sinks is None else torch.cat([self.sinks, head], dim=-2)
+            self.tail, held = self.tail[..., take:, :].clone(), held + take
+        move = self.rule.end(total) - held - self.packed.n
         if move > 0:
             self.packed.append(self.tail[..., :move, :])
             self.tail = self.tail[..., move:, :].clone()  # do not keep the whole old tail alive
@@ -97,19 +107,22 @@ class CompressedTensor:
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
             self.packed.map(fn)
-        if self.tail is not None:
-            self.tail = fn(self.tail)
+        for name in ("sinks", "tail"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
 
     def nbytes(self) -> int:
-        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.tail)
+        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.sinks, self.tail)
 
 
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
-    def __init__(self, keys: TensorQuant | None, values: TensorQuant | None, residual: int):
+    def __init__(self, spec: KVQuantSpec, layer: int):
         super().__init__()
-        self.k, self.v = CompressedTensor(keys, residual), CompressedTensor(values, residual)
+        self.spec, self.layer = spec, layer
+        keys, values = spec.keys(layer), spec.values(layer)
+        self.k, self.v = CompressedTensor(keys, spec.window(keys)), CompressedTensor(values, spec.window(values))
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -119,6 +132,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        for name, x in (("keys", key_states), ("values", value_states)):
+            if not torch.isfinite(x).all():  # here, not when the token is quantized 100 steps later
+                raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache "
+                                 f"positions {self.length}..{self.length + x.shape[-2] - 1}; the model's activations overflowed")
         self.length += key_states.shape[-2]
         return self.k.update(key_states), self.v.update(value_states)
 
@@ -151,7 +168,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.map(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.__init__(self.k.quant, self.v.quant, self.k.residual)
+        self.__init__(self.spec, self.layer)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
@@ -166,15 +183,31 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, spec: KVQuantSpec | str = "kivi2"):
         self.spec = KVQuantSpec.resolve(spec)
+        self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
         super().__init__(layers=[])
 
     def _layer(self, idx: int) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.spec.keys(idx), self.spec.values(idx), self.spec.residual)
+        return QuantizedKVLayer(self.spec, idx)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.unviewed is not None:
+            raise ValueError(
+                f"QuantizedKVCache: layer {self.unviewed} attended to this cache without kvtrain's view, so its prefill "
+                "saw full-precision K/V that training never saw; attach(model, spec) (or use kvtrain.attached) "
+                "before decoding with it")
         while len(self.layers) <= layer_idx:
             self.layers.append(self._layer(len(self.layers)))
+        if args or kwargs:  # a model's attention passes its cache kwargs; filling the cache by hand does not
+            self.unviewed = layer_idx
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def viewed(self, layer: int, spec: KVQuantSpec) -> None:
+        """Called by the attached attention with the model's spec: the cache must hold that spec."""
+        if spec != self.spec:
+            raise ValueError(f"the model is attached with {spec} but decodes with a QuantizedKVCache of {self.spec}: "
+                             "use QuantizedKVCache(attached_spec(model))")
+        if layer == self.unviewed:
+            self.unviewed = None
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -1,15 +1,8 @@
 """KVQuantSpec: what happens to keys and values at each layer, and when a token gets quantized.
 
-Streaming rule (DESIGN.md invariant 1), defined here once and used by both the training-time view
-and the decode-time cache: with T tokens in the cache, the oldest `quantized_len(T)` tokens of a
-tensor are held quantized, where a quantization unit is a whole group along the token axis
-(G tokens for per-channel keys, 1 token for per-token values) and a unit is quantized once all its
-tokens are older than the full-precision residual window of R tokens:
-
-    quantized_len(T) = floor(max(0, T - R) / unit) * unit
-
-A query at position t is decoded with T = t + 1 tokens in the cache, so it sees token j quantized
-iff j < quantized_len(t + 1).
+When a token is compressed is the window rule (`kvtrain.kv.window.WindowRule`, DESIGN.md invariant 1),
+defined there once and called by both the training-time view and the decode-time cache; the spec
+says which rule each of K and V follows (its unit, the full-precision window, sinks, flush schedule).
 """
 
 from __future__ import annotations
@@ -21,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from kvtrain.kv.window import WindowRule
 from kvtrain.quant.uniform import check_bits
 
 Axis = Literal["channel", "token"]
@@ -51,7 +45,16 @@ class TensorQuant:
         return self.group_size if self.axis == "channel" else 1
 
     def quantized_len(self, total: int, residual: int) -> int:
-        return max(0, total - residual) // self.unit * self.unit
+        """Tokens held quantized with `total` in the cache under the plain streaming rule (no sinks)."""
+        return WindowRule(self.unit, residual).end(total)
+
+
+def _check_whole(name: str, value: object, low: int, rule: str) -> None:
+    """A count must be an int: 2.5 tokens or True as a group size would only fail deep in a forward."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} {rule}, got {value!r}")
 
 
 PRESETS = ("kivi2", "kivi4", "int8")
@@ -68,6 +71,11 @@ class KVQuantSpec:
             (must divide head_dim; checked on attach) for axis "token".
         key_axis / value_axis: "channel" (per-channel, groups along tokens) or "token".
         residual: the newest `residual` tokens stay in full precision.
+        sinks: the first `sinks` tokens stay in full precision for good (attention sinks).
+        flush: KIVI's own schedule (its code, not its paper): per-channel tensors (keys) leave the
+            full-precision window `residual` tokens at a time when it fills up, so it holds 0 to
+            residual - 1 of them; per-token tensors (values) stream. False: every tensor streams (a unit
+            is quantized as soon as it is complete and older than the newest `residual` tokens).
         symmetric: symmetric quantization instead of asymmetric min-max.
         clip_ratio: shrink each group's range by this factor (in (0, 1]); gradients outside it are 0.
         scale_dtype: the dtype the cache stores each group's scale and zero point in ("float16", as
@@ -83,6 +91,8 @@ class KVQuantSpec:
     value_group_size: int = 32
     value_axis: Axis = "token"
     residual: int = 128
+    sinks: int = 0
+    flush: bool = False
     symmetric: bool = False
     clip_ratio: float = 1.0
     scale_dtype: ScaleDtype = "float16"
@@ -92,23 +102,30 @@ class KVQuantSpec:
     def __post_init__(self) -> None:
         for name in ("key", "value"):
             check_bits(getattr(self, f"{name}_bits"), self.symmetric)
-            if getattr(self, f"{name}_group_size") < 1:
-                raise ValueError(f"{name}_group_size must be at least 1, got {getattr(self, f'{name}_group_size')}")
+            _check_whole(f"{name}_group_size", getattr(self, f"{name}_group_size"), 1, "must be at least 1")
             if getattr(self, f"{name}_axis") not in ("channel", "token"):
                 raise ValueError(f"{name}_axis must be 'channel' or 'token', got {getattr(self, f'{name}_axis')!r}")
-        if self.residual < 0:
-            raise ValueError(f"residual (the full-precision window) must be >= 0 tokens, got {self.residual}")
+        _check_whole("residual (the full-precision window)", self.residual, 0, "must be >= 0 tokens")
+        _check_whole("sinks (tokens kept in full precision at the start)", self.sinks, 0, "must be >= 0")
+        for name in ("symmetric", "flush"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("key", "value"):
+            unit = getattr(self, f"{name}_group_size") if getattr(self, f"{name}_axis") == "channel" else 1
+            if self.flush and unit > 1 and (self.residual < 1 or self.residual % unit):
+                raise ValueError(f"flush=True moves residual={self.residual} tokens at a time out of the window: it must "
+                                 f"be a positive multiple of {name}_group_size={unit}")
         if not 0 < self.clip_ratio <= 1:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
-        self.layer_bits = {int(k): v for k, v in self.layer_bits.items()}
+        self.layer_bits = {int(k): v for k, v in self.layer_bits.items()}  # JSON keys are strings
         for layer, bits in self.layer_bits.items():
             check_bits(bits, self.symmetric)
             if layer < 0:
                 raise ValueError(f"layer_bits has a negative layer index {layer}")
-        if any(i < 0 for i in self.full_precision_layers):
-            raise ValueError(f"full_precision_layers has a negative index: {self.full_precision_layers}")
+        for layer in self.full_precision_layers:
+            _check_whole("full_precision_layers", layer, 0, f"holds layer indices >= 0 ({self.full_precision_layers})")
 
     @classmethod
     def preset(cls, name: str) -> "KVQuantSpec":
@@ -154,6 +171,12 @@ class KVQuantSpec:
 
     def values(self, layer: int) -> TensorQuant | None:
         return self._tensor("value", layer)
+
+    def window(self, quant: TensorQuant | None) -> WindowRule | None:
+        """The window rule of K or V (None when that tensor stays in full precision)."""
+        if quant is None:
+            return None
+        return WindowRule(quant.unit, self.residual, self.sinks, flush=self.flush and quant.unit > 1)
 
     def _tensor(self, name: str, layer: int) -> TensorQuant | None:
         if layer in self.full_precision_layers:

@@ -29,7 +29,7 @@ MIN_BITS, MAX_BITS = 1, 8
 
 def check_bits(bits: int, symmetric: bool = False) -> None:
     low = 2 if symmetric else MIN_BITS
-    if not isinstance(bits, int) or not low <= bits <= MAX_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= MAX_BITS:
         kind = "symmetric" if symmetric else "asymmetric"
         raise ValueError(f"{kind} quantization supports {low} to {MAX_BITS} bits, got {bits!r}")
 
