@@ -180,3 +180,26 @@ def test_rl_length_bench_smoke_reports_every_run_and_trl(tmp_path, tiny_rl_model
     assert (out / "rl_length.png").stat().st_size > 10_000
     for name in ("dler", "trl"):  # kvtrain's export and TRL's save_pretrained are both plain model folders
         assert load_model(str(out / name / "model")).config.hidden_size == TINY_RL["hidden_size"]
+
+
+def test_rl_length_asks_held_out_problems_as_the_recipes_do(monkeypatch, tmp_path):
+    """bench/rl_length.py draws its held-out problems with the recipes' operations and chat template, and
+    refuses recipes that ask differently (their accuracies would not share a held-out set)."""
+    from argparse import Namespace
+
+    from kvtrain.models import load_tokenizer
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import rl_length
+
+    chat = load_tokenizer("kvtrain-ref")
+    chat.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    monkeypatch.setattr(rl_length, "load_tokenizer", lambda name: chat)
+    assert rl_length.task_format("dler") == ((2, 4), False, "")
+    args = Namespace(recipes=["dler_smollm2"], eval_size=40, eval_split="test", sft="smollm2-135m")
+    problems = rl_length.held_out_problems(args)
+    assert all(p.prompt.startswith("<user>Compute ") and p.prompt.endswith('"The answer is <number>."<assistant>')
+               for p in problems)
+    assert {p.prompt.count("(") for p in problems} == {0, 1}  # one or two operations, as the recipe trains
+    with pytest.raises(SystemExit, match="ask the task differently"):
+        rl_length.held_out_problems(Namespace(recipes=["dler", "dler_smollm2"], eval_size=4, eval_split="test", sft="x"))

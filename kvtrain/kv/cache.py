@@ -132,10 +132,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        for name, x in (("keys", key_states), ("values", value_states)):
-            if not torch.isfinite(x).all():  # here, not when the token is quantized 100 steps later
-                raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache "
-                                 f"positions {self.length}..{self.length + x.shape[-2] - 1}; the model's activations overflowed")
+        # here, not when the token is quantized 100 steps later; one check (one host sync) per layer and step
+        if not (torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
+            name = "values" if torch.isfinite(key_states).all() else "keys"
+            raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
+                             f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
         self.length += key_states.shape[-2]
         return self.k.update(key_states), self.v.update(value_states)
 

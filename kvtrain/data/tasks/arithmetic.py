@@ -1,6 +1,6 @@
 """A verifiable reasoning task that runs on CPU and has overthinking to remove.
 
-Each problem chains 2-4 operations (by default) (+ or - by 1-9, * by 2 or 3) on a start in 1-9. Its supervised
+Each problem chains 2-4 operations by default (+ or - by 1-9, * by 2 or 3) on a start in 1-9. Its supervised
 chain of thought does one line per step and then re-checks earlier steps ("Check: 3 + 4 = 7.
 Correct.") a random 0-4 times: a model fine-tuned on it is accurate but verbose, and every re-check line
 is tokens (and KV cache) that a length-penalized RL run can teach it to drop.
