@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from kvtrain.home import check_replaceable, publish
-from kvtrain.kv import KVQuantSpec, attached_spec
+from kvtrain.kv import Spec, attached_spec
 from kvtrain.models import embedded_model_path, is_embedded
 from kvtrain.strategies.deepspeed import consolidated_checkpoint, full_parameters
 
@@ -37,7 +37,7 @@ def check_export_target(to: str | Path, overwrite: bool = False) -> Path:
     return target
 
 
-def write_export(write: Callable[[Path], None], spec: KVQuantSpec | None, to: str | Path,
+def write_export(write: Callable[[Path], None], spec: Spec | None, to: str | Path,
                  overwrite: bool = False) -> Path:
     """Run `write(folder)` into a temporary folder, add kv_spec.json, then rename it into place, so an
     interrupted export never leaves a half-written model behind (nor removes the previous one)."""
@@ -108,7 +108,7 @@ def load_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no checkpoint at {path}")
 
 
-def module_from_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, KVQuantSpec | None]:
+def module_from_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, Spec | None]:
     """The run's LightningModule (CausalLMModule, GRPOModule, ...) with the checkpoint's weights, and
     the KV spec it trained with (None without KVQuantCallback)."""
     state = load_checkpoint(checkpoint)

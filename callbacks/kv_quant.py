@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import PreTrainedModel
 
-from kvtrain.kv import KVQuantSpec, attach, attached_spec, detach
+from kvtrain.kv import KVQuantSpec, KVSpec, Spec, attach, attached_spec, detach, resolve_spec, spec_from_dict
 from kvtrain.kv.attention import hf_model
 
 
@@ -49,7 +48,7 @@ def outermost_models(module: nn.Module) -> dict[str, PreTrainedModel]:
     return found
 
 
-def spec_from_checkpoint(checkpoint: dict[str, Any] | str | Path) -> KVQuantSpec | None:
+def spec_from_checkpoint(checkpoint: dict[str, Any] | str | Path) -> Spec | None:
     """The spec a KVQuantCallback stored in a Lightning checkpoint (a loaded dict, a `.ckpt` file or a
     DeepSpeed checkpoint folder); None if it holds none. Decode as trained with
     `attach(model, spec)` and `QuantizedKVCache(spec)`."""
@@ -59,16 +58,17 @@ def spec_from_checkpoint(checkpoint: dict[str, Any] | str | Path) -> KVQuantSpec
         checkpoint = load_checkpoint(checkpoint)
     states = checkpoint.get("callbacks", {})
     found = [state["spec"] for name, state in states.items() if name.startswith("KVQuantCallback")]
-    return KVQuantSpec(**found[0]) if found else None
+    return spec_from_dict(found[0]) if found else None
 
 
 class KVQuantCallback(L.Callback):
     """Attach a KV quantization spec for fit/validate/test; detach afterwards.
 
     Args:
-        spec: a preset name ("kivi2", "kivi4", "int8") or a KVQuantSpec.
-        bits: shorthand that sets both key_bits and value_bits on top of `spec`.
-        overrides: any other KVQuantSpec field, e.g. residual=64 or full_precision_layers=[0].
+        spec: a preset name ("kivi2", "kivi4", "int8"), a KVQuantSpec, a KVSpec (version 2: separate key
+            and value policies), or a spec JSON file.
+        bits: shorthand that sets the bits of both K and V on top of `spec`.
+        overrides: any other field of the spec, e.g. residual=64 or full_precision_layers=[0].
         model_attribute: the LightningModule attribute (dotted path) holding the decoder to train, when
             it holds several (e.g. "student"); default: `model`, or the only one.
 
@@ -77,12 +77,12 @@ class KVQuantCallback(L.Callback):
     `QuantizedKVCache(callback.spec)`, or with `spec_from_checkpoint(path)` for a checkpoint.
     """
 
-    def __init__(self, spec: KVQuantSpec | str = "kivi2", bits: int | None = None, overrides: dict[str, Any] | None = None,
-                 model_attribute: str | None = None):
-        changes = dict(overrides or {})
+    def __init__(self, spec: KVQuantSpec | KVSpec | str = "kivi2", bits: int | None = None,
+                 overrides: dict[str, Any] | None = None, model_attribute: str | None = None):
+        resolved = resolve_spec(spec)
         if bits is not None:
-            changes.update(key_bits=bits, value_bits=bits)
-        self.spec = KVQuantSpec.resolve(spec).with_(**changes) if changes else KVQuantSpec.resolve(spec)
+            resolved = resolved.with_bits(bits)
+        self.spec = resolved.with_(**overrides) if overrides else resolved
 
         self.model_attribute = model_attribute
         self._model: nn.Module | None = None
@@ -101,10 +101,10 @@ class KVQuantCallback(L.Callback):
                                f"({self.spec})")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"spec": asdict(self.spec)}
+        return {"spec": self.spec.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = KVQuantSpec(**state_dict["spec"])
+        saved = spec_from_dict(state_dict["spec"])
         if saved != self.spec:
             warnings.warn(f"KVQuantCallback: resuming with the checkpoint's KV spec {saved}, not the configured "
                           f"{self.spec}; the run continues as it was trained", stacklevel=2)

@@ -12,7 +12,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from kvtrain.callbacks.export import export_checkpoint, module_from_checkpoint
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
-from kvtrain.kv import SPEC_FILE, KVQuantSpec
+from kvtrain.kv import SPEC_FILE, Spec, load_spec, resolve_spec
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, SMOLLM2, embedded_model_path, load_model, load_tokenizer
 import kvtrain.strategies  # noqa: F401  (registers trainer.strategy: zero2 / zero3 / zero3_offload)
@@ -90,14 +89,14 @@ def is_checkpoint(model: str) -> bool:
     return path.suffix == ".ckpt" or (path.is_dir() and (path / "latest").is_file())
 
 
-def load_for_eval(model: str) -> tuple[torch.nn.Module, str, KVQuantSpec | None]:
+def load_for_eval(model: str) -> tuple[torch.nn.Module, str, Spec | None]:
     """(HF model, tokenizer name, the KV spec it trained with) from a Lightning checkpoint of any kvtrain
     module (a `.ckpt` file or a ZeRO checkpoint folder), a model folder, a hub name or kvtrain-ref."""
     if is_checkpoint(model):
         module, spec = module_from_checkpoint(model)
         return module.model, module.tokenizer_name, spec
     path = Path(model).expanduser()
-    spec = KVQuantSpec.load(path / SPEC_FILE) if (path / SPEC_FILE).is_file() else None
+    spec = load_spec(path / SPEC_FILE) if (path / SPEC_FILE).is_file() else None
     return load_model(model), model, spec
 
 
@@ -135,7 +134,7 @@ def evaluate(
     dataset = PackedDataset(tokens, seq_len)
     specs = {"full precision": None}
     if kv is not None:
-        specs[kv if kv != "model" else "model's spec"] = trained_spec if kv == "model" else KVQuantSpec.resolve(kv)
+        specs[kv if kv != "model" else "model's spec"] = trained_spec if kv == "model" else resolve_spec(kv)
     rows = [_eval_row(hf_model, dataset, split, name, spec, batch_size, max_batches) for name, spec in specs.items()]
     for row in rows:
         row["model"] = model
@@ -143,7 +142,7 @@ def evaluate(
         rows.append(_unigram_row(data, split, tokens, tokenizer, rows[0]["tokens"], seq_len))
     print(format_table(rows, ["model", "kv", "split", "tokens", "loss", "ppl", "kv_bytes_per_token"]))
     report = {"rows": rows, "seq_len": seq_len, "data": data or "stdlib", "python": platform.python_version(),
-              "specs": {name: asdict(spec) for name, spec in specs.items() if spec is not None}}
+              "specs": {name: spec.to_dict() for name, spec in specs.items() if spec is not None}}
     if output:
         print(f"kvtrain: wrote {write_json(output, report)}")
     return report

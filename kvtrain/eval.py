@@ -8,7 +8,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtrain.data.lm import PackedDataset
-from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
+from kvtrain.kv import QuantizedKVCache, Spec, attached, resolve_spec
 from kvtrain.loss import next_token_nll
 
 
@@ -27,7 +26,7 @@ def perplexity(
     batch_size: int = 8,
     max_batches: int | None = None,
     desc: str = "eval",
-    spec: KVQuantSpec | str | None = None,
+    spec: Spec | str | None = None,
 ) -> dict[str, float]:
     """Token-weighted mean NLL and its exp over the windows of `dataset` (optionally the first
     `max_batches`). With `spec`, every prediction sees K/V as QuantizedKVCache(spec) would hold them
@@ -63,7 +62,7 @@ def answer_accuracy(
     problems: list,
     max_new_tokens: int = 160,
     batch_size: int = 64,
-    spec: KVQuantSpec | str | None = None,
+    spec: Spec | str | None = None,
     desc: str = "answers",
     kv_bytes: bool = False,
 ) -> dict[str, object]:
@@ -122,7 +121,7 @@ def cache_nbytes(cache: Cache) -> int:
 
 
 @torch.no_grad()
-def kv_cache_bytes(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> int:
+def kv_cache_bytes(model: PreTrainedModel, input_ids: torch.Tensor, spec: Spec | str | None = None) -> int:
     """Measured bytes of a real cache holding `input_ids` (1, T): QuantizedKVCache(spec), or a
     full-precision DynamicCache when `spec` is None. Leaves the model in eval mode."""
     model.eval()
@@ -136,12 +135,12 @@ def kv_cache_bytes(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuan
     return cache_nbytes(cache)
 
 
-def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: KVQuantSpec | str | None = None) -> float:
+def kv_bytes_per_token(model: PreTrainedModel, input_ids: torch.Tensor, spec: Spec | str | None = None) -> float:
     """Measured KV bytes per token of a real cache holding `input_ids` (1, T) (see kv_cache_bytes)."""
     return kv_cache_bytes(model, input_ids, spec) / input_ids.numel()
 
 
-def answer_kv_bytes(model: PreTrainedModel, rollouts, spec: KVQuantSpec | str | None = None,
+def answer_kv_bytes(model: PreTrainedModel, rollouts, spec: Spec | str | None = None,
                     measured: dict | None = None) -> torch.Tensor:
     """(B,) bytes of the cache each answer ends its generation with: its prompt (without padding) and
     completion in a real cache of its own (QuantizedKVCache(spec), or DynamicCache).
@@ -151,7 +150,7 @@ def answer_kv_bytes(model: PreTrainedModel, rollouts, spec: KVQuantSpec | str | 
     measurements across calls, so a training run measures each length once.
     """
     measured = {} if measured is None else measured
-    key = json.dumps(asdict(KVQuantSpec.resolve(spec)), sort_keys=True) if spec is not None else None
+    key = json.dumps(resolve_spec(spec).to_dict(), sort_keys=True) if spec is not None else None
     out = []
     for i, n_completion in enumerate(rollouts.lengths.tolist()):
         prompt = rollouts.prompt_ids[i][rollouts.prompt_mask[i].bool()]

@@ -59,6 +59,19 @@ def decode(model, ids, spec, splits):
     return torch.cat(logits, 1), cache
 
 
+def training_views(model, ids, spec, **inputs):
+    """(full-precision logits, logits of one training-mode forward with `spec` attached); the model
+    stays attached, in eval mode."""
+    with torch.no_grad():
+        full_precision = model(ids, use_cache=False, **inputs).logits
+    attach(model, spec)
+    model.train()
+    with torch.no_grad():
+        trained_view = model(ids, use_cache=False, **inputs).logits
+    model.eval()
+    return full_precision, trained_view
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_training_forward_equals_incremental_decoding(arch, spec_name):

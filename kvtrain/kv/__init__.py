@@ -2,6 +2,11 @@
 
 from kvtrain.kv.attention import attach, attached, attached_spec, detach
 from kvtrain.kv.cache import QuantizedKVCache
-from kvtrain.kv.spec import PRESETS, SPEC_FILE, KVQuantSpec, TensorQuant
+from kvtrain.kv.codecs import CODECS, Codec, Payload, register
+from kvtrain.kv.spec import (
+    PRESETS, SPEC_FILE, KVQuantSpec, KVSpec, Spec, TensorPolicy, TensorQuant, load_spec, resolve_spec, spec_from_dict,
+)
 
-__all__ = ["PRESETS", "SPEC_FILE", "KVQuantSpec", "QuantizedKVCache", "TensorQuant", "attach", "attached", "attached_spec", "detach"]
+__all__ = ["CODECS", "PRESETS", "SPEC_FILE", "Codec", "KVQuantSpec", "KVSpec", "Payload", "QuantizedKVCache", "Spec",
+           "TensorPolicy", "TensorQuant", "attach", "attached", "attached_spec", "detach", "load_spec", "register",
+           "resolve_spec", "spec_from_dict"]

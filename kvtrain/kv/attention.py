@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from functools import cached_property
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,9 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvtrain.kv.spec import KVQuantSpec, TensorQuant
+from kvtrain.kv.cache import CompressedTensor, QuantizedKVCache
+from kvtrain.kv.codecs import Codec
+from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.view import compressed_view
 from kvtrain.kv.window import WindowRule
 
@@ -36,8 +39,9 @@ ATTN_NAME = "kvtrain"
 
 @dataclass
 class AttachState:
-    spec: KVQuantSpec
+    spec: Spec
     original_attn: str
+    text_key: str | None  # the text decoder's sub-config in a multimodal model (None: the model is the decoder)
     hook: Any = None
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
@@ -45,12 +49,17 @@ class AttachState:
 
 @dataclass
 class TensorView:
-    """K or V of one layer as attention needs it: the full-precision tensor, its view (`hat`: the
-    compressed tier fake-quantized), and the window rule saying which query sees which tokens compressed."""
+    """K or V of one layer as attention needs it: its view (`hat`: the compressed tier as the cache
+    hands it back), the window rule saying which query sees which tokens compressed, and the tokens
+    as they arrived (`full`, built only when a chunk's queries see different views)."""
 
-    full: torch.Tensor
     hat: torch.Tensor
     rule: WindowRule | None  # None: the tensor stays in full precision
+    arrived: Callable[[], torch.Tensor]
+
+    @cached_property
+    def full(self) -> torch.Tensor:
+        return self.arrived()
 
     def seen(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule is None:
@@ -58,12 +67,16 @@ class TensorView:
         return self.rule.seen(positions)
 
 
-def _prepared(x, quant: TensorQuant | None, rule: WindowRule | None, past: int, quantized_prefix: bool) -> TensorView:
-    """The view of K or V: what the cache would have compressed by the chunk's end, fake-quantized."""
-    if quant is None:
-        return TensorView(x, x, None)
-    done = rule.end(past) if quantized_prefix else 0
-    return TensorView(x, compressed_view(x, quant, rule, done), rule)
+def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored: CompressedTensor | None
+              ) -> TensorView:
+    """The view of K or V. From a QuantizedKVCache (`stored`), x is already the view of the chunk's
+    last query and the cache keeps what it compressed as it arrived; otherwise x is all full
+    precision and the units the rule compresses by the chunk's end are simulated here."""
+    if codec is None:
+        return TensorView(x, None, lambda: x)
+    if stored is not None:
+        return TensorView(x, rule, lambda: stored.take_arrived(x))
+    return TensorView(compressed_view(x, codec, rule), rule, lambda: x)
 
 
 def kv_attention(
@@ -79,17 +92,16 @@ def kv_attention(
     state: AttachState = module.kvtrain_state
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which kvtrain's KV view does not support")
-    from kvtrain.kv.cache import QuantizedKVCache
-
     spec, layer = state.spec, module.layer_idx
     q_len, total = query.shape[-2], key.shape[-2]
     past = total - q_len
-    prefix = isinstance(state.cache, QuantizedKVCache)
-    if prefix:
+    stored = None
+    if isinstance(state.cache, QuantizedKVCache):
         state.cache.viewed(layer, spec)
+        stored = state.cache.layers[layer]
     kq, vq = spec.keys(layer), spec.values(layer)
-    keys = _prepared(key, kq, spec.window(kq), past, prefix)
-    values = _prepared(value, vq, spec.window(vq), past, prefix)
+    keys = _prepared(key, kq, spec.window(kq), stored and stored.k)
+    values = _prepared(value, vq, spec.window(vq), stored and stored.v)
     scaling = module.scaling if scaling is None else scaling
     one_view = all(t.rule is None or t.rule.uniform(past, q_len) for t in (keys, values))
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
@@ -102,6 +114,8 @@ def kv_attention(
         positions = torch.arange(past, past + q_len, device=query.device)
         out, probs = _tiered_attention(module, query, _tiers(keys, values, positions), attention_mask, scaling,
                                        dropout, positions), None
+    if stored is not None:
+        stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
     return _zero_padding_queries(out, attention_mask, total), probs
 
 
@@ -235,20 +249,34 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _text_config_key(config, text_config) -> str | None:
+    """The sub-config holding a multimodal model's text decoder; None when the model is the decoder."""
+    if text_config is config:
+        return None
+    return next(key for key in config.sub_configs if getattr(config, key, None) is text_config)
+
+
+def _for_text(implementation: str, text_key: str | None) -> str | dict[str, str]:
+    """An attention implementation for the text decoder only: a vision tower keeps its own."""
+    return implementation if text_key is None else {text_key: implementation}
+
+
 def _capture_cache(state: AttachState):
     def hook(module, args, kwargs):
         # transformers 5 renamed the argument to `cache`; generate and older callers still pass past_key_values
         state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(state.cache, QuantizedKVCache):
+            state.cache.bind(module.config)  # a hybrid model's non-attention layers keep their own state
 
     return hook
 
 
-def attach(model: nn.Module, spec: KVQuantSpec | str) -> KVQuantSpec:
+def attach(model: nn.Module, spec: Spec | str) -> Spec:
     """Make `model`'s attention see K/V as a cache compressed by `spec` would hand them back.
 
     Re-attaching replaces the previous spec. Returns the resolved spec.
     """
-    spec = KVQuantSpec.resolve(spec)
+    spec = resolve_spec(spec)
     target = hf_model(model)
     if getattr(target, "kvtrain_state", None) is not None:
         detach(target)
@@ -256,11 +284,17 @@ def attach(model: nn.Module, spec: KVQuantSpec | str) -> KVQuantSpec:
     name = type(target).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name} is an encoder-decoder model; kvtrain attaches to decoder-only models")
+    if getattr(config, "kv_lora_rank", None):  # DeepSeek-V2/V3, MiniCPM3, Kimi, ...
+        raise ValueError(
+            f"{name} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): its cache holds a "
+            "compressed latent, not per-head keys and values, so kvtrain's K/V view would train for a cache it "
+            "does not have; latent caches are not supported yet")
     spec.check_model(config.num_hidden_layers, _head_dim(config), name)
     mods = attention_modules(target)
-    state = AttachState(spec, target.config._attn_implementation or "sdpa", modules=mods)
+    text_key = _text_config_key(target.config, config)
+    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, modules=mods)
     try:
-        target.set_attn_implementation(ATTN_NAME)
+        target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:
         raise ValueError(f"{name} does not let kvtrain set its attention implementation: {e}") from e
     for m in mods:
@@ -280,16 +314,16 @@ def detach(model: nn.Module) -> None:
     for m in state.modules:
         del m.kvtrain_state
     del target.kvtrain_state
-    target.set_attn_implementation(state.original_attn)
+    target.set_attn_implementation(_for_text(state.original_attn, state.text_key))
 
 
-def attached_spec(model: nn.Module) -> KVQuantSpec | None:
+def attached_spec(model: nn.Module) -> Spec | None:
     state = getattr(hf_model(model), "kvtrain_state", None)
     return state.spec if state else None
 
 
 @contextmanager
-def attached(model: nn.Module, spec: KVQuantSpec | str) -> Iterator[KVQuantSpec]:
+def attached(model: nn.Module, spec: Spec | str) -> Iterator[Spec]:
     """`with attached(model, "kivi2"): ...` restores the model's previous state on exit."""
     previous = attached_spec(model)
     resolved = attach(model, spec)

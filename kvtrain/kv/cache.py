@@ -1,12 +1,13 @@
-"""QuantizedKVCache: a `transformers.Cache` that stores K/V packed, in the tiers of the spec's window rule.
+"""QuantizedKVCache: a `transformers.Cache` that stores K/V compressed, in the tiers of the spec's window rule.
 
-Per layer it holds, for each of K and V, the sink tokens (full precision), the quantized tokens
-(packed codes + per-group scale and zero point) and a full-precision tail (the window plus any
-incomplete unit). A token is quantized once, when the rule (`kvtrain.kv.window`) moves it out of the
-window, and never re-quantized.
-`update` hands attention the tokens as stored (dequantized where compressed) before compressing the
-units the new tokens complete, so the attached attention function (`kvtrain.kv.attention`) can give
-every query of the chunk its exact view. Use it on an attached model:
+Per layer it holds, for each of K and V, the sink tokens (full precision), the compressed tokens (the
+codec's payloads: packed codes, scales, ...) and a full-precision tail (the window plus any
+incomplete unit). A token is encoded once, when the rule (`kvtrain.kv.window`) moves it out of the
+window, and never re-encoded; the view attention reads is the codec's decoding of that payload, so
+nothing is quantized twice.
+`update` compresses what the new tokens complete and hands attention every token as stored, plus (to
+the attached attention function, `kvtrain.kv.attention`) the tokens it just compressed as they
+arrived, so every query of a prefill chunk gets its exact view. Use it on an attached model:
 
     attach(model, spec)
     model.generate(ids, past_key_values=QuantizedKVCache(spec), ...)
@@ -17,82 +18,89 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer, get_layer_types_and_kwargs
 
-from kvtrain.kv.spec import KVQuantSpec, TensorQuant
+from kvtrain.kv.codecs import Codec, Payload
+from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule
-from kvtrain.quant.packing import pack, unpack
-from kvtrain.quant.uniform import QuantizedTensor, dequantize, quantize
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class PackedTokens:
-    """The quantized tokens of K or V in one layer: packed codes, scales and zero points (in the
-    spec's scale_dtype)."""
+class PayloadStore:
+    """The compressed tokens of K or V in one layer: the codec's payloads, in order."""
 
-    def __init__(self, quant: TensorQuant):
-        self.quant = quant
-        self.axis = 2 if quant.axis == "channel" else 3  # of (B, H, T, D)
-        self.cat_dim = 3 if quant.axis == "channel" else 2  # the token dim of the grouped layout
-        self.codes = self.scale = self.zero = None
-        self.n = 0
+    def __init__(self, codec: Codec):
+        self.codec = codec
+        self.payload: Payload | None = None
+
+    @property
+    def n(self) -> int:
+        return 0 if self.payload is None else self.payload.n
 
     def append(self, x: torch.Tensor) -> None:
-        """Quantize x (B, H, n, D), n a whole number of units, and store it packed."""
-        q = self.quant
-        try:
-            qt = quantize(x, q.bits, q.group_size, self.axis, q.symmetric, q.clip_ratio, q.param_dtype)
-        except ValueError as e:
-            raise ValueError(f"QuantizedKVCache: {e}") from e
-        packed = pack(qt.codes, q.bits)
-        if self.codes is None:
-            self.codes, self.scale, self.zero = packed, qt.scale, qt.zero
-        else:
-            self.codes = torch.cat([self.codes, packed], self.cat_dim)
-            self.scale = torch.cat([self.scale, qt.scale], self.cat_dim)
-            self.zero = torch.cat([self.zero, qt.zero], self.cat_dim)
-        self.n += x.shape[2]
-        self.shape, self.dtype = (*x.shape[:2], self.n, x.shape[3]), x.dtype
+        """Encode x (B, H, n, D), n a whole number of the codec's units, once, and keep it."""
+        new = self.codec.encode(x)
+        self.payload = new if self.payload is None else Payload.cat([self.payload, new])
 
-    def dequantize(self) -> torch.Tensor:
-        codes = unpack(self.codes, self.quant.bits, self.quant.group_size)
-        qt = QuantizedTensor(codes, self.scale, self.zero, self.quant.bits, self.axis, torch.Size(self.shape),
-                             self.quant.symmetric, self.dtype)
-        return dequantize(qt)
+    def decode(self) -> torch.Tensor:
+        return self.codec.decode(self.payload)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """The payload's tensors by name (`store.codes`, `store.scale`, ...)."""
+        payload = self.__dict__.get("payload")
+        if payload is not None and name in payload.tensors:
+            return payload.tensors[name]
+        raise AttributeError(f"{type(self).__name__} holds no {name!r}")
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.codes is not None:
-            self.codes, self.scale, self.zero = fn(self.codes), fn(self.scale), fn(self.zero)
-            self.shape = (self.codes.shape[0], *self.shape[1:])
+        if self.payload is not None:
+            self.payload = self.payload.map(fn)
 
     def nbytes(self) -> int:
-        return _nbytes(self.codes, self.scale, self.zero)
+        return 0 if self.payload is None else self.payload.nbytes()
 
 
 class CompressedTensor:
-    """K or V of one layer in the window rule's tiers: full-precision sinks, quantized tokens, and a
+    """K or V of one layer in the window rule's tiers: full-precision sinks, compressed tokens, and a
     full-precision tail (the window plus any incomplete unit)."""
 
-    def __init__(self, quant: TensorQuant | None, rule: WindowRule | None):
-        self.quant, self.rule = quant, rule
-        self.packed = PackedTokens(quant) if quant is not None else None
+    def __init__(self, codec: Codec | None, rule: WindowRule | None):
+        self.codec, self.rule = codec, rule
+        self.packed = PayloadStore(codec) if codec is not None else None
         self.sinks: torch.Tensor | None = None
         self.tail: torch.Tensor | None = None
+        self.arrived: tuple[int, torch.Tensor] | None = None  # (start, raw tokens) this update compressed
 
-    def update(self, new: torch.Tensor) -> torch.Tensor:
-        """Append `new`; return all tokens as stored before this call's compression, plus `new`."""
-        stored = [self.packed.dequantize()] if self.packed is not None and self.packed.n else []
+    @property
+    def held(self) -> int:
+        """Tokens in the sinks and the compressed tier."""
+        return (0 if self.sinks is None else self.sinks.shape[-2]) + (self.packed.n if self.packed else 0)
+
+    def update(self, new: torch.Tensor, keep_arrived: bool = False) -> torch.Tensor:
+        """Append `new`, compress what the rule compresses now, and return every token as stored:
+        the view of a query decoded with all of them in the cache. With `keep_arrived` (a model's
+        attention will read them), the tokens this call compressed stay available as they arrived
+        (`take_arrived`) for the queries of a chunk that saw them before they were compressed."""
         tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
-        view = torch.cat([*([self.sinks] if self.sinks is not None else []), *stored, tail], dim=-2)
-        self.tail = tail
-        if self.quant is not None:
-            self._compress(view.shape[-2])
-        return view
+        start, self.tail, self.arrived = self.held, tail, None
+        if self.codec is not None and self._compress(start + tail.shape[-2]) and keep_arrived:
+            self.arrived = (start, tail)
+        parts = [self.sinks, self.packed.decode() if self.packed is not None and self.packed.n else None, self.tail]
+        return torch.cat([p for p in parts if p is not None], dim=-2)
 
-    def _compress(self, total: int) -> None:
+    def take_arrived(self, stored: torch.Tensor) -> torch.Tensor:
+        """`stored` (what `update` returned) with the tokens that call compressed as they arrived."""
+        if self.arrived is None:
+            return stored
+        (start, raw), self.arrived = self.arrived, None
+        return torch.cat([stored[..., :start, :], raw], dim=-2)
+
+    def _compress(self, total: int) -> bool:
+        """Move tokens out of the tail as the rule says; True if any were compressed."""
         held = 0 if self.sinks is None else self.sinks.shape[-2]
         if held < self.rule.start(total):  # the first tokens become sinks for good
             take = self.rule.start(total) - held
@@ -103,6 +111,7 @@ class CompressedTensor:
         if move > 0:
             self.packed.append(self.tail[..., :move, :])
             self.tail = self.tail[..., move:, :].clone()  # do not keep the whole old tail alive
+        return move > 0
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
@@ -110,15 +119,18 @@ class CompressedTensor:
         for name in ("sinks", "tail"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
+        self.arrived = None
 
     def nbytes(self) -> int:
-        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.sinks, self.tail)
+        """Everything held, including tokens kept as they arrived until attention took them."""
+        raw = self.arrived[1] if self.arrived is not None else None
+        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.sinks, self.tail, raw)
 
 
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
-    def __init__(self, spec: KVQuantSpec, layer: int):
+    def __init__(self, spec: Spec, layer: int):
         super().__init__()
         self.spec, self.layer = spec, layer
         keys, values = spec.keys(layer), spec.values(layer)
@@ -129,7 +141,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, keep_arrived: bool = False,
+               **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # here, not when the token is quantized 100 steps later; one check (one host sync) per layer and step
@@ -138,7 +151,10 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
                              f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
         self.length += key_states.shape[-2]
-        return self.k.update(key_states), self.v.update(value_states)
+        return self.k.update(key_states, keep_arrived), self.v.update(value_states, keep_arrived)
+
+    def forget_arrived(self) -> None:
+        self.k.arrived = self.v.arrived = None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -182,10 +198,32 @@ class QuantizedKVCache(Cache):
     the full-precision tails.
     """
 
-    def __init__(self, spec: KVQuantSpec | str = "kivi2"):
-        self.spec = KVQuantSpec.resolve(spec)
+    def __init__(self, spec: Spec | str = "kivi2", config: PretrainedConfig | None = None):
+        self.spec = resolve_spec(spec)
         self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
+        self.layer_types: list[str] | None = None
         super().__init__(layers=[])
+        if config is not None:
+            self.bind(config)
+
+    def bind(self, config: PretrainedConfig) -> None:
+        """Lay the layers out as `config`'s decoder has them: attention layers compressed, a hybrid
+        model's convolution and linear-attention layers with transformers' own state. An attached
+        model binds the cache it decodes with at its first forward."""
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if self.layer_types is not None:
+            if types != self.layer_types:
+                raise ValueError(f"this QuantizedKVCache holds layers {self.layer_types}, not those of a model with {types}")
+            return
+        other = sorted({t for t in types if t not in (*ATTENTION_LAYERS, *STATE_LAYERS)})
+        if other:
+            raise ValueError(f"QuantizedKVCache does not support {other} layers yet (it compresses {ATTENTION_LAYERS} "
+                             f"layers and keeps the state of {tuple(STATE_LAYERS)} layers)")
+        if self.layers:
+            raise ValueError("bind a QuantizedKVCache to a model before it holds any tokens")
+        self.layers = [self._layer(i) if t in ATTENTION_LAYERS else STATE_LAYERS[t](**kw)
+                       for i, (t, kw) in enumerate(zip(types, kwargs))]
+        self.layer_types = types
 
     def _layer(self, idx: int) -> QuantizedKVLayer:
         return QuantizedKVLayer(self.spec, idx)
@@ -198,11 +236,14 @@ class QuantizedKVCache(Cache):
                 "before decoding with it")
         while len(self.layers) <= layer_idx:
             self.layers.append(self._layer(len(self.layers)))
-        if args or kwargs:  # a model's attention passes its cache kwargs; filling the cache by hand does not
+        if not isinstance(self.layers[layer_idx], QuantizedKVLayer):
+            raise ValueError(f"layer {layer_idx} is a {self.layer_types[layer_idx]} layer: it holds no keys and values")
+        by_model = bool(args or kwargs)  # a model's attention passes its cache kwargs; filling it by hand does not
+        if by_model:
             self.unviewed = layer_idx
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self.layers[layer_idx].update(key_states, value_states, keep_arrived=by_model)
 
-    def viewed(self, layer: int, spec: KVQuantSpec) -> None:
+    def viewed(self, layer: int, spec: Spec) -> None:
         """Called by the attached attention with the model's spec: the cache must hold that spec."""
         if spec != self.spec:
             raise ValueError(f"the model is attached with {spec} but decodes with a QuantizedKVCache of {self.spec}: "
@@ -211,4 +252,15 @@ class QuantizedKVCache(Cache):
             self.unviewed = None
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        """Every tensor held: the compressed layers' tiers and the other layers' own states."""
+        return sum(layer.nbytes() if isinstance(layer, QuantizedKVLayer) else _state_nbytes(layer) for layer in self.layers)
+
+
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")
+# layers without per-token keys and values keep transformers' own cache layer
+STATE_LAYERS = {"conv": LinearAttentionLayer, "linear_attention": LinearAttentionLayer, "dummy": DummyLayer}
+
+
+def _state_nbytes(layer: object) -> int:
+    states = [*getattr(layer, "conv_states", {}).values(), *getattr(layer, "recurrent_states", {}).values()]
+    return _nbytes(*states)

@@ -1,4 +1,9 @@
-"""KVQuantSpec: what happens to keys and values at each layer, and when a token gets quantized.
+"""Specs: what happens to keys and values at each layer, and when a token gets compressed.
+
+`KVSpec` (version 2) gives keys and values each a `TensorPolicy` (a registered codec, its bits, per-layer
+bits, granularity); `KVQuantSpec` is the flat form of an affine (KIVI-style) spec that kvtrain started
+with (`to_v2()` converts it). Both answer the pipeline's questions the same way: `keys(layer)` /
+`values(layer)` give the codec of that layer (None: full precision), `window(codec)` its window rule.
 
 When a token is compressed is the window rule (`kvtrain.kv.window.WindowRule`, DESIGN.md invariant 1),
 defined there once and called by both the training-time view and the decode-time cache; the spec
@@ -8,46 +13,18 @@ says which rule each of K and V follows (its unit, the full-precision window, si
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
 
+from kvtrain.kv.codecs import Codec, build_codec
+from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
 from kvtrain.kv.window import WindowRule
+from kvtrain.quant.granularity import parse_granularity
 from kvtrain.quant.uniform import check_bits
-
-Axis = Literal["channel", "token"]
-ScaleDtype = Literal["float16", "bfloat16", "float32"]
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-@dataclass(frozen=True)
-class TensorQuant:
-    """How one of K or V is quantized. axis="channel": each channel in groups of `group_size`
-    consecutive tokens (KIVI keys); axis="token": each token in groups of `group_size` channels."""
-
-    bits: int
-    group_size: int
-    axis: Axis
-    symmetric: bool = False
-    clip_ratio: float = 1.0
-    scale_dtype: ScaleDtype = "float16"
-
-    @property
-    def param_dtype(self) -> torch.dtype:
-        """The dtype the cache stores scales and zero points in (the view rounds them the same way)."""
-        return getattr(torch, self.scale_dtype)
-
-    @property
-    def unit(self) -> int:
-        """Tokens that are quantized together."""
-        return self.group_size if self.axis == "channel" else 1
-
-    def quantized_len(self, total: int, residual: int) -> int:
-        """Tokens held quantized with `total` in the cache under the plain streaming rule (no sinks)."""
-        return WindowRule(self.unit, residual).end(total)
-
 
 def _check_whole(name: str, value: object, low: int, rule: str) -> None:
     """A count must be an int: 2.5 tokens or True as a group size would only fail deep in a forward."""
@@ -61,8 +38,82 @@ PRESETS = ("kivi2", "kivi4", "int8")
 SPEC_FILE = "kv_spec.json"  # written next to an exported model so the spec travels with it
 
 
+class _LayerPlan(ABC):
+    """What both spec forms share: the window rule, full-precision layers, saving, `with_`."""
+
+    residual: int
+    sinks: int
+    flush: bool
+    full_precision_layers: list[int]
+
+    def keys(self, layer: int) -> Codec | None:
+        return None if layer in self.full_precision_layers else self._codec("key", layer)
+
+    def values(self, layer: int) -> Codec | None:
+        return None if layer in self.full_precision_layers else self._codec("value", layer)
+
+    def window(self, codec: Codec | None) -> WindowRule | None:
+        """The window rule of K or V (None when that tensor stays in full precision)."""
+        if codec is None:
+            return None
+        return WindowRule(codec.unit, self.residual, self.sinks, flush=self.flush and codec.unit > 1)
+
+    def check_model(self, num_layers: int, head_dim: int, model_name: str = "model") -> None:
+        """Errors that need the model's shape: groups against head_dim, layer indices."""
+        for name in ("key", "value"):
+            for layer, codec in self._distinct_codecs(name).items():
+                codec.check_model(head_dim, self._granularity_name(name), model_name)
+        bad = sorted(i for i in [*self._layer_indices(), *self.full_precision_layers] if i >= num_layers)
+        if bad:
+            raise ValueError(f"layer indices {bad} are out of range for {model_name} with {num_layers} layers")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / SPEC_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def with_(self, **changes):
+        return replace(self, **changes)
+
+    def _check_window(self) -> None:
+        _check_whole("residual (the full-precision window)", self.residual, 0, "must be >= 0 tokens")
+        _check_whole("sinks (tokens kept in full precision at the start)", self.sinks, 0, "must be >= 0")
+        _check_switch("flush", self.flush)
+        for layer in self.full_precision_layers:
+            _check_whole("full_precision_layers", layer, 0, f"holds layer indices >= 0 ({self.full_precision_layers})")
+        for name in ("key", "value"):
+            for codec in self._distinct_codecs(name).values():
+                if self.flush and codec.unit > 1 and (self.residual < 1 or self.residual % codec.unit):
+                    raise ValueError(f"flush=True moves residual={self.residual} tokens at a time out of the window: "
+                                     f"it must be a positive multiple of {self._granularity_name(name)}={codec.unit}")
+
+    def _distinct_codecs(self, name: str) -> dict[int, Codec]:
+        """The codec of every distinct bit width (layer -1: the default)."""
+        return {layer: self._codec(name, layer) for layer in (-1, *self._layer_indices())}
+
+    @abstractmethod
+    def _codec(self, name: str, layer: int) -> Codec:
+        """The codec of K (name "key") or V at a layer that is compressed."""
+
+    @abstractmethod
+    def _layer_indices(self) -> list[int]:
+        """Layers with their own bits."""
+
+    @abstractmethod
+    def _granularity_name(self, name: str) -> str:
+        """The setting an error about K's or V's grouping names."""
+
+
+def _check_switch(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 @dataclass
-class KVQuantSpec:
+class KVQuantSpec(_LayerPlan):
     """KV-cache quantization. YAML-friendly; validated on construction.
 
     Args:
@@ -105,27 +156,10 @@ class KVQuantSpec:
             _check_whole(f"{name}_group_size", getattr(self, f"{name}_group_size"), 1, "must be at least 1")
             if getattr(self, f"{name}_axis") not in ("channel", "token"):
                 raise ValueError(f"{name}_axis must be 'channel' or 'token', got {getattr(self, f'{name}_axis')!r}")
-        _check_whole("residual (the full-precision window)", self.residual, 0, "must be >= 0 tokens")
-        _check_whole("sinks (tokens kept in full precision at the start)", self.sinks, 0, "must be >= 0")
-        for name in ("symmetric", "flush"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("key", "value"):
-            unit = getattr(self, f"{name}_group_size") if getattr(self, f"{name}_axis") == "channel" else 1
-            if self.flush and unit > 1 and (self.residual < 1 or self.residual % unit):
-                raise ValueError(f"flush=True moves residual={self.residual} tokens at a time out of the window: it must "
-                                 f"be a positive multiple of {name}_group_size={unit}")
-        if not 0 < self.clip_ratio <= 1:
-            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
-        self.layer_bits = {int(k): v for k, v in self.layer_bits.items()}  # JSON keys are strings
-        for layer, bits in self.layer_bits.items():
-            check_bits(bits, self.symmetric)
-            if layer < 0:
-                raise ValueError(f"layer_bits has a negative layer index {layer}")
-        for layer in self.full_precision_layers:
-            _check_whole("full_precision_layers", layer, 0, f"holds layer indices >= 0 ({self.full_precision_layers})")
+        _check_switch("symmetric", self.symmetric)
+        _check_affine(self.clip_ratio, self.scale_dtype)
+        self.layer_bits = _layer_table(self.layer_bits, self.symmetric, "layer_bits")
+        self._check_window()
 
     @classmethod
     def preset(cls, name: str) -> "KVQuantSpec":
@@ -140,47 +174,28 @@ class KVQuantSpec:
         raise ValueError(f"unknown KV spec preset {name!r}; choose one of {PRESETS}")
 
     @classmethod
-    def resolve(cls, spec: "KVQuantSpec | str") -> "KVQuantSpec":
+    def resolve(cls, spec: "Spec | str") -> "Spec":
         """A spec from itself, a preset name, a JSON file, or a model folder holding kv_spec.json."""
-        if not isinstance(spec, str):
-            return spec
-        if spec in PRESETS:
-            return cls.preset(spec)
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            path = path / SPEC_FILE
-        if path.is_file():
-            return cls.load(path)
-        raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS}, a spec JSON file, or a folder with {SPEC_FILE}")
-
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / SPEC_FILE
-        path.write_text(json.dumps(asdict(self), indent=2))
-        return path
+        return resolve_spec(spec)
 
     @classmethod
-    def load(cls, path: str | Path) -> "KVQuantSpec":
-        fields = json.loads(Path(path).read_text())
-        try:
-            return cls(**fields)
-        except TypeError as e:
-            raise ValueError(f"{path} is not a KVQuantSpec: {e}") from e
+    def load(cls, path: str | Path) -> "Spec":
+        return load_spec(path)
 
-    def keys(self, layer: int) -> TensorQuant | None:
-        return self._tensor("key", layer)
+    def to_v2(self) -> "KVSpec":
+        """The same spec in the version-2 form (separate key and value policies)."""
+        def policy(name: str) -> TensorPolicy:
+            return TensorPolicy("affine", getattr(self, f"{name}_bits"), str(self._codec(name, -1).granularity),
+                                self.symmetric, self.clip_ratio, self.scale_dtype, dict(self.layer_bits))
 
-    def values(self, layer: int) -> TensorQuant | None:
-        return self._tensor("value", layer)
+        return KVSpec(key=policy("key"), value=policy("value"), residual=self.residual, sinks=self.sinks,
+                      flush=self.flush, full_precision_layers=list(self.full_precision_layers))
 
-    def window(self, quant: TensorQuant | None) -> WindowRule | None:
-        """The window rule of K or V (None when that tensor stays in full precision)."""
-        if quant is None:
-            return None
-        return WindowRule(quant.unit, self.residual, self.sinks, flush=self.flush and quant.unit > 1)
+    def with_bits(self, bits: int) -> "KVQuantSpec":
+        """The same spec with K and V at `bits`."""
+        return self.with_(key_bits=bits, value_bits=bits)
 
-    def _tensor(self, name: str, layer: int) -> TensorQuant | None:
-        if layer in self.full_precision_layers:
-            return None
+    def _codec(self, name: str, layer: int) -> TensorQuant:
         return TensorQuant(
             bits=self.layer_bits.get(layer, getattr(self, f"{name}_bits")),
             group_size=getattr(self, f"{name}_group_size"),
@@ -190,18 +205,148 @@ class KVQuantSpec:
             scale_dtype=self.scale_dtype,
         )
 
-    def check_model(self, num_layers: int, head_dim: int, model_name: str = "model") -> None:
-        """Errors that need the model's shape: group sizes against head_dim, layer indices."""
-        for name in ("key", "value"):
-            g = getattr(self, f"{name}_group_size")
-            if getattr(self, f"{name}_axis") == "token" and head_dim % g:
-                raise ValueError(
-                    f"{name}_group_size={g} does not divide head_dim={head_dim} of {model_name}; "
-                    f"per-token groups split head_dim, so use a divisor of {head_dim}"
-                )
-        bad = sorted(i for i in [*self.layer_bits, *self.full_precision_layers] if i >= num_layers)
-        if bad:
-            raise ValueError(f"layer indices {bad} are out of range for {model_name} with {num_layers} layers")
+    def _layer_indices(self) -> list[int]:
+        return list(self.layer_bits)
 
-    def with_(self, **changes) -> "KVQuantSpec":
-        return replace(self, **changes)
+    def _granularity_name(self, name: str) -> str:
+        return f"{name}_group_size"
+
+
+def _check_affine(clip_ratio: float, scale_dtype: str) -> None:
+    if not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+
+
+def _layer_table(table: dict, symmetric: bool, name: str) -> dict[int, int]:
+    """{layer: bits} with int keys (JSON keys are strings), checked."""
+    table = {int(k): v for k, v in table.items()}
+    for layer, bits in table.items():
+        check_bits(bits, symmetric)
+        if layer < 0:
+            raise ValueError(f"{name} has a negative layer index {layer}")
+    return table
+
+
+@dataclass
+class TensorPolicy:
+    """How one of K or V is compressed (spec version 2).
+
+    Args:
+        codec: a registered codec name (`kvtrain.kv.codecs.CODECS`): "affine" (KIVI-style min-max),
+            "fp8_e4m3", ...
+        bits: bits per element.
+        granularity: which elements share a scale: "per_channel(G)" (G tokens per group along each
+            channel), "per_token(G)" (G channels per group within a token), "per_token_head".
+        symmetric / clip_ratio / scale_dtype: the affine codec's options (see KVQuantSpec).
+        layer_bits: per-layer bits {layer: bits} for this tensor only (e.g. K at 4 bits in layer 0).
+    """
+
+    codec: str = "affine"
+    bits: int = 2
+    granularity: str = "per_channel(32)"
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    scale_dtype: ScaleDtype = "float16"
+    layer_bits: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.granularity = str(parse_granularity(self.granularity))
+        _check_switch("symmetric", self.symmetric)
+        _check_affine(self.clip_ratio, self.scale_dtype)
+        check_bits(self.bits, self.symmetric)
+        self.layer_bits = _layer_table(self.layer_bits, self.symmetric, "layer_bits")
+        for bits in {self.bits, *self.layer_bits.values()}:
+            build_codec(self, bits)  # the codec's own errors (bit range, granularity), here and not in a forward
+
+    def codec_at(self, layer: int) -> Codec:
+        return build_codec(self, self.layer_bits.get(layer, self.bits))
+
+
+SPEC_VERSION = 2
+
+
+@dataclass
+class KVSpec(_LayerPlan):
+    """KV-cache compression, version 2: a policy for keys and one for values, and the window.
+
+    YAML:
+        kv_spec:
+          version: 2
+          key: {bits: 4, granularity: per_channel(32)}
+          value: {bits: 2, granularity: per_token(32), layer_bits: {0: 4}}
+          residual: 128
+
+    Args:
+        key / value: a TensorPolicy (or a dict of its fields) for K / V.
+        residual / sinks / flush / full_precision_layers: as in KVQuantSpec.
+        version: 2 (written into kv_spec.json, so a file says which form it holds).
+    """
+
+    key: TensorPolicy = field(default_factory=lambda: TensorPolicy(granularity="per_channel(32)"))
+    value: TensorPolicy = field(default_factory=lambda: TensorPolicy(granularity="per_token(32)"))
+    residual: int = 128
+    sinks: int = 0
+    flush: bool = False
+    full_precision_layers: list[int] = field(default_factory=list)
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != SPEC_VERSION:
+            raise ValueError(f"KVSpec version must be {SPEC_VERSION}, got {self.version!r}")
+        for name in ("key", "value"):
+            policy = getattr(self, name)
+            if isinstance(policy, dict):
+                setattr(self, name, TensorPolicy(**policy))
+            elif not isinstance(policy, TensorPolicy):
+                raise ValueError(f"{name} must be a TensorPolicy or a dict of its fields, got {policy!r}")
+        self._check_window()
+
+    def with_bits(self, bits: int) -> "KVSpec":
+        """The same spec with K and V at `bits` (per-layer bits kept)."""
+        return self.with_(key=replace(self.key, bits=bits), value=replace(self.value, bits=bits))
+
+    def _codec(self, name: str, layer: int) -> Codec:
+        return getattr(self, name).codec_at(layer)
+
+    def _layer_indices(self) -> list[int]:
+        return sorted({*self.key.layer_bits, *self.value.layer_bits})
+
+    def _granularity_name(self, name: str) -> str:
+        return f"{name}.granularity group"
+
+
+Spec = KVQuantSpec | KVSpec
+
+
+def spec_from_dict(fields: dict[str, Any]) -> Spec:
+    """A spec from its `to_dict()` (a kv_spec.json, a checkpoint): version 2 or the flat form."""
+    fields = dict(fields)
+    try:
+        if "version" in fields:
+            return KVSpec(**fields)
+        return KVQuantSpec(**fields)
+    except TypeError as e:
+        raise ValueError(f"not a KV spec ({e}): {fields}") from e
+
+
+def load_spec(path: str | Path) -> Spec:
+    try:
+        return spec_from_dict(json.loads(Path(path).read_text()))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def resolve_spec(spec: "Spec | str") -> Spec:
+    """A spec from itself, a preset name, a JSON file, or a model folder holding kv_spec.json."""
+    if not isinstance(spec, str):
+        return spec
+    if spec in PRESETS:
+        return KVQuantSpec.preset(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / SPEC_FILE
+    if path.is_file():
+        return load_spec(path)
+    raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS}, a spec JSON file, or a folder with {SPEC_FILE}")

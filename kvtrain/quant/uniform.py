@@ -104,12 +104,13 @@ def _dequant_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def quantize(
     x: torch.Tensor, bits: int, group_size: int, axis: int = -1, symmetric: bool = False, clip_ratio: float = 1.0,
-    param_dtype: torch.dtype | None = None,
+    param_dtype: torch.dtype | None = None, check_finite: bool = True,
 ) -> QuantizedTensor:
     """Quantize `x` group-wise along `axis`; scale and zero point stored in `param_dtype` (default:
-    x's dtype). Raises on NaN/inf input."""
+    x's dtype). Raises on NaN/inf input unless `check_finite=False` (a caller that checked already:
+    the check synchronizes with the device)."""
     check_bits(bits, symmetric)
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError("cannot quantize a tensor with NaN or inf values (check the model's activations)")
     axis = axis % x.dim()
     g = _grouped(x, group_size, axis)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from kvtrain.kv import KVQuantSpec, QuantizedKVCache, attached
+from kvtrain.kv import QuantizedKVCache, Spec, attached
 
 
 @dataclass
@@ -139,7 +139,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     stop: list[str] | None = None,
-    spec: KVQuantSpec | str | None = None,
+    spec: Spec | str | None = None,
 ) -> Rollouts:
     """Sample `num_generations` completions per prompt (temperature 0: greedy, log-probs at
     temperature 1); with `spec`, decoding runs on QuantizedKVCache(spec) and the prefill through

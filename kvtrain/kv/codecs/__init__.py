@@ -1,0 +1,129 @@
+"""Codecs: what happens to a block of K or V (DESIGN.md, "The compression pipeline").
+
+A codec turns a block of tokens of K or V, shaped (batch, kv_heads, tokens, head_dim) with a whole
+number of `unit`s of tokens, into a `Payload` (what the cache stores) and back:
+
+    encode(x) -> Payload      the cache calls it once per block, when the window rule compresses it
+    decode(payload) -> x_hat  in x's dtype
+    simulate(x) -> x_hat      the training view: equal to decode(encode(x)) in the forward (bit for
+                              bit: parity rests on it, tests/test_kv_codecs.py checks it for every
+                              registered codec), with a straight-through or the codec's own gradient
+
+Codecs register by name (`@register("affine")`); a spec names one per tensor (`TensorPolicy.codec`)
+and `build_codec` makes it for a layer. Adding one is a file here and one import line below.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+@dataclass
+class Payload:
+    """The stored form of a block of K or V: its tensors (codes, scales, ...), each with its token
+    axis (`token_dims`, for concatenation), and the (B, H, n, D) shape and dtype of the block."""
+
+    tensors: dict[str, torch.Tensor]
+    token_dims: dict[str, int]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def n(self) -> int:
+        """Tokens held."""
+        return self.shape[2]
+
+    def nbytes(self) -> int:
+        """The real storage: every tensor's elements times their size."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Payload":
+        """`fn` applied to every tensor (select or reorder batch rows, move devices)."""
+        tensors = {name: fn(t) for name, t in self.tensors.items()}
+        batch = next(iter(tensors.values())).shape[0]
+        return replace(self, tensors=tensors, shape=(batch, *self.shape[1:]))
+
+    @staticmethod
+    def cat(parts: list["Payload"]) -> "Payload":
+        """Payloads of consecutive blocks as one."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        tensors = {name: torch.cat([p.tensors[name] for p in parts], dim) for name, dim in first.token_dims.items()}
+        shape = (*first.shape[:2], sum(p.n for p in parts), first.shape[3])
+        return replace(first, tensors=tensors, shape=shape)
+
+
+class Codec(ABC):
+    """The codec protocol (module docstring). Subclasses are frozen dataclasses of their settings."""
+
+    name: ClassVar[str]
+    # TensorPolicy fields of a few settings that the registry-driven tests run (parity on every
+    # architecture, encode/decode round trips), so a new codec is tested without a new test
+    examples: ClassVar[tuple[dict[str, Any], ...]]
+
+    @property
+    @abstractmethod
+    def unit(self) -> int:
+        """Tokens that are compressed together."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> Payload:
+        """x (B, H, n, D), n a multiple of `unit` and finite (the cache checks K/V as they arrive)."""
+
+    @abstractmethod
+    def decode(self, payload: Payload) -> torch.Tensor:
+        """The block as stored, in the dtype it was encoded from."""
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) with a straight-through gradient (override for the codec's own)."""
+        return _StraightThrough.apply(x, self)
+
+    def check_model(self, head_dim: int, where: str, model_name: str) -> None:
+        """Errors that need the model's head size (e.g. a group that does not divide it); `where`
+        names the setting in the message."""
+
+    @classmethod
+    @abstractmethod
+    def from_policy(cls, policy: Any, bits: int) -> "Codec":
+        """The codec a spec's `TensorPolicy` describes, at `bits` (the layer's bits)."""
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, codec):
+        return codec.decode(codec.encode(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register(name: str) -> Callable[[type[Codec]], type[Codec]]:
+    def add(cls: type[Codec]) -> type[Codec]:
+        if name in CODECS:
+            raise ValueError(f"a codec named {name!r} is registered already ({CODECS[name].__name__})")
+        if not getattr(cls, "examples", None):
+            raise ValueError(f"codec {name!r} needs `examples` (TensorPolicy fields) for the registry-driven tests")
+        cls.name = name
+        CODECS[name] = cls
+        return cls
+
+    return add
+
+
+def build_codec(policy: Any, bits: int) -> Codec:
+    """The registered codec `policy.codec` for one layer at `bits`."""
+    if policy.codec not in CODECS:
+        raise ValueError(f"unknown codec {policy.codec!r}; registered: {sorted(CODECS)}")
+    return CODECS[policy.codec].from_policy(policy, bits)
+
+
+from kvtrain.kv.codecs import affine, fp8  # noqa: E402,F401  (registers them)

@@ -1,0 +1,195 @@
+"""The codec registry and spec version 2. Every registered codec is run from the registry (its
+`examples`): encode/decode round trips, payload bytes, and train/decode parity (DESIGN.md invariant 1)
+on every architecture of the parity suite, with and without sinks, so a new codec is covered without
+a new test."""
+
+import json
+
+import pytest
+import torch
+from test_kv_families import tiny_lfm2, tiny_qwen2_vl
+from test_kv_parity import ARCHS, TOL, build, decode, training_views
+
+from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
+from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
+from kvtrain.kv.codecs import Codec, register
+from kvtrain.kv.codecs.fp8 import Fp8E4M3
+
+# the parity suite's seven decoders, a hybrid (convolution + attention layers) and a VLM's text decoder
+FAMILIES = {**{arch: lambda arch=arch: build(arch) for arch in ARCHS}, "lfm2": tiny_lfm2, "qwen2_vl": tiny_qwen2_vl}
+EXAMPLES = {f"{name}-{i}": fields for name, cls in CODECS.items() for i, fields in enumerate(cls.examples)}
+
+
+def example_codec(name: str) -> Codec:
+    return TensorPolicy(codec=name.rsplit("-", 1)[0], **EXAMPLES[name]).codec_at(0)
+
+
+def test_the_registry_holds_the_shipped_codecs():
+    assert {"affine", "fp8_e4m3"} <= set(CODECS)
+    with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8_e4m3'"):
+        TensorPolicy(codec="nf5")
+    with pytest.raises(ValueError, match="a codec named 'affine' is registered already"):
+        register("affine")(Fp8E4M3)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_simulate_is_decode_of_encode_bit_for_bit(name, dtype):
+    codec = example_codec(name)
+    x = torch.randn(2, 2, 3 * codec.unit, 32, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
+    payload = codec.encode(x)
+    stored = codec.decode(payload)
+    assert stored.dtype == dtype and stored.shape == x.shape and 0 < (stored - x).abs().max() < x.abs().max()
+    x.requires_grad_(True)
+    simulated = codec.simulate(x)
+    assert torch.equal(simulated.detach(), stored)
+    simulated.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert payload.nbytes() == sum(t.numel() * t.element_size() for t in payload.tensors.values())
+    assert payload.nbytes() < x.numel() * 2  # below bf16 storage
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_payloads_concatenate_and_select_rows(name):
+    codec = example_codec(name)
+    a, b = torch.randn(2, 3, 2, 2 * codec.unit, 16, generator=torch.Generator().manual_seed(1))
+    joined = Payload.cat([codec.encode(a), codec.encode(b)])
+    assert joined.n == 4 * codec.unit and joined.nbytes() == codec.encode(a).nbytes() * 2
+    assert torch.equal(codec.decode(joined), torch.cat([codec.decode(codec.encode(a)), codec.decode(codec.encode(b))], 2))
+    row = joined.map(lambda t: t[1:])
+    assert row.shape[0] == 2 and torch.equal(codec.decode(row), codec.decode(joined)[1:])
+
+
+def test_fp8_by_hand():
+    """One head [1, -2, 0.3, 4]: scale 4/448, codes 112, -224, 33.6 -> 32 (e4m3 steps by 4 in [32, 64)), 448."""
+    x = torch.tensor([1.0, -2.0, 0.3, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
+    payload = Fp8E4M3().encode(x)
+    assert payload.tensors["codes"].dtype == torch.float8_e4m3fn and payload.tensors["scale"].dtype == torch.float32
+    assert payload.tensors["codes"].double().flatten().tolist() == [112, -224, 32, 448]
+    expected = torch.tensor([112, -224, 32, 448], dtype=torch.float64) * torch.tensor(4 / 448, dtype=torch.float32).double()
+    assert torch.equal(Fp8E4M3().decode(payload).flatten(), expected)
+    assert payload.nbytes() == 4 + 4  # 4 one-byte codes, one float32 scale
+    assert torch.equal(Fp8E4M3().decode(Fp8E4M3().encode(torch.zeros(1, 1, 2, 4))), torch.zeros(1, 1, 2, 4))
+
+
+def spec_of(name: str, sinks: int) -> KVSpec:
+    policy = dict(codec=name.rsplit("-", 1)[0], **EXAMPLES[name])
+    return KVSpec(key=policy, value=policy, residual=8, sinks=sinks)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_every_codec_trains_what_the_cache_decodes(name, sinks, arch):
+    spec, length = spec_of(name, sinks), 61
+    model = FAMILIES[arch]()
+    ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(2))
+    full_precision, trained_view = training_views(model, ids, spec)
+    assert (trained_view - full_precision).abs().max() > 1e-4, "the codec did not change the forward"
+    for splits in ([], [29]):
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
+    detach(model)
+    stored = next(layer for layer in cache.layers if hasattr(layer, "k")).k
+    assert stored.packed.n == stored.rule.end(length) - sinks > 0
+
+
+def test_each_token_is_encoded_once_and_never_simulated_while_decoding(monkeypatch):
+    """DESIGN.md invariant 3: the cache encodes a token when it leaves the window, and attention reads
+    that payload; the training view's simulation never runs on a cached token."""
+    spec = KVQuantSpec(key_group_size=16, value_group_size=16, residual=8)
+    model = build("llama")
+    attach(model, spec)
+    encoded = []
+    real_encode = type(spec.keys(0)).encode
+    monkeypatch.setattr(type(spec.keys(0)), "encode", lambda self, x: encoded.append(x.shape[-2]) or real_encode(self, x))
+    monkeypatch.setattr(type(spec.keys(0)), "simulate", lambda self, x: pytest.fail("simulated during decoding"))
+    ids = torch.randint(0, 512, (1, 70))
+    _, cache = decode(model, ids, spec, [20])
+    detach(model)
+    layers = cache.layers
+    assert sum(encoded) == sum(layer.k.packed.n + layer.v.packed.n for layer in layers)
+
+
+def test_spec_v2_gives_keys_and_values_their_own_bits_per_layer(tmp_path):
+    spec = KVSpec(key=dict(bits=4, granularity="per_channel(32)", layer_bits={0: 8}),
+                  value=dict(bits=2, granularity="per_token(32)", layer_bits={"1": 3}), full_precision_layers=[3])
+    assert [spec.keys(i).bits for i in range(3)] == [8, 4, 4] and [spec.values(i).bits for i in range(3)] == [2, 3, 2]
+    assert spec.keys(3) is None and spec.values(3) is None
+    saved = json.loads(spec.save(tmp_path).read_text())
+    assert saved["version"] == 2 and saved["key"]["granularity"] == "per_channel(32)"
+    assert load_spec(tmp_path / "kv_spec.json") == spec
+    assert spec.with_bits(3).keys(1).bits == 3 and spec.with_bits(3).keys(0).bits == 8
+
+
+def test_the_flat_spec_and_its_v2_form_are_the_same_spec():
+    flat = KVQuantSpec(key_bits=4, value_bits=2, value_group_size=16, residual=16, sinks=2, layer_bits={1: 8})
+    v2 = flat.to_v2()
+    for layer in range(3):
+        assert v2.keys(layer) == flat.keys(layer) and v2.values(layer) == flat.values(layer)
+        assert v2.window(v2.keys(layer)) == flat.window(flat.keys(layer))
+    model = build("llama")
+    ids = torch.randint(0, 512, (1, 50))
+    logits = []
+    for spec in (flat, v2):
+        attach(model, spec)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    detach(model)
+    assert torch.equal(*logits) and spec_from_dict(flat.to_dict()) == flat and spec_from_dict(v2.to_dict()) == v2
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(key=dict(codec="fp8_e4m3", bits=2, granularity="per_token_head")), "fp8_e4m3 codec stores 8 bits .* got bits=2"),
+    (dict(key=dict(codec="fp8_e4m3", bits=8)), "fp8_e4m3 codec scales per_token_head, got granularity 'per_channel"),
+    (dict(key=dict(granularity="per_head(4)")), r"unknown granularity 'per_head\(4\)'"),
+    (dict(key=dict(granularity="per_token_head")), r"affine codec groups per_channel\(G\) or per_token\(G\)"),
+    (dict(value=dict(bits=9)), "supports 1 to 8 bits, got 9"),
+    (dict(value=dict(layer_bits={0: True})), "supports 1 to 8 bits, got True"),
+    (dict(key=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head", layer_bits={0: 4})), "got bits=4"),
+    (dict(version=3), "KVSpec version must be 2, got 3"),
+    (dict(key="kivi2"), "key must be a TensorPolicy or a dict of its fields"),
+    (dict(flush=True, residual=24), r"residual=24 .* positive multiple of key.granularity group=32"),
+])
+def test_spec_v2_errors_name_the_setting(fields, message):
+    with pytest.raises(ValueError, match=message):
+        KVSpec(**fields)
+
+
+def test_spec_v2_group_must_divide_head_dim():
+    with pytest.raises(ValueError, match="value.granularity group=32 does not divide head_dim=48 of Foo"):
+        KVSpec().check_model(4, 48, "Foo")
+
+
+def test_fp8_cache_holds_one_byte_per_element_and_a_scale_per_token_head():
+    spec = KVSpec(key=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head"),
+                  value=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head"), residual=0)
+    cache = QuantizedKVCache(spec)
+    k, v = torch.randn(2, 1, 2, 100, 32)
+    cache.update(k, v, 0)
+    assert cache.nbytes() == 2 * (2 * 100 * 32 + 2 * 100 * 4)
+    assert cache.layers[0].k.packed.codes.dtype == torch.float8_e4m3fn
+
+
+def test_the_readme_yaml_configures_a_v2_spec_and_checkpoints_carry_it():
+    """The README's YAML, parsed as `kvtrain fit` parses a recipe's callbacks, gives a KVSpec; the
+    callback's checkpoint state restores it."""
+    import re
+    from pathlib import Path
+
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from kvtrain.callbacks import KVQuantCallback, spec_from_checkpoint
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "version: 2" in b)
+    init_args = yaml.safe_load(block)["callbacks"][0]["init_args"]
+    parser = ArgumentParser()
+    parser.add_class_arguments(KVQuantCallback, "callback")
+    callback = parser.instantiate(parser.parse_object({"callback": init_args})).callback
+    assert callback.spec == KVSpec(key=dict(bits=4, granularity="per_channel(32)"),
+                                   value=dict(bits=2, granularity="per_token(32)"))
+    checkpoint = {"callbacks": {"KVQuantCallback": callback.state_dict()}}
+    assert spec_from_checkpoint(checkpoint) == callback.spec
+    assert KVQuantCallback(callback.spec, bits=3).spec.values(0).bits == 3
