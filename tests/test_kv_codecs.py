@@ -13,7 +13,7 @@ from test_kv_parity import ARCHS, TOL, build, decode, training_views
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
 from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
 from kvtrain.kv.codecs import Codec, register
-from kvtrain.kv.codecs.fp8 import Fp8E4M3
+from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
 
 # the parity suite's seven decoders, a hybrid (convolution + attention layers) and a VLM's text decoder
 FAMILIES = {**{arch: lambda arch=arch: build(arch) for arch in ARCHS}, "lfm2": tiny_lfm2, "qwen2_vl": tiny_qwen2_vl}
@@ -25,11 +25,11 @@ def example_codec(name: str) -> Codec:
 
 
 def test_the_registry_holds_the_shipped_codecs():
-    assert {"affine", "fp8_e4m3"} <= set(CODECS)
-    with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8_e4m3'"):
+    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"} <= set(CODECS)
+    with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8_per_token_head'"):
         TensorPolicy(codec="nf5")
     with pytest.raises(ValueError, match="a codec named 'affine' is registered already"):
-        register("affine")(Fp8E4M3)
+        register("affine")(Fp8PerTokenHead)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
@@ -61,15 +61,18 @@ def test_payloads_concatenate_and_select_rows(name):
 
 
 def test_fp8_by_hand():
-    """One head [1, -2, 0.3, 4]: scale 4/448, codes 112, -224, 33.6 -> 32 (e4m3 steps by 4 in [32, 64)), 448."""
+    """One head [1, -2, 0.3, 4] (vLLM's per-token-head fp8): scale 4/448 in float32, codes x / scale rounded
+    to e4m3: 112, -224, 33.6 -> 32 (e4m3 steps by 4 in [32, 64)), 448; decoded in float32."""
     x = torch.tensor([1.0, -2.0, 0.3, 4.0], dtype=torch.float64).view(1, 1, 1, 4)
-    payload = Fp8E4M3().encode(x)
+    payload = Fp8PerTokenHead().encode(x)
     assert payload.tensors["codes"].dtype == torch.float8_e4m3fn and payload.tensors["scale"].dtype == torch.float32
     assert payload.tensors["codes"].double().flatten().tolist() == [112, -224, 32, 448]
-    expected = torch.tensor([112, -224, 32, 448], dtype=torch.float64) * torch.tensor(4 / 448, dtype=torch.float32).double()
-    assert torch.equal(Fp8E4M3().decode(payload).flatten(), expected)
+    scale = torch.tensor(4.0) / 448
+    expected = (torch.tensor([112.0, -224.0, 32.0, 448.0]) * scale).double()
+    assert payload.tensors["scale"].item() == scale.item()
+    assert torch.equal(Fp8PerTokenHead().decode(payload).flatten(), expected)
     assert payload.nbytes() == 4 + 4  # 4 one-byte codes, one float32 scale
-    assert torch.equal(Fp8E4M3().decode(Fp8E4M3().encode(torch.zeros(1, 1, 2, 4))), torch.zeros(1, 1, 2, 4))
+    assert Fp8PerTokenHead().decode(Fp8PerTokenHead().encode(torch.zeros(1, 1, 2, 4))).abs().max() == 0
 
 
 def spec_of(name: str, sinks: int) -> KVSpec:
@@ -140,13 +143,16 @@ def test_the_flat_spec_and_its_v2_form_are_the_same_spec():
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    (dict(key=dict(codec="fp8_e4m3", bits=2, granularity="per_token_head")), "fp8_e4m3 codec stores 8 bits .* got bits=2"),
-    (dict(key=dict(codec="fp8_e4m3", bits=8)), "fp8_e4m3 codec scales per_token_head, got granularity 'per_channel"),
+    (dict(key=dict(codec="fp8_per_token_head", bits=2, granularity="per_token_head")),
+     "fp8_per_token_head codec stores 8 bits .* got bits=2; set bits: 8"),
+    (dict(key=dict(codec="int4_per_token_head", bits=4)),
+     "int4_per_token_head codec scales per_token_head, got granularity 'per_channel"),
     (dict(key=dict(granularity="per_head(4)")), r"unknown granularity 'per_head\(4\)'"),
     (dict(key=dict(granularity="per_token_head")), r"affine codec groups per_channel\(G\) or per_token\(G\)"),
     (dict(value=dict(bits=9)), "supports 1 to 8 bits, got 9"),
     (dict(value=dict(layer_bits={0: True})), "supports 1 to 8 bits, got True"),
-    (dict(key=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head", layer_bits={0: 4})), "got bits=4"),
+    (dict(key=dict(codec="int8_per_token_head", bits=8, granularity="per_token_head", layer_bits={0: 4})),
+     "got bits=4"),
     (dict(version=3), "KVSpec version must be 2, got 3"),
     (dict(key="kivi2"), "key must be a TensorPolicy or a dict of its fields"),
     (dict(flush=True, residual=24), r"residual=24 .* positive multiple of key.granularity group=32"),
@@ -161,14 +167,15 @@ def test_spec_v2_group_must_divide_head_dim():
         KVSpec().check_model(4, 48, "Foo")
 
 
-def test_fp8_cache_holds_one_byte_per_element_and_a_scale_per_token_head():
-    spec = KVSpec(key=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head"),
-                  value=dict(codec="fp8_e4m3", bits=8, granularity="per_token_head"), residual=0)
-    cache = QuantizedKVCache(spec)
+@pytest.mark.parametrize(("name", "code_bytes"), [("int8_per_token_head", 32), ("fp8_per_token_head", 32),
+                                               ("int4_per_token_head", 16)])
+def test_serving_presets_store_codes_and_a_float32_scale_per_token_head(name, code_bytes):
+    cache = QuantizedKVCache(name)
+    assert cache.spec.residual == 0 and cache.spec.sinks == 0
     k, v = torch.randn(2, 1, 2, 100, 32)
     cache.update(k, v, 0)
-    assert cache.nbytes() == 2 * (2 * 100 * 32 + 2 * 100 * 4)
-    assert cache.layers[0].k.packed.codes.dtype == torch.float8_e4m3fn
+    assert cache.nbytes() == 2 * (2 * 100 * code_bytes + 2 * 100 * 4)
+    assert cache.layers[0].k.packed.scale.dtype == torch.float32
 
 
 def test_the_readme_yaml_configures_a_v2_spec_and_checkpoints_carry_it():

@@ -34,7 +34,9 @@ def _check_whole(name: str, value: object, low: int, rule: str) -> None:
         raise ValueError(f"{name} {rule}, got {value!r}")
 
 
-PRESETS = ("kivi2", "kivi4", "int8")
+PRESETS = ("kivi2", "kivi4", "int8")  # KVQuantSpec.preset
+# vLLM's per-token-head formats (kvtrain.kv.codecs.vllm), every token compressed on arrival as vLLM does
+SERVING_PRESETS = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
 SPEC_FILE = "kv_spec.json"  # written next to an exported model so the spec travels with it
 
 
@@ -344,9 +346,18 @@ def resolve_spec(spec: "Spec | str") -> Spec:
         return spec
     if spec in PRESETS:
         return KVQuantSpec.preset(spec)
+    if spec in SERVING_PRESETS:
+        return serving_spec(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / SPEC_FILE
     if path.is_file():
         return load_spec(path)
-    raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS}, a spec JSON file, or a folder with {SPEC_FILE}")
+    raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS + SERVING_PRESETS}, a spec JSON file, or a "
+                     f"folder with {SPEC_FILE}")
+
+
+def serving_spec(name: str) -> KVSpec:
+    """The spec of one of vLLM's KV-cache formats: its codec for K and V, no full-precision window."""
+    policy = dict(codec=name, bits=4 if name.startswith("int4") else 8, granularity="per_token_head")
+    return KVSpec(key=policy, value=dict(policy), residual=0)

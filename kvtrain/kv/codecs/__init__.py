@@ -126,4 +126,4 @@ def build_codec(policy: Any, bits: int) -> Codec:
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
-from kvtrain.kv.codecs import affine, fp8  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs import affine, vllm  # noqa: E402,F401  (registers them)
