@@ -30,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvtrain.kv.cache import CompressedTensor, QuantizedKVCache
 from kvtrain.kv.codecs import Codec
+from kvtrain.kv.placement import PreRope, pre_rope_of
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.view import compressed_view
 from kvtrain.kv.window import WindowRule
@@ -42,6 +43,7 @@ class AttachState:
     spec: Spec
     original_attn: str
     text_key: str | None  # the text decoder's sub-config in a multimodal model (None: the model is the decoder)
+    rope: PreRope | None = None  # the model's rotary embedding, for a pre-RoPE spec
     hook: Any = None
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
@@ -67,16 +69,17 @@ class TensorView:
         return self.rule.seen(positions)
 
 
-def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored: CompressedTensor | None
-              ) -> TensorView:
+def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored: CompressedTensor | None,
+              rope: PreRope | None = None, positions: torch.Tensor | None = None) -> TensorView:
     """The view of K or V. From a QuantizedKVCache (`stored`), x is already the view of the chunk's
     last query and the cache keeps what it compressed as it arrived; otherwise x is all full
-    precision and the units the rule compresses by the chunk's end are simulated here."""
+    precision and the units the rule compresses by the chunk's end are simulated here (around the
+    rotary embedding for pre-RoPE keys)."""
     if codec is None:
         return TensorView(x, None, lambda: x)
     if stored is not None:
         return TensorView(x, rule, lambda: stored.take_arrived(x))
-    return TensorView(compressed_view(x, codec, rule), rule, lambda: x)
+    return TensorView(compressed_view(x, codec, rule, rope, positions), rule, lambda: x)
 
 
 def kv_attention(
@@ -100,7 +103,9 @@ def kv_attention(
         state.cache.viewed(layer, spec)
         stored = state.cache.layers[layer]
     kq, vq = spec.keys(layer), spec.values(layer)
-    keys = _prepared(key, kq, spec.window(kq), stored and stored.k)
+    if state.rope is not None and stored is None and kwargs.get("position_ids") is None:
+        raise ValueError(f"{type(module).__name__} passed no position_ids to attention; pre-RoPE keys need them")
+    keys = _prepared(key, kq, spec.window(kq), stored and stored.k, state.rope, kwargs.get("position_ids"))
     values = _prepared(value, vq, spec.window(vq), stored and stored.v)
     scaling = module.scaling if scaling is None else scaling
     one_view = all(t.rule is None or t.rule.uniform(past, q_len) for t in (keys, values))
@@ -266,7 +271,8 @@ def _capture_cache(state: AttachState):
         # transformers 5 renamed the argument to `cache`; generate and older callers still pass past_key_values
         state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(state.cache, QuantizedKVCache):
-            state.cache.bind(module.config)  # a hybrid model's non-attention layers keep their own state
+            # a hybrid model's non-attention layers keep their own state; pre-RoPE keys need the rotary embedding
+            state.cache.bind(module.config, state.rope)
 
     return hook
 
@@ -292,7 +298,8 @@ def attach(model: nn.Module, spec: Spec | str) -> Spec:
     spec.check_model(config.num_hidden_layers, _head_dim(config), name)
     mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
-    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, modules=mods)
+    rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
+    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods)
     try:
         target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer, get_layer_types_and_kwargs
 
 from kvtrain.kv.codecs import Codec, Payload
+from kvtrain.kv.placement import PreRope
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule
 
@@ -68,29 +69,47 @@ class CompressedTensor:
     """K or V of one layer in the window rule's tiers: full-precision sinks, compressed tokens, and a
     full-precision tail (the window plus any incomplete unit)."""
 
-    def __init__(self, codec: Codec | None, rule: WindowRule | None):
-        self.codec, self.rule = codec, rule
+    def __init__(self, codec: Codec | None, rule: WindowRule | None, rope: PreRope | None = None):
+        self.codec, self.rule, self.rope = codec, rule, rope
         self.packed = PayloadStore(codec) if codec is not None else None
         self.sinks: torch.Tensor | None = None
         self.tail: torch.Tensor | None = None
         self.arrived: tuple[int, torch.Tensor] | None = None  # (start, raw tokens) this update compressed
+        # pre-RoPE: the positions (int32, B x n) the compressed and the tail tokens are rotated back with
+        self.positions: torch.Tensor | None = None
+        self.tail_positions: torch.Tensor | None = None
 
     @property
     def held(self) -> int:
         """Tokens in the sinks and the compressed tier."""
         return (0 if self.sinks is None else self.sinks.shape[-2]) + (self.packed.n if self.packed else 0)
 
-    def update(self, new: torch.Tensor, keep_arrived: bool = False) -> torch.Tensor:
-        """Append `new`, compress what the rule compresses now, and return every token as stored:
-        the view of a query decoded with all of them in the cache. With `keep_arrived` (a model's
-        attention will read them), the tokens this call compressed stay available as they arrived
-        (`take_arrived`) for the queries of a chunk that saw them before they were compressed."""
+    def update(self, new: torch.Tensor, keep_arrived: bool = False, positions: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Append `new` (at `positions`, needed pre-RoPE), compress what the rule compresses now, and
+        return every token as stored: the view of a query decoded with all of them in the cache. With
+        `keep_arrived` (a model's attention will read them), the tokens this call compressed stay
+        available as they arrived (`take_arrived`) for the queries of a chunk that saw them before
+        they were compressed."""
         tail = new if self.tail is None else torch.cat([self.tail, new], dim=-2)
+        if self.rope is not None:
+            self._add_positions(positions, new)
         start, self.tail, self.arrived = self.held, tail, None
         if self.codec is not None and self._compress(start + tail.shape[-2]) and keep_arrived:
             self.arrived = (start, tail)
-        parts = [self.sinks, self.packed.decode() if self.packed is not None and self.packed.n else None, self.tail]
+        parts = [self.sinks, self._stored() if self.packed is not None and self.packed.n else None, self.tail]
         return torch.cat([p for p in parts if p is not None], dim=-2)
+
+    def _stored(self) -> torch.Tensor:
+        decoded = self.packed.decode()
+        return decoded if self.rope is None else self.rope.rotate(decoded, self.positions)
+
+    def _add_positions(self, positions: torch.Tensor | None, new: torch.Tensor) -> None:
+        if positions is None:
+            raise ValueError("pre-RoPE keys need each token's position: QuantizedKVCache.update got no position_ids "
+                             "(decode through the attached model's forward)")
+        positions = positions.to(torch.int32).expand(new.shape[0], new.shape[-2])
+        self.tail_positions = positions if self.tail_positions is None else torch.cat([self.tail_positions, positions], 1)
 
     def take_arrived(self, stored: torch.Tensor) -> torch.Tensor:
         """`stored` (what `update` returned) with the tokens that call compressed as they arrived."""
@@ -107,34 +126,47 @@ class CompressedTensor:
             head = self.tail[..., :take, :]
             self.sinks = head.clone() if self.sinks is None else torch.cat([self.sinks, head], dim=-2)
             self.tail, held = self.tail[..., take:, :].clone(), held + take
+            if self.rope is not None:
+                self.tail_positions = self.tail_positions[:, take:].clone()
         move = self.rule.end(total) - held - self.packed.n
         if move > 0:
-            self.packed.append(self.tail[..., :move, :])
+            self._encode(move)
             self.tail = self.tail[..., move:, :].clone()  # do not keep the whole old tail alive
         return move > 0
+
+    def _encode(self, move: int) -> None:
+        units = self.tail[..., :move, :]
+        if self.rope is None:
+            self.packed.append(units)
+            return
+        moved, self.tail_positions = self.tail_positions[:, :move], self.tail_positions[:, move:].clone()
+        self.packed.append(self.rope.rotate(units, moved, inverse=True))
+        self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
             self.packed.map(fn)
-        for name in ("sinks", "tail"):
+        for name in ("sinks", "tail", "positions", "tail_positions"):
             if getattr(self, name) is not None:
                 setattr(self, name, fn(getattr(self, name)))
         self.arrived = None
 
     def nbytes(self) -> int:
-        """Everything held, including tokens kept as they arrived until attention took them."""
+        """Everything held: tiers, pre-RoPE positions, and tokens kept as they arrived until attention took them."""
         raw = self.arrived[1] if self.arrived is not None else None
-        return (self.packed.nbytes() if self.packed is not None else 0) + _nbytes(self.sinks, self.tail, raw)
+        held = _nbytes(self.sinks, self.tail, raw, self.positions, self.tail_positions)
+        return (self.packed.nbytes() if self.packed is not None else 0) + held
 
 
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
-    def __init__(self, spec: Spec, layer: int):
+    def __init__(self, spec: Spec, layer: int, rope: PreRope | None = None):
         super().__init__()
-        self.spec, self.layer = spec, layer
+        self.spec, self.layer, self.rope = spec, layer, rope
         keys, values = spec.keys(layer), spec.values(layer)
-        self.k, self.v = CompressedTensor(keys, spec.window(keys)), CompressedTensor(values, spec.window(values))
+        self.k = CompressedTensor(keys, spec.window(keys), rope)
+        self.v = CompressedTensor(values, spec.window(values))
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -142,7 +174,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, keep_arrived: bool = False,
-               **kwargs: Any):
+               positions: torch.Tensor | None = None, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # here, not when the token is quantized 100 steps later; one check (one host sync) per layer and step
@@ -151,7 +183,7 @@ class QuantizedKVLayer(CacheLayerMixin):
             raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
                              f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
         self.length += key_states.shape[-2]
-        return self.k.update(key_states, keep_arrived), self.v.update(value_states, keep_arrived)
+        return self.k.update(key_states, keep_arrived, positions), self.v.update(value_states, keep_arrived)
 
     def forget_arrived(self) -> None:
         self.k.arrived = self.v.arrived = None
@@ -185,7 +217,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.map(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.__init__(self.spec, self.layer)
+        self.__init__(self.spec, self.layer, self.rope)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
@@ -202,31 +234,36 @@ class QuantizedKVCache(Cache):
         self.spec = resolve_spec(spec)
         self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
         self.layer_types: list[str] | None = None
+        self.rope: PreRope | None = None
         super().__init__(layers=[])
         if config is not None:
             self.bind(config)
 
-    def bind(self, config: PretrainedConfig) -> None:
+    def bind(self, config: PretrainedConfig, rope: PreRope | None = None) -> None:
         """Lay the layers out as `config`'s decoder has them: attention layers compressed, a hybrid
-        model's convolution and linear-attention layers with transformers' own state. An attached
-        model binds the cache it decodes with at its first forward."""
+        model's convolution and linear-attention layers with transformers' own state; a pre-RoPE spec
+        gets the model's rotary embedding (`rope`). An attached model binds the cache it decodes with
+        at its first forward."""
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        if self.layer_types is not None:
-            if types != self.layer_types:
-                raise ValueError(f"this QuantizedKVCache holds layers {self.layer_types}, not those of a model with {types}")
-            return
+        if self.layer_types is not None and types != self.layer_types:
+            raise ValueError(f"this QuantizedKVCache holds layers {self.layer_types}, not those of a model with {types}")
+        if self.layers and self.layer_types is None:
+            raise ValueError("bind a QuantizedKVCache to a model before it holds any tokens")
         other = sorted({t for t in types if t not in (*ATTENTION_LAYERS, *STATE_LAYERS)})
         if other:
             raise ValueError(f"QuantizedKVCache does not support {other} layers yet (it compresses {ATTENTION_LAYERS} "
                              f"layers and keeps the state of {tuple(STATE_LAYERS)} layers)")
-        if self.layers:
-            raise ValueError("bind a QuantizedKVCache to a model before it holds any tokens")
+        self.layer_types, self.rope = types, self.rope or rope
+        if self.layers or (self.spec.placement == "pre_rope" and self.rope is None):
+            return  # laid out already, or waiting for the model's rotary embedding
         self.layers = [self._layer(i) if t in ATTENTION_LAYERS else STATE_LAYERS[t](**kw)
                        for i, (t, kw) in enumerate(zip(types, kwargs))]
-        self.layer_types = types
 
     def _layer(self, idx: int) -> QuantizedKVLayer:
-        return QuantizedKVLayer(self.spec, idx)
+        if self.spec.placement == "pre_rope" and self.rope is None:
+            raise ValueError("a QuantizedKVCache of a pre_rope spec rotates keys with the model's rotary embedding: "
+                             "decode through the attached model (it binds the cache), not by calling update by hand")
+        return QuantizedKVLayer(self.spec, idx, self.rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.unviewed is not None:
@@ -241,7 +278,9 @@ class QuantizedKVCache(Cache):
         by_model = bool(args or kwargs)  # a model's attention passes its cache kwargs; filling it by hand does not
         if by_model:
             self.unviewed = layer_idx
-        return self.layers[layer_idx].update(key_states, value_states, keep_arrived=by_model)
+        model_kwargs = kwargs.get("kwargs") or (args[0] if args and isinstance(args[0], dict) else {})
+        return self.layers[layer_idx].update(key_states, value_states, keep_arrived=by_model,
+                                             positions=model_kwargs.get("position_ids"))
 
     def viewed(self, layer: int, spec: Spec) -> None:
         """Called by the attached attention with the model's spec: the cache must hold that spec."""

@@ -22,6 +22,7 @@ import torch
 
 from kvtrain.kv.codecs import Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
+from kvtrain.kv.placement import PLACEMENTS, Placement
 from kvtrain.kv.window import WindowRule
 from kvtrain.quant.granularity import parse_granularity
 from kvtrain.quant.uniform import check_bits
@@ -46,6 +47,7 @@ class _LayerPlan(ABC):
     residual: int
     sinks: int
     flush: bool
+    placement: Placement
     full_precision_layers: list[int]
 
     def keys(self, layer: int) -> Codec | None:
@@ -84,6 +86,8 @@ class _LayerPlan(ABC):
         _check_whole("residual (the full-precision window)", self.residual, 0, "must be >= 0 tokens")
         _check_whole("sinks (tokens kept in full precision at the start)", self.sinks, 0, "must be >= 0")
         _check_switch("flush", self.flush)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         for layer in self.full_precision_layers:
             _check_whole("full_precision_layers", layer, 0, f"holds layer indices >= 0 ({self.full_precision_layers})")
         for name in ("key", "value"):
@@ -129,6 +133,8 @@ class KVQuantSpec(_LayerPlan):
             full-precision window `residual` tokens at a time when it fills up, so it holds 0 to
             residual - 1 of them; per-token tensors (values) stream. False: every tensor streams (a unit
             is quantized as soon as it is complete and older than the newest `residual` tokens).
+        placement: "post_rope" (keys as attention receives them) or "pre_rope" (keys before the
+            model's rotary embedding, rotated after decoding with each token's position, as KVQuant).
         symmetric: symmetric quantization instead of asymmetric min-max.
         clip_ratio: shrink each group's range by this factor (in (0, 1]); gradients outside it are 0.
         scale_dtype: the dtype the cache stores each group's scale and zero point in ("float16", as
@@ -146,6 +152,7 @@ class KVQuantSpec(_LayerPlan):
     residual: int = 128
     sinks: int = 0
     flush: bool = False
+    placement: Placement = "post_rope"
     symmetric: bool = False
     clip_ratio: float = 1.0
     scale_dtype: ScaleDtype = "float16"
@@ -191,7 +198,7 @@ class KVQuantSpec(_LayerPlan):
                                 self.symmetric, self.clip_ratio, self.scale_dtype, dict(self.layer_bits))
 
         return KVSpec(key=policy("key"), value=policy("value"), residual=self.residual, sinks=self.sinks,
-                      flush=self.flush, full_precision_layers=list(self.full_precision_layers))
+                      flush=self.flush, placement=self.placement, full_precision_layers=list(self.full_precision_layers))
 
     def with_bits(self, bits: int) -> "KVQuantSpec":
         """The same spec with K and V at `bits`."""
@@ -282,7 +289,7 @@ class KVSpec(_LayerPlan):
 
     Args:
         key / value: a TensorPolicy (or a dict of its fields) for K / V.
-        residual / sinks / flush / full_precision_layers: as in KVQuantSpec.
+        residual / sinks / flush / placement / full_precision_layers: as in KVQuantSpec.
         version: 2 (written into kv_spec.json, so a file says which form it holds).
     """
 
@@ -291,6 +298,7 @@ class KVSpec(_LayerPlan):
     residual: int = 128
     sinks: int = 0
     flush: bool = False
+    placement: Placement = "post_rope"
     full_precision_layers: list[int] = field(default_factory=list)
     version: int = SPEC_VERSION
 
