@@ -3,7 +3,8 @@
 Caches, by name:
     fp            transformers' DynamicCache (full precision), on the plain model
     kivi2         kvtrain's QuantizedKVCache(KVQuantSpec.preset("kivi2")), on the model with the spec attached
-    kivi4         the same with the kivi4 preset
+    kivi4         the same with the kivi4 preset; any other kvtrain preset (int8_per_token_head, ...) or
+                  spec JSON file likewise
     hqq2-k1v1     transformers' QuantizedCache(backend="hqq", nbits=2, axis_key=1, axis_value=1), on the
                   plain model (the peer); any bits in {2, 4} and axes in {0, 1}
     hqq2, hqq4    the peer at the axes `best_peer_axes` found in bench/results/kv_quality.json
@@ -28,7 +29,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, QuantizedCache
 from transformers.cache_utils import Cache
 
-from kvtrain import KVQuantSpec, QuantizedKVCache, attached
+from kvtrain import QuantizedKVCache, attached
 from kvtrain.eval import cache_nbytes, format_table, write_json
 
 OURS = ("kivi2", "kivi4")
@@ -65,10 +66,15 @@ def resolve_peer(name: str) -> tuple[int, tuple[int, int]]:
     return bits, axes
 
 
+def is_ours(name: str) -> bool:
+    """A kvtrain spec name (a preset, a serving format, a spec file), not "fp" or a peer."""
+    return name != "fp" and not is_peer(name)
+
+
 def label(name: str) -> str:
     if name == "fp":
         return "DynamicCache (full precision)"
-    if name in OURS:
+    if is_ours(name):
         return f"ours QuantizedKVCache {name}"
     bits, (key, value) = resolve_peer(name)
     return f"peer QuantizedCache HQQ {bits}-bit axis_key={key} axis_value={value}"
@@ -100,8 +106,8 @@ def make_cache(name: str, config) -> Cache:
     """A fresh, empty cache of the given kind for a model with this config."""
     if name == "fp":
         return DynamicCache(config=config)
-    if name in OURS:
-        return QuantizedKVCache(KVQuantSpec.preset(name))
+    if is_ours(name):
+        return QuantizedKVCache(name)
     bits, (key, value) = resolve_peer(name)
     return QuantizedCache(backend="hqq", config=config, nbits=bits, axis_key=key, axis_value=value,
                           q_group_size=GROUP, residual_length=RESIDUAL)
@@ -110,7 +116,7 @@ def make_cache(name: str, config) -> Cache:
 @contextlib.contextmanager
 def prepared(model: PreTrainedModel, name: str) -> Iterator[PreTrainedModel]:
     """The model as the cache `name` needs it: our caches need their spec attached, the others a plain model."""
-    if name in OURS:
+    if is_ours(name):
         with attached(model, name):
             yield model
     else:
@@ -139,5 +145,5 @@ def save_outputs(out_dir: str | Path, stem: str, payload: dict, markdown: str) -
     return json_path, md_path
 
 
-__all__ = ["OURS", "PEER_AXES", "best_peer_axes", "cache_nbytes", "environment", "fill_random", "format_table",
+__all__ = ["OURS", "is_ours", "PEER_AXES", "best_peer_axes", "cache_nbytes", "environment", "fill_random", "format_table",
            "is_peer", "label", "make_cache", "peer_name", "prepared", "save_outputs", "set_threads"]

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an extra model to evaluate under full precision and kivi2 (repeatable)")
     p.add_argument("--base", default="kvtrain-ref", help="the model every cache is compared on")
     p.add_argument("--tokenizer", default=None, help="default: the base model's")
+    p.add_argument("--ours", nargs="+", default=list(OURS),
+                   help="our caches: kvtrain presets (kivi2, kivi4, int8, int8_per_token_head, fp8_per_token_head, "
+                        "int4_per_token_head) or spec JSON files")
     p.add_argument("--peer_bits", type=int, nargs="+", default=[2, 4])
     p.add_argument("--peer_axes", nargs="+", default=[f"{k}{v}" for k, v in PEER_AXES], choices=[f"{k}{v}" for k, v in PEER_AXES],
                    help="the peer's (axis_key, axis_value) pairs to score, as 2 digits (default: all four)")
@@ -219,8 +222,10 @@ def markdown(result: dict, args) -> str:
         f"{args.bytes_dtype} DynamicCache. decoding: a (T - {DECODE_STEPS})-token prefill, then {DECODE_STEPS}",
         "single-token steps, the mean over those steps of bytes / tokens held (the peer's full-precision window",
         f"fills and empties once in any {DECODE_STEPS} steps); prefill: right after one T-token update, the peer's",
-        "smallest state. Ours stores scales and zero points in fp16 and keeps the newest 128 tokens (plus keys",
-        "waiting for a whole 32-token group) in the model's dtype; its storage depends only on the tokens held.",
+        "smallest state. Ours (kivi presets) stores scales and zero points in fp16 and keeps the newest 128 tokens",
+        "(plus keys waiting for a whole 32-token group) in the model's dtype; the *_per_token_head formats store a",
+        "float32 scale per token and head and compress every token on arrival, as vLLM does; our storage depends",
+        "only on the tokens held.",
     ])
     return "\n".join([
         ppl_caption, "", format_table(result["perplexity"], ["model", "kv cache", "windows", "tokens", "ppl"]), "",
@@ -236,17 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     windows = Subset(dataset, range(min(len(dataset), args.max_windows or len(dataset))))
     base = load_model(args.base).eval()
     check_ids = windows[0]["input_ids"][None]
-    parity = {spec: check_parity(base, check_ids, spec, args.prefill) for spec in OURS}
+    parity = {spec: check_parity(base, check_ids, spec, args.prefill) for spec in args.ours}
     peers = [peer_name(b, (int(axes[0]), int(axes[1]))) for b in args.peer_bits for axes in args.peer_axes]
     rows = [{"model": args.base, "name": c, "kv cache": label(c),
-             **evaluate(base, windows, c, args.prefill, f"{args.base} / {c}")} for c in ["fp", *OURS, *peers]]
+             **evaluate(base, windows, c, args.prefill, f"{args.base} / {c}")} for c in ["fp", *args.ours, *peers]]
     best = best_axes(rows, args.peer_bits)
     for name, path in args.extra.items():
         model = load_model(path).eval()
         rows += [{"model": name, "name": c, "kv cache": label(c), **evaluate(model, windows, c, args.prefill, f"{name} / {c}")}
                  for c in ("fp", "kivi2")]
     best_peers = [peer_name(b, tuple(best[str(b)])) for b in args.peer_bits]
-    byte_rows = bytes_rows(base.config, args.byte_lengths, getattr(torch, args.bytes_dtype), ["fp", *OURS, *best_peers])
+    byte_rows = bytes_rows(base.config, args.byte_lengths, getattr(torch, args.bytes_dtype), ["fp", *args.ours, *best_peers])
     config = base.config
     shape = {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
              "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}

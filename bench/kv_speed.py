@@ -34,7 +34,7 @@ from time import perf_counter
 import torch
 from tqdm.auto import tqdm
 
-from bench_utils import OURS, cache_nbytes, environment, format_table, label, make_cache, prepared, save_outputs, set_threads
+from bench_utils import cache_nbytes, is_ours, environment, format_table, label, make_cache, prepared, save_outputs, set_threads
 from kvtrain import attached
 from kvtrain.loss import distillation_kl, next_token_nll
 from kvtrain.data.lm import token_stream
@@ -202,7 +202,7 @@ def decode_ratios(rows: list[dict]) -> dict[str, float]:
     """tokens/s of each of our caches over each other cache's (> 1: ours is faster)."""
     speed = {r["cache"]: r["decode tok/s"] for r in rows}
     return {f"{ours}/{other}": speed[ours] / speed[other]
-            for ours in speed if ours in OURS for other in speed if other not in OURS}
+            for ours in speed if is_ours(ours) for other in speed if not is_ours(other)}
 
 
 def bench_decoding(model, args, tokens: torch.Tensor) -> dict:

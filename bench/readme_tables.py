@@ -184,6 +184,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_kv_quality_4096": partial(kv_quality, folder="smollm2/ctx4096/"),
     "smollm2_kv_speed": partial(kv_speed, folder="smollm2/"),
     "smollm2_rl_length": partial(rl_length, folder="smollm2/"),
+    # vLLM's per-token-head formats next to the kivi presets, post-training
+    "serving_kv_quality": partial(kv_quality, folder="serving/"),
+    "serving_kv_bytes": partial(kv_bytes, folder="serving/"),
 }
 
 

@@ -56,6 +56,17 @@ def test_kv_quality_smoke(tmp_path, reference):
     assert 400 < rows["kivi2", "decoding"]["B/tok 512"] < 460  # over the last 128 steps: more tokens in bf16
 
 
+@pytest.mark.slow
+def test_kv_quality_smoke_with_a_serving_format(tmp_path, reference):
+    run_bench("kv_quality.py", tmp_path, "--ours", "int4_per_token_head", "--peer_bits", "4", "--peer_axes", "11")
+    result = json.loads((tmp_path / "kv_quality_smoke.json").read_text())
+    assert list(result["parity_max_abs_diff"]) == ["int4_per_token_head"]
+    assert [r["name"] for r in result["perplexity"]] == ["fp", "int4_per_token_head", "hqq4-k1v1"]
+    rows = {(r["name"], r["state"]): r for r in result["bytes"]}
+    # every token stored: 4 layers x 2 KV heads x (K, V) x (16 bytes of 4-bit codes + a float32 scale) = 320
+    assert rows["int4_per_token_head", "prefill"]["B/tok 512"] == rows["int4_per_token_head", "decoding"]["B/tok 256"] == 320
+
+
 def test_kv_quality_peer_axes_option():
     sys.path.insert(0, str(REPO / "bench"))
     import kv_quality

@@ -4,10 +4,11 @@ on every architecture of the parity suite, with and without sinks, so a new code
 a new test."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
-from test_kv_families import tiny_lfm2, tiny_qwen2_vl
+from test_kv_families import tiny_lfm2, tiny_qwen2_vl, tiny_windowed
 from test_kv_parity import ARCHS, TOL, build, decode, training_views
 
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
@@ -15,8 +16,11 @@ from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_fr
 from kvtrain.kv.codecs import Codec, register
 from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
 
-# the parity suite's seven decoders, a hybrid (convolution + attention layers) and a VLM's text decoder
-FAMILIES = {**{arch: lambda arch=arch: build(arch) for arch in ARCHS}, "lfm2": tiny_lfm2, "qwen2_vl": tiny_qwen2_vl}
+# the parity suite's seven decoders, a hybrid (convolution + attention layers), a VLM's text decoder, and
+# sliding-window attention (Mistral with a window; Gemma 3, all sliding with RoPE per layer type)
+FAMILIES = {**{arch: lambda arch=arch: build(arch) for arch in ARCHS}, "lfm2": tiny_lfm2, "qwen2_vl": tiny_qwen2_vl,
+            "mistral_window": partial(tiny_windowed, "mistral"), "gemma3": partial(tiny_windowed, "gemma3")}
+REFUSED_PRE_ROPE = {"qwen2_vl": r"multimodal RoPE \(mrope_section\)", "gemma3": "computes RoPE per layer type"}
 EXAMPLES = {f"{name}-{i}": fields for name, cls in CODECS.items() for i, fields in enumerate(cls.examples)}
 
 
@@ -87,8 +91,8 @@ def spec_of(name: str, sinks: int, placement: str = "post_rope") -> KVSpec:
 def test_every_codec_trains_what_the_cache_decodes(name, sinks, placement, arch):
     spec, length = spec_of(name, sinks, placement), 61
     model = FAMILIES[arch]()
-    if arch == "qwen2_vl" and placement == "pre_rope":
-        with pytest.raises(ValueError, match=r"multimodal RoPE \(mrope_section\)"):
+    if arch in REFUSED_PRE_ROPE and placement == "pre_rope":
+        with pytest.raises(ValueError, match=REFUSED_PRE_ROPE[arch]):
             attach(model, spec)
         return
     ids = torch.randint(0, 250, (2, length), generator=torch.Generator().manual_seed(2))

@@ -129,3 +129,20 @@ def test_a_bound_cache_refuses_another_model_and_keys_for_a_conv_layer():
         cache.update(*torch.randn(2, 1, 2, 4, 32), 0)
     with pytest.raises(ValueError, match=r"holds layers \['conv', 'full_attention', 'conv', 'full_attention'\], not those"):
         cache.bind(MLA["minicpm3"]().config)
+
+
+def tiny_windowed(family: str):
+    """Sliding-window attention over 24 tokens: Mistral with a window, Gemma 3 (sliding layers only)."""
+    from test_kv_parity import SHAPE
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=24))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**SHAPE, head_dim=32, sliding_window=24))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj.weight" in name or "k_proj.weight" in name:
+                p.mul_(4)
+    return model.double().eval()

@@ -10,6 +10,7 @@ cache run the same calls on the same positions, so they agree bit for bit.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -45,10 +46,13 @@ def pre_rope_of(model: nn.Module, attention: nn.Module, config) -> PreRope:
         raise ValueError(f"{name} uses multimodal RoPE (mrope_section), whose positions are not the tokens' "
                          "positions; placement='pre_rope' does not support it (use placement='post_rope')")
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model  # not a vision tower's
-    rotaries = [m for m in decoder.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    rotaries = [m for m in decoder.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     if len(rotaries) != 1:
         raise ValueError(f"{name} has {len(rotaries)} rotary embeddings in its decoder; placement='pre_rope' needs "
                          "exactly one (use placement='post_rope')")
+    if "layer_type" in inspect.signature(rotaries[0].forward).parameters:
+        raise ValueError(f"{name} computes RoPE per layer type (sliding and full attention differ); "
+                         "placement='pre_rope' does not support it yet (use placement='post_rope')")
     apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
     if apply is None:
         raise ValueError(f"{name}'s modeling file has no apply_rotary_pos_emb; placement='pre_rope' cannot rotate "

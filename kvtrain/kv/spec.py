@@ -18,14 +18,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kvtrain.kv.codecs import Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
 from kvtrain.kv.placement import PLACEMENTS, Placement
 from kvtrain.kv.window import WindowRule
 from kvtrain.quant.granularity import parse_granularity
 from kvtrain.quant.uniform import check_bits
+
 
 def _check_whole(name: str, value: object, low: int, rule: str) -> None:
     """A count must be an int: 2.5 tokens or True as a group size would only fail deep in a forward."""

@@ -77,8 +77,9 @@ def _params(g: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
         scale, zero = absmax / (half - 1), torch.zeros_like(absmax)
         lo, hi = -half * scale, (half - 1) * scale
     else:
-        lo = g.amin(-1, keepdim=True) * clip_ratio
-        hi = g.amax(-1, keepdim=True) * clip_ratio
+        lo, hi = g.aminmax(dim=-1, keepdim=True)
+        if clip_ratio != 1:  # (the cache quantizes one token per step: every op counts)
+            lo, hi = lo * clip_ratio, hi * clip_ratio
         scale, zero = (hi - lo) / (2**bits - 1), lo
     return _stored(scale, param_dtype), _stored(zero, param_dtype), lo, hi
 
@@ -92,14 +93,16 @@ def _stored(t: torch.Tensor, param_dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group: every code is 0
-    offset = 2 ** (bits - 1) if symmetric else 0
-    return ((g - zero) / safe + offset).round().clamp(0, 2**bits - 1)
+    safe = scale.masked_fill(scale == 0, 1)  # constant group: every code is 0
+    shifted = (g - zero) / safe
+    if symmetric:
+        shifted = shifted + 2 ** (bits - 1)
+    return shifted.round().clamp(0, 2**bits - 1)
 
 
 def _dequant_grouped(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool):
-    offset = 2 ** (bits - 1) if symmetric else 0
-    return (codes - offset) * scale + zero
+    signed = codes - 2 ** (bits - 1) if symmetric else codes
+    return signed * scale + zero
 
 
 def quantize(
