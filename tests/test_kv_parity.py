@@ -199,3 +199,23 @@ def test_kivi2_bytes_at_4096_tokens_against_dynamic_cache(dtype, ratio):
     assert ours.nbytes() / cache_nbytes(full) == pytest.approx(ratio, abs=1e-4)
     packed = ours.layers[0].k.packed
     assert packed.scale.dtype == packed.zero.dtype == torch.float16
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the eager softcap path, per-row masks
+def test_a_left_padded_row_decodes_as_it_would_alone(arch):
+    """Groups and the window count from each row's first real token (its padding stays in full
+    precision like sinks), so batched generation equals generating each prompt alone."""
+    model = build(arch)
+    spec = KVQuantSpec(residual=8, key_group_size=16, value_group_size=16, sinks=2)
+    attach(model, spec)
+    prompts = [torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 12)]
+    batch = torch.cat([torch.nn.functional.pad(prompts[0], (5, 0)), prompts[1]])
+    mask = torch.ones_like(batch)
+    mask[0, :5] = 0
+    settings = dict(max_new_tokens=45, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    batched = model.generate(batch, attention_mask=mask, past_key_values=QuantizedKVCache(spec), **settings)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=QuantizedKVCache(spec),
+                               **settings)
+        torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(alone.logits, 1)[0], **TOL)
+    detach(model)

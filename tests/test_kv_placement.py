@@ -35,19 +35,21 @@ def test_sampling_with_left_padding_matches_the_training_view_pre_rope():
     cache = QuantizedKVCache(SPEC)
     out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=60, do_sample=True,
                          top_p=0.9, temperature=0.8, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    keys = cache.layers[0].k
-    assert keys.packed.n == 48 and keys.positions.shape == (3, 48) and keys.positions.dtype == torch.int32
-    assert keys.positions[0, :8].tolist() == [0, 0, 0, 0, 0, 0, 1, 2]  # generate's positions: pads at 0
-    assert keys.positions[1, :3].tolist() == [0, 1, 2]
+    # row 0's 5 pads stay in full precision like sinks; its key groups start at its first real token
+    padded, plain = cache.layers[0].k.rows[0], cache.layers[0].k.rows[1]
+    assert plain.packed.n == 48 and plain.positions.tolist() == [list(range(48))]
+    assert plain.positions.dtype == torch.int32 and plain.sinks is None
+    assert padded.sinks.shape[-2] == 5 and padded.packed.n == 48 and padded.positions.tolist() == [list(range(48))]
     full_mask = torch.cat([mask, torch.ones(3, 60, dtype=mask.dtype)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(logits[:, 11:-1].float(), torch.stack(out.logits, dim=1), rtol=0, atol=1e-5)
-    position_bytes = sum(4 * layer.k.positions.numel() + 4 * layer.k.tail_positions.numel() for layer in cache.layers)
-    values_and_keys = sum(layer.k.packed.nbytes() + layer.v.nbytes() for layer in cache.layers)
-    tails = sum(layer.k.tail.numel() * 8 for layer in cache.layers)
-    assert cache.nbytes() == values_and_keys + tails + position_bytes
+    rows = [row for layer in cache.layers for row in layer.k.rows]
+    position_bytes = sum(4 * row.positions.numel() + 4 * row.tail_positions.numel() for row in rows)
+    held = sum(row.packed.nbytes() + (row.tail.numel() + (0 if row.sinks is None else row.sinks.numel())) * 8
+               for row in rows)
+    assert cache.nbytes() == held + position_bytes + sum(layer.v.nbytes() for layer in cache.layers)
     detach(model)
 
 

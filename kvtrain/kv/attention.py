@@ -28,12 +28,12 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvtrain.kv.cache import CompressedTensor, QuantizedKVCache
+from kvtrain.kv.cache import QuantizedKVCache, _row
 from kvtrain.kv.codecs import Codec
 from kvtrain.kv.placement import PreRope, pre_rope_of
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.view import compressed_view
-from kvtrain.kv.window import WindowRule
+from kvtrain.kv.window import WindowRule, left_pads
 
 ATTN_NAME = "kvtrain"
 
@@ -44,6 +44,8 @@ class AttachState:
     original_attn: str
     text_key: str | None  # the text decoder's sub-config in a multimodal model (None: the model is the decoder)
     rope: PreRope | None = None  # the model's rotary embedding, for a pre-RoPE spec
+    pads: torch.Tensor | None = None  # the left padding of the forward in flight, once its first layer read it
+    pads_known: bool = False
     hook: Any = None
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
@@ -58,6 +60,7 @@ class TensorView:
     hat: torch.Tensor
     rule: WindowRule | None  # None: the tensor stays in full precision
     arrived: Callable[[], torch.Tensor]
+    pads: torch.Tensor | None = None  # each row's left padding (`kvtrain.kv.window.left_pads`)
 
     @cached_property
     def full(self) -> torch.Tensor:
@@ -66,20 +69,38 @@ class TensorView:
     def seen(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule is None:
             return positions + 1, positions + 1  # an empty compressed tier at the top
-        return self.rule.seen(positions)
+        return self.rule.seen(positions, self.pads)
+
+    def uniform(self, past: int, q_len: int) -> bool:
+        return self.rule is None or self.rule.uniform(past, q_len, self.pads)
+
+    def mask(self, past: int, q_len: int, total: int, device) -> torch.Tensor:
+        return self.rule.mask(past, q_len, total, device, self.pads)
 
 
-def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored: CompressedTensor | None,
+def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored, pads: torch.Tensor | None,
               rope: PreRope | None = None, positions: torch.Tensor | None = None) -> TensorView:
     """The view of K or V. From a QuantizedKVCache (`stored`), x is already the view of the chunk's
     last query and the cache keeps what it compressed as it arrived; otherwise x is all full
     precision and the units the rule compresses by the chunk's end are simulated here (around the
-    rotary embedding for pre-RoPE keys)."""
+    rotary embedding for pre-RoPE keys; row by row when rows are left-padded)."""
     if codec is None:
         return TensorView(x, None, lambda: x)
     if stored is not None:
-        return TensorView(x, rule, lambda: stored.take_arrived(x))
-    return TensorView(compressed_view(x, codec, rule, rope, positions), rule, lambda: x)
+        return TensorView(x, rule, lambda: stored.take_arrived(x), pads)
+    if pads is None:
+        return TensorView(compressed_view(x, codec, rule, rope, positions), rule, lambda: x)
+    rows = [compressed_view(x[b:b + 1], codec, rule.shifted(pad), rope, _row(positions, b))
+            for b, pad in enumerate(pads.tolist())]
+    return TensorView(torch.cat(rows), rule, lambda: x, pads)
+
+
+def _pads(state: AttachState, position_ids: torch.Tensor | None, past: int, q_len: int) -> torch.Tensor | None:
+    """`left_pads` of this forward's positions, worked out by its first attention layer for all of them
+    (it reads the positions on the host); the model's forward pre-hook starts each forward afresh."""
+    if not state.pads_known:
+        state.pads, state.pads_known = left_pads(position_ids, past, q_len), True
+    return state.pads
 
 
 def kv_attention(
@@ -103,12 +124,14 @@ def kv_attention(
         state.cache.viewed(layer, spec)
         stored = state.cache.layers[layer]
     kq, vq = spec.keys(layer), spec.values(layer)
-    if state.rope is not None and stored is None and kwargs.get("position_ids") is None:
+    position_ids = kwargs.get("position_ids")
+    if state.rope is not None and stored is None and position_ids is None:
         raise ValueError(f"{type(module).__name__} passed no position_ids to attention; pre-RoPE keys need them")
-    keys = _prepared(key, kq, spec.window(kq), stored and stored.k, state.rope, kwargs.get("position_ids"))
-    values = _prepared(value, vq, spec.window(vq), stored and stored.v)
+    pads = _pads(state, position_ids, past, q_len)
+    keys = _prepared(key, kq, spec.window(kq), stored and stored.k, pads, state.rope, position_ids)
+    values = _prepared(value, vq, spec.window(vq), stored and stored.v, pads)
     scaling = module.scaling if scaling is None else scaling
-    one_view = all(t.rule is None or t.rule.uniform(past, q_len) for t in (keys, values))
+    one_view = keys.uniform(past, q_len) and values.uniform(past, q_len)
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
         out, probs = _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past,
                                           kwargs["softcap"])
@@ -155,11 +178,11 @@ def _tiered_attention(module, query, tiers: list[Tier], attention_mask, scaling,
     chunks = []
     for c0 in range(0, query.shape[-2], QUERY_CHUNK):
         c1 = min(query.shape[-2], c0 + QUERY_CHUNK)
-        spans = [_span(lo[c0:c1], hi[c0:c1]) for *_, lo, hi in tiers]
+        spans = [_span(lo[..., c0:c1], hi[..., c0:c1]) for *_, lo, hi in tiers]
         k = torch.cat([t[0][..., a:b, :] for t, (a, b) in zip(tiers, spans)], dim=-2)
         v = torch.cat([t[1][..., a:b, :] for t, (a, b) in zip(tiers, spans)], dim=-2)
-        mask = _tier_mask(spans, [(lo[c0:c1], hi[c0:c1]) for *_, lo, hi in tiers], attention_mask, c0, c1 - c0,
-                          query.dtype)
+        mask = _tier_mask(spans, [(lo[..., c0:c1], hi[..., c0:c1]) for *_, lo, hi in tiers], attention_mask, c0,
+                          c1 - c0, query.dtype)
         chunks.append(F.scaled_dot_product_attention(
             query[..., c0:c1, :], k, v, attn_mask=mask, dropout_p=dropout if module.training else 0.0, scale=scaling,
             enable_gqa=True,
@@ -169,6 +192,7 @@ def _tiered_attention(module, query, tiers: list[Tier], attention_mask, scaling,
 
 def _span(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int]:
     """The columns a chunk's queries read from one tier (none when they read nothing from it)."""
+    lo, hi = torch.broadcast_tensors(lo, hi)  # (n,) or (B, n) per row
     read = hi > lo
     if not read.any():
         return 0, 0
@@ -176,11 +200,13 @@ def _span(lo: torch.Tensor, hi: torch.Tensor) -> tuple[int, int]:
 
 
 def _tier_mask(spans, bounds, attention_mask, c0, n, dtype) -> torch.Tensor:
-    """Additive mask (B or 1, 1, n, columns) for the concatenated tiers of one query chunk."""
+    """Additive mask (B or 1, 1, n, columns) for the concatenated tiers of one query chunk; bounds are
+    (n,) per query, or (B, n) per row and query when rows are left-padded."""
     device = bounds[0][0].device
     cols = [torch.arange(a, b, device=device) for a, b in spans]
-    allowed = torch.cat([(c[None, :] >= lo[:, None]) & (c[None, :] < hi[:, None]) for c, (lo, hi) in zip(cols, bounds)],
-                        dim=1)
+    allowed = torch.cat([(c >= lo[..., None]) & (c < hi[..., None]) for c, (lo, hi) in zip(cols, bounds)], dim=-1)
+    if allowed.dim() == 3:
+        allowed = allowed[:, None]  # (B, 1, n, columns)
     if attention_mask is None:
         return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
     base = attention_mask[:, :, c0:c0 + n].index_select(-1, torch.cat(cols))
@@ -207,7 +233,7 @@ def _per_query_attention(module, query, keys: TensorView, values: TensorView, at
     groups, q_len, total = module.num_key_value_groups, query.shape[-2], keys.full.shape[-2]
     scores = query @ repeat_kv(keys.full, groups).transpose(2, 3)
     if keys.rule is not None:
-        seen = keys.rule.mask(past, q_len, total, query.device)
+        seen = keys.mask(past, q_len, total, query.device)
         scores = torch.where(seen, query @ repeat_kv(keys.hat, groups).transpose(2, 3), scores)
     scores = scores * scaling
     if softcap is not None:
@@ -221,7 +247,7 @@ def _per_query_attention(module, query, keys: TensorView, values: TensorView, at
     if values.rule is None:
         out = probs @ repeat_kv(values.full, groups)
     else:
-        m = values.rule.mask(past, q_len, total, query.device)
+        m = values.mask(past, q_len, total, query.device)
         out = (probs * ~m) @ repeat_kv(values.full, groups) + (probs * m) @ repeat_kv(values.hat, groups)
     return out.transpose(1, 2).contiguous(), probs
 
@@ -270,6 +296,7 @@ def _capture_cache(state: AttachState):
     def hook(module, args, kwargs):
         # transformers 5 renamed the argument to `cache`; generate and older callers still pass past_key_values
         state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        state.pads_known = False
         if isinstance(state.cache, QuantizedKVCache):
             # a hybrid model's non-attention layers keep their own state; pre-RoPE keys need the rotary embedding
             state.cache.bind(module.config, state.rope)

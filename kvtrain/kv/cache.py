@@ -15,6 +15,7 @@ arrived, so every query of a prefill chunk gets its exact view. Use it on an att
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearA
 from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.placement import PreRope
 from kvtrain.kv.spec import Spec, resolve_spec
-from kvtrain.kv.window import WindowRule
+from kvtrain.kv.window import WindowRule, left_pads
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -143,6 +144,19 @@ class CompressedTensor:
         self.packed.append(self.rope.rotate(units, moved, inverse=True))
         self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
 
+    def forget_arrived(self) -> None:
+        self.arrived = None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (reorder, repeat) the batch rows `index`."""
+        self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def copy(self) -> "CompressedTensor":
+        """An independent copy (its tensors are shared: every update replaces them, never writes into them)."""
+        twin = copy.copy(self)
+        twin.packed = copy.copy(self.packed)
+        return twin
+
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
             self.packed.map(fn)
@@ -156,6 +170,46 @@ class CompressedTensor:
         raw = self.arrived[1] if self.arrived is not None else None
         held = _nbytes(self.sinks, self.tail, raw, self.positions, self.tail_positions)
         return (self.packed.nbytes() if self.packed is not None else 0) + held
+
+
+class PaddedRows:
+    """K or V of a batch with left-padded rows: one CompressedTensor per row, whose window rule holds
+    the row's padding in full precision like sinks (`WindowRule.shifted`), so its groups and window
+    count from its first real token and batched decoding equals decoding each row alone."""
+
+    def __init__(self, template: CompressedTensor, pads: list[int]):
+        self.rows = [CompressedTensor(template.codec, template.rule.shifted(p), template.rope) for p in pads]
+
+    @property
+    def packed(self) -> PayloadStore:
+        """The compressed store of the row holding the most compressed tokens."""
+        return max(self.rows, key=lambda row: row.packed.n).packed
+
+    def update(self, new: torch.Tensor, keep_arrived: bool = False, positions: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        return torch.cat([row.update(new[b:b + 1], keep_arrived, _row(positions, b)) for b, row in enumerate(self.rows)])
+
+    def take_arrived(self, stored: torch.Tensor) -> torch.Tensor:
+        return torch.cat([row.take_arrived(stored[b:b + 1]) for b, row in enumerate(self.rows)])
+
+    def forget_arrived(self) -> None:
+        for row in self.rows:
+            row.forget_arrived()
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        self.rows = [self.rows[i].copy() for i in index.tolist()]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """`fn` on every tensor of every row (device moves; select_rows changes rows)."""
+        for row in self.rows:
+            row.map(fn)
+
+    def nbytes(self) -> int:
+        return sum(row.nbytes() for row in self.rows)
+
+
+def _row(positions: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    return positions if positions is None or positions.shape[0] == 1 else positions[b:b + 1]
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -182,11 +236,16 @@ class QuantizedKVLayer(CacheLayerMixin):
             name = "values" if torch.isfinite(key_states).all() else "keys"
             raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
                              f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
+        if self.length == 0 and keep_arrived:  # a model's prefill: left-padded rows get their own windows
+            pads = left_pads(positions, 0, key_states.shape[-2])
+            if pads is not None:
+                self.k, self.v = PaddedRows(self.k, pads.tolist()), PaddedRows(self.v, pads.tolist())
         self.length += key_states.shape[-2]
         return self.k.update(key_states, keep_arrived, positions), self.v.update(value_states, keep_arrived)
 
     def forget_arrived(self) -> None:
-        self.k.arrived = self.v.arrived = None
+        self.k.forget_arrived()
+        self.v.forget_arrived()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -198,13 +257,23 @@ class QuantizedKVLayer(CacheLayerMixin):
         return -1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._select_rows(beam_idx.long().cpu())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._select_rows(torch.arange(self._batch()).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.map(lambda t: t[indices, ...])
+        self._select_rows(torch.arange(self._batch())[indices.cpu()])
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        self.k.select_rows(index)
+        self.v.select_rows(index)
+
+    def _batch(self) -> int:
+        if isinstance(self.k, PaddedRows):
+            return len(self.k.rows)
+        held = [t for t in (self.k.tail, self.k.sinks) if t is not None]
+        return held[0].shape[0] if held else self.k.packed.payload.shape[0]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.k.map(fn)
