@@ -219,3 +219,27 @@ def test_a_left_padded_row_decodes_as_it_would_alone(arch):
                                **settings)
         torch.testing.assert_close(torch.stack(batched.logits, 1)[row], torch.stack(alone.logits, 1)[0], **TOL)
     detach(model)
+
+
+def test_beam_search_reorders_left_padded_rows_and_a_bound_cache_expands():
+    """generate's row operations (repeat for num_return_sequences, reorder for beams) on per-row stores:
+    beam search with the cache gives the sequences a training forward scores best, on a padded batch."""
+    model = build("llama")
+    spec = KVQuantSpec(residual=8, key_group_size=16, value_group_size=16)
+    attach(model, spec)
+    prompt = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    cache = QuantizedKVCache(spec, config=model.config)  # laid out before generate expands the batch
+    out = model.generate(prompt, attention_mask=mask, past_key_values=cache, max_new_tokens=20, num_beams=3,
+                         num_return_sequences=2, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (4, 29) and len(cache.layers[0].k.rows) == 6  # 2 prompts x 3 beams
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), torch.ones(4, 20, dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(out.sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
+    logprobs = torch.log_softmax(logits[:, 8:-1], -1).gather(-1, out.sequences[:, 9:, None]).squeeze(-1).sum(-1)
+    # a beam's score: the sum of its tokens' log-probs over the 20 generated tokens (length_penalty 1)
+    torch.testing.assert_close((logprobs / 20).float(), out.sequences_scores, rtol=0, atol=1e-5)
+    detach(model)

@@ -266,8 +266,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._select_rows(torch.arange(self._batch())[indices.cpu()])
 
     def _select_rows(self, index: torch.Tensor) -> None:
-        self.k.select_rows(index)
-        self.v.select_rows(index)
+        if self.length:  # an empty layer (generate expands the batch before the prefill) has no rows yet
+            self.k.select_rows(index)
+            self.v.select_rows(index)
 
     def _batch(self) -> int:
         if isinstance(self.k, PaddedRows):
