@@ -65,8 +65,9 @@ class KVQuantCallback(L.Callback):
     """Attach a KV quantization spec for fit/validate/test; detach afterwards.
 
     Args:
-        spec: a preset name ("kivi2", "kivi4", "int8"), a KVQuantSpec, a KVSpec (version 2: separate key
-            and value policies), or a spec JSON file.
+        spec: a preset name ("kivi2", "kivi4", "int8"; vLLM's "int8_per_token_head", "fp8_per_token_head",
+            "int4_per_token_head"), a KVQuantSpec, a KVSpec (version 2: separate key and value policies),
+            or a spec JSON file.
         bits: shorthand that sets the bits of both K and V on top of `spec`.
         overrides: any other field of the spec, e.g. residual=64 or full_precision_layers=[0].
         model_attribute: the LightningModule attribute (dotted path) holding the decoder to train, when

@@ -6,11 +6,13 @@ the model to it; no model code is copied. Per layer, the function builds the vie
 prefill), runs attention over the window rule's tiers (`kvtrain.kv.window`), each query reading each
 token from the tier the cache held it in when that query was decoded. When all queries see the same
 view (single-token decode), it runs the model's usual SDPA on the mixed tensors. Gradients flow
-through the straight-through fake-quant.
+through the codecs' `simulate` (straight-through, or the codec's own).
 
 A forward pre-hook records the `past_key_values` of each call, so the function knows whether the
-tokens it receives are already quantized (a `QuantizedKVCache` hands back dequantized tokens for
-everything it holds compressed) or all full precision (training, or any other cache).
+tokens it receives are already as stored (a `QuantizedKVCache` hands back the decoded payloads of
+everything it holds compressed) or all full precision (training, or any other cache); it binds a
+`QuantizedKVCache` to the model's layer types (and rotary embedding, pre-RoPE) and starts the
+forward's left-padding reading afresh (`kvtrain.kv.window.left_pads`).
 """
 
 from __future__ import annotations

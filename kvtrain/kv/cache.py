@@ -305,6 +305,7 @@ class QuantizedKVCache(Cache):
         self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
         self.layer_types: list[str] | None = None
         self.rope: PreRope | None = None
+        self.bound_to: PretrainedConfig | None = None
         super().__init__(layers=[])
         if config is not None:
             self.bind(config)
@@ -313,7 +314,9 @@ class QuantizedKVCache(Cache):
         """Lay the layers out as `config`'s decoder has them: attention layers compressed, a hybrid
         model's convolution and linear-attention layers with transformers' own state; a pre-RoPE spec
         gets the model's rotary embedding (`rope`). An attached model binds the cache it decodes with
-        at its first forward."""
+        at its first forward (and every forward after: then this returns at once)."""
+        if config is self.bound_to and (rope is None or self.rope is not None):
+            return
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         if self.layer_types is not None and types != self.layer_types:
             raise ValueError(f"this QuantizedKVCache holds layers {self.layer_types}, not those of a model with {types}")
@@ -323,7 +326,7 @@ class QuantizedKVCache(Cache):
         if other:
             raise ValueError(f"QuantizedKVCache does not support {other} layers yet (it compresses {ATTENTION_LAYERS} "
                              f"layers and keeps the state of {tuple(STATE_LAYERS)} layers)")
-        self.layer_types, self.rope = types, self.rope or rope
+        self.layer_types, self.rope, self.bound_to = types, self.rope or rope, config
         if self.layers or (self.spec.placement == "pre_rope" and self.rope is None):
             return  # laid out already, or waiting for the model's rotary embedding
         self.layers = [self._layer(i) if t in ATTENTION_LAYERS else STATE_LAYERS[t](**kw)
