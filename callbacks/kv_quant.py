@@ -66,7 +66,7 @@ class KVQuantCallback(L.Callback):
 
     Args:
         spec: a preset name ("kivi2", "kivi4", "int8"; vLLM's "int8_per_token_head", "fp8_per_token_head",
-            "int4_per_token_head"), a KVQuantSpec, a KVSpec (version 2: separate key and value policies),
+            "int4_per_token_head", "fp8"), a KVQuantSpec, a KVSpec (version 2: separate key and value policies),
             or a spec JSON file.
         bits: shorthand that sets the bits of both K and V on top of `spec`.
         overrides: any other field of the spec, e.g. residual=64 or full_precision_layers=[0].

@@ -121,7 +121,7 @@ def evaluate(
         batch_size: windows per forward.
         max_batches: evaluate only the first N batches.
         kv: also evaluate under this KV cache spec: a preset (kivi2, kivi4, int8, or vLLM's
-            int8_per_token_head, fp8_per_token_head, int4_per_token_head), a spec JSON file,
+            int8_per_token_head, fp8_per_token_head, int4_per_token_head, fp8), a spec JSON file,
             or a model folder with kv_spec.json ("model": the evaluated model's own). Each row reports
             KV bytes/token measured from a real cache filled with one window.
         baseline: also report the unigram perplexity (train-split token frequencies).

@@ -29,8 +29,8 @@ def example_codec(name: str) -> Codec:
 
 
 def test_the_registry_holds_the_shipped_codecs():
-    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head"} <= set(CODECS)
-    with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8_per_token_head'"):
+    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8"} <= set(CODECS)
+    with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8', 'fp8_per_token_head'"):
         TensorPolicy(codec="nf5")
     with pytest.raises(ValueError, match="a codec named 'affine' is registered already"):
         register("affine")(Fp8PerTokenHead)
@@ -176,15 +176,18 @@ def test_spec_v2_group_must_divide_head_dim():
         KVSpec().check_model(4, 48, "Foo")
 
 
-@pytest.mark.parametrize(("name", "code_bytes"), [("int8_per_token_head", 32), ("fp8_per_token_head", 32),
-                                               ("int4_per_token_head", 16)])
-def test_serving_presets_store_codes_and_a_float32_scale_per_token_head(name, code_bytes):
+@pytest.mark.parametrize(("name", "code_bytes", "scale_bytes"), [
+    ("int8_per_token_head", 32, 4), ("fp8_per_token_head", 32, 4), ("int4_per_token_head", 16, 4), ("fp8", 32, 0)])
+def test_serving_presets_store_codes_and_a_float32_scale_per_token_head(name, code_bytes, scale_bytes):
+    """Per token and head: head_dim codes (two per byte for int4) and a float32 scale; vLLM's per-tensor
+    fp8 keeps its one scale per layer in the model, not per token."""
     cache = QuantizedKVCache(name)
     assert cache.spec.residual == 0 and cache.spec.sinks == 0
     k, v = torch.randn(2, 1, 2, 100, 32)
     cache.update(k, v, 0)
-    assert cache.nbytes() == 2 * (2 * 100 * code_bytes + 2 * 100 * 4)
-    assert cache.layers[0].k.packed.scale.dtype == torch.float32
+    assert cache.nbytes() == 2 * (2 * 100 * code_bytes + 2 * 100 * scale_bytes)
+    if scale_bytes:
+        assert cache.layers[0].k.packed.scale.dtype == torch.float32
 
 
 def test_the_readme_yaml_configures_a_v2_spec_and_checkpoints_carry_it():

@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 
 from kvtrain.kv import KVSpec
-from kvtrain.kv.codecs.vllm import Fp8PerTokenHead, Int4PerTokenHead, Int8PerTokenHead
+from kvtrain.kv.codecs.vllm import Fp8PerTensor, Fp8PerTokenHead, Int4PerTokenHead, Int8PerTokenHead
 from kvtrain.quant.hadamard import hadamard_transform
 from kvtrain.quant.serving import int4_rht_dequantize, rht_signs
 
@@ -127,3 +127,15 @@ def test_int4_decodes_by_the_inverse_rotation_in_float64():
     torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)  # the codec computes in float32
     assert (decoded - x).abs().max() < 0.25 * x.abs().max()
     assert torch.equal(decoded, int4_rht_dequantize(codes, payload.tensors["scale"], torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_tensor_fp8_matches_the_kernel_bit_for_bit(dtype):
+    """vLLM's `--kv-cache-dtype fp8` with its default scale 1.0: e4m3(x / 1.0), saturated at +-448."""
+    x = (torch.randn(1, 2, 6, 16, generator=torch.Generator().manual_seed(3)) * 200).to(dtype)
+    payload = Fp8PerTensor().encode(x)
+    expected = [min(max(F32(v) / F32(1.0), F32(-448.0)), F32(448.0)) for v in x.float().flatten().numpy()]
+    codes = torch.tensor(expected, dtype=torch.float32).to(torch.float8_e4m3fn)
+    assert torch.equal(payload.tensors["codes"].flatten().view(torch.uint8), codes.view(torch.uint8))
+    assert x.float().abs().max() > 448 and payload.tensors["codes"].float().abs().max() == 448  # saturated, no NaN
+    assert list(payload.tensors) == ["codes"] and payload.nbytes() == x.numel()

@@ -35,8 +35,8 @@ def _check_whole(name: str, value: object, low: int, rule: str) -> None:
 
 
 PRESETS = ("kivi2", "kivi4", "int8")  # KVQuantSpec.preset
-# vLLM's per-token-head formats (kvtrain.kv.codecs.vllm), every token compressed on arrival as vLLM does
-SERVING_PRESETS = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head")
+# vLLM's KV formats (kvtrain.kv.codecs.vllm), every token compressed on arrival as vLLM does
+SERVING_PRESETS = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8")
 SPEC_FILE = "kv_spec.json"  # written next to an exported model so the spec travels with it
 
 
@@ -366,5 +366,6 @@ def resolve_spec(spec: "Spec | str") -> Spec:
 
 def serving_spec(name: str) -> KVSpec:
     """The spec of one of vLLM's KV-cache formats: its codec for K and V, no full-precision window."""
-    policy = dict(codec=name, bits=4 if name.startswith("int4") else 8, granularity="per_token_head")
+    policy = dict(codec=name, bits=4 if name.startswith("int4") else 8,
+                  granularity="per_tensor" if name == "fp8" else "per_token_head")
     return KVSpec(key=policy, value=dict(policy), residual=0)

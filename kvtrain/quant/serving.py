@@ -10,6 +10,10 @@ Per-token-head, symmetric (vLLM `--kv-cache-dtype int8_per_token_head` / `fp8_pe
             int8: Triton's float -> int8 store truncates toward zero; fp8 e4m3: rounds to nearest
     x_hat = q * scale                                          (QMAX, QMIN) = (127, -128) / (448, -448)
 
+Per-tensor fp8 (vLLM `--kv-cache-dtype fp8`, e4m3; `reshape_and_cache_flash`): q = e4m3(x32 / scale)
+with the layer's k_scale / v_scale, 1.0 unless the checkpoint was calibrated; the conversion saturates
+at +-448 (CUDA's __NV_SATFINITE), x_hat = q * scale.
+
 Per-token-head int4 with a randomized Hadamard transform (vLLM `int4_per_token_head`, PR #40835;
 `vllm/v1/attention/ops/int4_per_token_head.py`, `reshape_and_cache_int4`):
 
@@ -47,6 +51,15 @@ def absmax_quantize(x: torch.Tensor, low: float, high: float, store: torch.dtype
     q = (x32 * (1.0 / scale)).clamp(low, high)
     codes = q.trunc().to(store) if not store.is_floating_point else q.to(store)
     return codes, scale
+
+
+def fp8_per_tensor_quantize(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    low, high = FP8_E4M3_RANGE
+    return (x.float() / scale).clamp(low, high).to(torch.float8_e4m3fn)
+
+
+def fp8_per_tensor_dequantize(codes: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (codes.float() * scale).to(dtype)
 
 
 def absmax_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

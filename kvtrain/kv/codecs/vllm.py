@@ -7,6 +7,9 @@ it trained against. Their math, transcribed from vLLM's kernels, is `kvtrain.qua
     int4_per_token_head   int4_per_token_head     head_dim / 2 bytes (two 4-bit codes) + a float32
                                                   scale carrying the zero point; keys and values
                                                   rotated by a randomized Hadamard transform
+    fp8                   fp8 (fp8_e4m3)          head_dim fp8 codes; one scale per layer for K and
+                                                  one for V, vLLM's default 1.0 (calibrated scales
+                                                  from a checkpoint are not supported yet)
 
 vLLM compresses every token as it arrives: deploy with `residual=0` and `sinks=0` (the presets of
 these names do).
@@ -20,24 +23,28 @@ from typing import Any, ClassVar
 import torch
 
 from kvtrain.kv.codecs import Codec, Payload, register
-from kvtrain.quant.granularity import PerTokenHead, parse_granularity
+from kvtrain.quant.granularity import PerTensor, PerTokenHead, parse_granularity
 from kvtrain.quant.hadamard import check_power_of_two
 from kvtrain.quant.serving import (
-    FP8_E4M3_RANGE, INT8_RANGE, absmax_dequantize, absmax_quantize, int4_rht_dequantize, int4_rht_quantize,
+    FP8_E4M3_RANGE, INT8_RANGE, absmax_dequantize, absmax_quantize, fp8_per_tensor_dequantize, fp8_per_tensor_quantize,
+    int4_rht_dequantize, int4_rht_quantize,
 )
 
 
 @dataclass(frozen=True)
-class _PerTokenHead(Codec):
+class _VllmFormat(Codec):
+    """What vLLM's formats share: a fixed bit width and granularity, one token at a time."""
+
     bits_stored: ClassVar[int]
+    granularity: ClassVar[type] = PerTokenHead
 
     @classmethod
-    def from_policy(cls, policy: Any, bits: int) -> "_PerTokenHead":
+    def from_policy(cls, policy: Any, bits: int) -> "_VllmFormat":
         if bits != cls.bits_stored:
             raise ValueError(f"the {cls.name} codec stores {cls.bits_stored} bits per element, got bits={bits}; "
                              f"set bits: {cls.bits_stored}")
-        if not isinstance(parse_granularity(policy.granularity), PerTokenHead):
-            raise ValueError(f"the {cls.name} codec scales per_token_head, got granularity {policy.granularity!r}")
+        if not isinstance(parse_granularity(policy.granularity), cls.granularity):
+            raise ValueError(f"the {cls.name} codec scales {cls.granularity()}, got granularity {policy.granularity!r}")
         return cls()
 
     @property
@@ -51,7 +58,7 @@ class _PerTokenHead(Codec):
 
 @register("int8_per_token_head")
 @dataclass(frozen=True)
-class Int8PerTokenHead(_PerTokenHead):
+class Int8PerTokenHead(_VllmFormat):
     bits_stored: ClassVar[int] = 8
     examples: ClassVar[tuple[dict[str, Any], ...]] = (dict(bits=8, granularity="per_token_head"),)
     store: ClassVar[tuple[torch.dtype, tuple[float, float]]] = (torch.int8, INT8_RANGE)
@@ -73,7 +80,7 @@ class Fp8PerTokenHead(Int8PerTokenHead):
 
 @register("int4_per_token_head")
 @dataclass(frozen=True)
-class Int4PerTokenHead(_PerTokenHead):
+class Int4PerTokenHead(_VllmFormat):
     bits_stored: ClassVar[int] = 4
     examples: ClassVar[tuple[dict[str, Any], ...]] = (dict(bits=4, granularity="per_token_head"),)
 
@@ -85,3 +92,18 @@ class Int4PerTokenHead(_PerTokenHead):
 
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
         check_power_of_two(head_dim, f"{model_name}'s head_dim (rotated by int4_per_token_head)")
+
+
+@register("fp8")
+@dataclass(frozen=True)
+class Fp8PerTensor(_VllmFormat):
+    bits_stored: ClassVar[int] = 8
+    granularity: ClassVar[type] = PerTensor
+    examples: ClassVar[tuple[dict[str, Any], ...]] = (dict(bits=8, granularity="per_tensor"),)
+
+    def encode(self, x: torch.Tensor) -> Payload:
+        codes = fp8_per_tensor_quantize(x)
+        return Payload({"codes": codes}, {"codes": 2}, tuple(x.shape), x.dtype)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        return fp8_per_tensor_dequantize(payload.tensors["codes"], payload.dtype)
