@@ -243,10 +243,10 @@ class TensorPolicy:
 
     Args:
         codec: a registered codec name (`kvtrain.kv.codecs.CODECS`): "affine" (KIVI-style min-max),
-            "fp8_e4m3", ...
+            vLLM's "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8".
         bits: bits per element.
         granularity: which elements share a scale: "per_channel(G)" (G tokens per group along each
-            channel), "per_token(G)" (G channels per group within a token), "per_token_head".
+            channel), "per_token(G)" (G channels per group within a token), "per_token_head", "per_tensor".
         symmetric / clip_ratio / scale_dtype: the affine codec's options (see KVQuantSpec).
         layer_bits: per-layer bits {layer: bits} for this tensor only (e.g. K at 4 bits in layer 0).
     """
