@@ -30,12 +30,12 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvtrain.kv.cache import QuantizedKVCache, _row
+from kvtrain.kv.cache import QuantizedKVCache
 from kvtrain.kv.codecs import Codec
 from kvtrain.kv.placement import PreRope, pre_rope_of
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.view import compressed_view
-from kvtrain.kv.window import WindowRule, left_pads
+from kvtrain.kv.window import WindowRule, left_pads, row_positions
 
 ATTN_NAME = "kvtrain"
 
@@ -92,7 +92,7 @@ def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, sto
         return TensorView(x, rule, lambda: stored.take_arrived(x), pads)
     if pads is None:
         return TensorView(compressed_view(x, codec, rule, rope, positions), rule, lambda: x)
-    rows = [compressed_view(x[b:b + 1], codec, rule.shifted(pad), rope, _row(positions, b))
+    rows = [compressed_view(x[b:b + 1], codec, rule.shifted(pad), rope, row_positions(positions, b))
             for b, pad in enumerate(pads.tolist())]
     return TensorView(torch.cat(rows), rule, lambda: x, pads)
 

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearA
 from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.placement import PreRope
 from kvtrain.kv.spec import Spec, resolve_spec
-from kvtrain.kv.window import WindowRule, left_pads
+from kvtrain.kv.window import WindowRule, left_pads, row_positions
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -187,7 +187,7 @@ class PaddedRows:
 
     def update(self, new: torch.Tensor, keep_arrived: bool = False, positions: torch.Tensor | None = None
                ) -> torch.Tensor:
-        return torch.cat([row.update(new[b:b + 1], keep_arrived, _row(positions, b)) for b, row in enumerate(self.rows)])
+        return torch.cat([row.update(new[b:b + 1], keep_arrived, row_positions(positions, b)) for b, row in enumerate(self.rows)])
 
     def take_arrived(self, stored: torch.Tensor) -> torch.Tensor:
         return torch.cat([row.take_arrived(stored[b:b + 1]) for b, row in enumerate(self.rows)])
@@ -206,10 +206,6 @@ class PaddedRows:
 
     def nbytes(self) -> int:
         return sum(row.nbytes() for row in self.rows)
-
-
-def _row(positions: torch.Tensor | None, b: int) -> torch.Tensor | None:
-    return positions if positions is None or positions.shape[0] == 1 else positions[b:b + 1]
 
 
 class QuantizedKVLayer(CacheLayerMixin):

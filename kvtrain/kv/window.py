@@ -108,3 +108,8 @@ def left_pads(position_ids: torch.Tensor | None, past: int, q_len: int) -> torch
             ((position_ids == pad_positions) | real | (pad_positions < 0)).all()):
         return None
     return pads.clamp(min=0)
+
+
+def row_positions(positions: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Row b's positions (positions shared by all rows, (1, T), serve every row)."""
+    return positions if positions is None or positions.shape[0] == 1 else positions[b:b + 1]
