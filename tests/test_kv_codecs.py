@@ -14,6 +14,7 @@ from test_kv_parity import ARCHS, TOL, build, decode, training_views
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
 from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
 from kvtrain.kv.codecs import Codec, register
+from kvtrain.kv.cache import ENCODE_AHEAD
 from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
 
 # the parity suite's seven decoders, a hybrid (convolution + attention layers), a VLM's text decoder, and
@@ -62,6 +63,22 @@ def test_payloads_concatenate_and_select_rows(name):
     assert torch.equal(codec.decode(joined), torch.cat([codec.decode(codec.encode(a)), codec.decode(codec.encode(b))], 2))
     row = joined.map(lambda t: t[1:])
     assert row.shape[0] == 2 and torch.equal(codec.decode(row), codec.decode(joined)[1:])
+    first = joined.head(2 * codec.unit)  # the store's tier, when it holds tokens encoded ahead
+    assert first.n == 2 * codec.unit and torch.equal(codec.decode(first), codec.decode(codec.encode(a)))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_decode_into_a_slice_is_decode_bit_for_bit(name, dtype):
+    """What the cache runs every step: the payload decoded straight into its place in the tensor
+    attention reads."""
+    codec = example_codec(name)
+    x = torch.randn(2, 2, 4 * codec.unit, 32, generator=torch.Generator().manual_seed(3)).to(dtype) * 3
+    payload = codec.encode(x)
+    big = torch.full((2, 2, 4 * codec.unit + 9, 32), float("nan"), dtype=dtype)
+    codec.decode_into(payload, big[:, :, 4:-5])
+    assert torch.equal(big[:, :, 4:-5], codec.decode(payload))
+    assert big[:, :, :4].isnan().all() and big[:, :, -5:].isnan().all()
 
 
 def test_fp8_by_hand():
@@ -119,8 +136,11 @@ def test_each_token_is_encoded_once_and_never_simulated_while_decoding(monkeypat
     ids = torch.randint(0, 512, (1, 70))
     _, cache = decode(model, ids, spec, [20])
     detach(model)
-    layers = cache.layers
-    assert sum(encoded) == sum(layer.k.packed.n + layer.v.packed.n for layer in layers)
+    stores = [store for layer in cache.layers for store in (layer.k.packed, layer.v.packed)]
+    assert sum(encoded) == sum(store.encoded for store in stores)  # each payload token encoded by one call
+    # per-token values are encoded up to ENCODE_AHEAD tokens ahead of the window rule, never more
+    assert all(store.n <= store.encoded < store.n + ENCODE_AHEAD for store in stores)
+    assert any(store.encoded > store.n for store in stores)
 
 
 def test_spec_v2_gives_keys_and_values_their_own_bits_per_layer(tmp_path):

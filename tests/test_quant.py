@@ -180,3 +180,43 @@ def test_scale_and_zero_are_stored_in_param_dtype_and_codes_use_the_stored_grid(
     # out of fp16's range the stored parameters clamp to its largest finite value instead of overflowing
     big = quantize(torch.tensor([-1e6, 0.0, 1.0, 1e6]), 2, 4, param_dtype=torch.float16)
     assert torch.isfinite(big.scale).all() and big.zero.item() == -65504.0
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_unpack_int_gives_unpack_values_from_words_bytes_and_unaligned_slices(bits):
+    """The cache's unpacking (int32 words where 1, 2 or 4-bit codes fill them) equals `unpack`, also on
+    views a word reading cannot take (a row that is not whole words, a slice off word alignment)."""
+    from kvtrain.quant.packing import unpack_int
+
+    for n in (32, 16, 12, 7):
+        codes = torch.randint(0, 2**bits, (2, 5, n), generator=torch.Generator().manual_seed(bits * n))
+        words = pack(codes, bits)
+        views = [(words, n), (words[:, 1:], n), (words.transpose(0, 1), n)]
+        if 8 % bits == 0 and words.shape[-1] > 1:  # whole codes per byte: a row may start one byte in
+            views.append((words[..., 1:], n - 8 // bits))
+        for view, count in views:
+            got = unpack_int(view, bits, count)
+            assert got.dtype in (torch.int32, torch.uint8)
+            assert torch.equal(got.to(torch.uint8), unpack(view, bits, count))
+    # 2-bit codes [1, 2, 3, 0, 3, 3, 3, 3, 0, ...] in one int32 word: 57, 255, 0, 0
+    words = torch.tensor([[57, 255, 0, 0]], dtype=torch.uint8)
+    if bits == 2:
+        assert unpack_int(words, 2, 16).tolist() == [[1, 2, 3, 0, 3, 3, 3, 3] + [0] * 8]
+
+
+@pytest.mark.parametrize("axis,symmetric", [(2, False), (3, False), (3, True), (2, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dequantize_into_a_slice_is_dequantize_bit_for_bit(axis, symmetric, dtype):
+    """`dequantize(q, out=...)` (the cache writes its store straight into the tensor attention reads)
+    computes the same values as `dequantize(q)`, with codes as uint8 or int32."""
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(axis)).to(dtype) * 4
+    q = quantize(x, 3, 16, axis, symmetric, param_dtype=torch.float16)
+    expected = dequantize(q)
+    big = torch.full((2, 3, 80, 32), float("nan"), dtype=dtype)
+    for codes in (q.codes, q.codes.to(torch.int32)):
+        q.codes = codes
+        out = dequantize(q, out=big[:, :, 5:69])
+        assert out.data_ptr() == big[:, :, 5:69].data_ptr() and torch.equal(big[:, :, 5:69], expected)
+    assert big[:, :, :5].isnan().all() and big[:, :, 69:].isnan().all()
+    with pytest.raises(ValueError, match=r"dequantize writes \(2, 3, 64, 32\) .* got out \(2, 3, 64, 32\) torch.float16"):
+        dequantize(q, out=torch.empty(2, 3, 64, 32, dtype=torch.float16))

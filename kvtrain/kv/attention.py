@@ -48,6 +48,7 @@ class AttachState:
     rope: PreRope | None = None  # the model's rotary embedding, for a pre-RoPE spec
     pads: torch.Tensor | None = None  # the left padding of the forward in flight, once its first layer read it
     pads_known: bool = False
+    dead: tuple[torch.Tensor, int, torch.Tensor | None] | None = None  # (mask, total, dead queries) of the forward
     hook: Any = None
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
@@ -146,7 +147,7 @@ def kv_attention(
                                        dropout, positions), None
     if stored is not None:
         stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
-    return _zero_padding_queries(out, attention_mask, total), probs
+    return _zero_padding_queries(out, _dead_queries(state, attention_mask, total)), probs
 
 
 QUERY_CHUNK = 128
@@ -215,7 +216,7 @@ def _tier_mask(spans, bounds, attention_mask, c0, n, dtype) -> torch.Tensor:
     return torch.where(allowed, base, torch.finfo(base.dtype).min)
 
 
-def _zero_padding_queries(out: torch.Tensor, attention_mask: torch.Tensor | None, total: int) -> torch.Tensor:
+def _zero_padding_queries(out: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
     """Zero the output of queries that may attend to nothing (left padding).
 
     Softmax over a fully masked row is uniform over however many keys the chunk has, so a padding
@@ -223,10 +224,18 @@ def _zero_padding_queries(out: torch.Tensor, attention_mask: torch.Tensor | None
     into chunks. Those K/V share per-channel quantization groups with real tokens, so they must be
     the same in training and in every decode schedule: zero makes them a function of the token alone.
     """
+    return out if dead is None else out.masked_fill(dead.transpose(1, 2), 0)
+
+
+def _dead_queries(state: AttachState, attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+    """(B, 1, q, 1) True where a query may attend to nothing, None when none may: read once per mask
+    (the layers of a forward share it; the model's forward pre-hook starts afresh)."""
     if attention_mask is None or attention_mask.dtype == torch.bool:
-        return out
-    dead = attention_mask[..., :total].amax(-1, keepdim=True) <= torch.finfo(attention_mask.dtype).min / 2  # (B, 1, q, 1)
-    return out.masked_fill(dead.transpose(1, 2), 0)
+        return None
+    if state.dead is None or state.dead[0] is not attention_mask or state.dead[1] != total:
+        dead = attention_mask[..., :total].amax(-1, keepdim=True) <= torch.finfo(attention_mask.dtype).min / 2
+        state.dead = (attention_mask, total, dead if bool(dead.any()) else None)
+    return state.dead[2]
 
 
 def _per_query_attention(module, query, keys: TensorView, values: TensorView, attention_mask, scaling, dropout, past,
@@ -298,7 +307,7 @@ def _capture_cache(state: AttachState):
     def hook(module, args, kwargs):
         # transformers 5 renamed the argument to `cache`; generate and older callers still pass past_key_values
         state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        state.pads_known = False
+        state.pads_known, state.dead = False, None
         if isinstance(state.cache, QuantizedKVCache):
             # a hybrid model's non-attention layers keep their own state; pre-RoPE keys need the rotary embedding
             state.cache.bind(module.config, state.rope)

@@ -32,30 +32,46 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+# Per-token codecs encode this many of the tail's oldest tokens in one call instead of one token per
+# step (a call costs ~50 us of op overhead on CPU whatever its size); they stay in the tail in full
+# precision until the window rule moves them, and their payload counts in nbytes() meanwhile.
+ENCODE_AHEAD = 16
+
+
 class PayloadStore:
-    """The compressed tokens of K or V in one layer: the codec's payloads, in order."""
+    """The compressed tokens of K or V in one layer: the codec's payloads, in order. The tier holds
+    the first `n` encoded tokens; the rest (fewer than ENCODE_AHEAD) were encoded ahead of the rule."""
 
     def __init__(self, codec: Codec):
         self.codec = codec
         self.payload: Payload | None = None
+        self.n = 0
 
     @property
-    def n(self) -> int:
+    def encoded(self) -> int:
         return 0 if self.payload is None else self.payload.n
 
-    def append(self, x: torch.Tensor) -> None:
-        """Encode x (B, H, n, D), n a whole number of the codec's units, once, and keep it."""
+    def encode(self, x: torch.Tensor) -> None:
+        """Encode x (B, H, k, D), k a whole number of the codec's units following those encoded, once."""
         new = self.codec.encode(x)
         self.payload = new if self.payload is None else Payload.cat([self.payload, new])
 
+    def stored(self) -> Payload:
+        """The payload of the tier's tokens."""
+        return self.payload.head(self.n)
+
     def decode(self) -> torch.Tensor:
-        return self.codec.decode(self.payload)
+        return self.codec.decode(self.stored())
+
+    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Every encoded token (the tier's and those encoded ahead) decoded into `out`."""
+        return self.codec.decode_into(self.payload, out)
 
     def __getattr__(self, name: str) -> torch.Tensor:
-        """The payload's tensors by name (`store.codes`, `store.scale`, ...)."""
+        """The tier's payload tensors by name (`store.codes`, `store.scale`, ...)."""
         payload = self.__dict__.get("payload")
         if payload is not None and name in payload.tensors:
-            return payload.tensors[name]
+            return self.stored().tensors[name]
         raise AttributeError(f"{type(self).__name__} holds no {name!r}")
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -98,12 +114,25 @@ class CompressedTensor:
         start, self.tail, self.arrived = self.held, tail, None
         if self.codec is not None and self._compress(start + tail.shape[-2]) and keep_arrived:
             self.arrived = (start, tail)
-        parts = [self.sinks, self._stored() if self.packed is not None and self.packed.n else None, self.tail]
-        return torch.cat([p for p in parts if p is not None], dim=-2)
+        return self._assembled()
 
-    def _stored(self) -> torch.Tensor:
-        decoded = self.packed.decode()
-        return decoded if self.rope is None else self.rope.rotate(decoded, self.positions)
+    def _assembled(self) -> torch.Tensor:
+        """Every token as stored, in one new tensor: the sinks, the compressed tier decoded into its
+        place, the tail."""
+        sinks = 0 if self.sinks is None else self.sinks.shape[-2]
+        packed = self.packed.n if self.packed is not None else 0
+        batch, heads, tail, dim = self.tail.shape
+        out = self.tail.new_empty(batch, heads, sinks + packed + tail, dim)
+        if sinks:
+            out[..., :sinks, :].copy_(self.sinks)
+        if packed and self.rope is None:
+            # the tokens encoded ahead too (the tail, in full precision, overwrites them below): this
+            # decodes the payload as it is, without slicing it to the tier every step
+            self.packed.decode_into(out[..., sinks:sinks + self.packed.encoded, :])
+        elif packed:
+            out[..., sinks:sinks + packed, :].copy_(self.rope.rotate(self.packed.decode(), self.positions))
+        out[..., sinks + packed:, :].copy_(self.tail)
+        return out
 
     def _add_positions(self, positions: torch.Tensor | None, new: torch.Tensor) -> None:
         if positions is None:
@@ -136,13 +165,26 @@ class CompressedTensor:
         return move > 0
 
     def _encode(self, move: int) -> None:
-        units = self.tail[..., :move, :]
-        if self.rope is None:
-            self.packed.append(units)
-            return
-        moved, self.tail_positions = self.tail_positions[:, :move], self.tail_positions[:, move:].clone()
-        self.packed.append(self.rope.rotate(units, moved, inverse=True))
-        self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
+        """The tail's oldest `move` tokens join the compressed tier, encoded now unless they were ahead."""
+        ready = self.packed.encoded - self.packed.n  # encoded ahead: the tail's oldest tokens
+        if move > ready:
+            take = self._ahead(move - ready, ready)
+            units = self.tail[..., ready:ready + take, :]
+            if self.rope is not None:
+                units = self.rope.rotate(units, self.tail_positions[:, ready:ready + take], inverse=True)
+            self.packed.encode(units)
+        self.packed.n += move
+        if self.rope is not None:
+            moved, self.tail_positions = self.tail_positions[:, :move], self.tail_positions[:, move:].clone()
+            self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
+
+    def _ahead(self, need: int, ready: int) -> int:
+        """Tokens to encode now: the `need` the rule moves, or up to ENCODE_AHEAD whole units of the
+        tail's next tokens when the window moves fewer at a time (they all leave it in turn)."""
+        if self.rule.step >= ENCODE_AHEAD:
+            return need
+        room = (self.tail.shape[-2] - ready) // self.codec.unit * self.codec.unit
+        return max(need, min(room, ENCODE_AHEAD // self.codec.unit * self.codec.unit))
 
     def forget_arrived(self) -> None:
         self.arrived = None
@@ -166,7 +208,8 @@ class CompressedTensor:
         self.arrived = None
 
     def nbytes(self) -> int:
-        """Everything held: tiers, pre-RoPE positions, and tokens kept as they arrived until attention took them."""
+        """Everything held: tiers, tokens encoded ahead, pre-RoPE positions, and tokens kept as they
+        arrived until attention took them."""
         raw = self.arrived[1] if self.arrived is not None else None
         held = _nbytes(self.sinks, self.tail, raw, self.positions, self.tail_positions)
         return (self.packed.nbytes() if self.packed is not None else 0) + held

@@ -83,6 +83,8 @@ class WindowRule:
 
     def uniform(self, past: int, q_len: int, pads: torch.Tensor | None = None) -> bool:
         """True when every query of a chunk sees the same tokens compressed (one tensor serves all)."""
+        if q_len == 1:
+            return True
         if pads is None:
             return all(f(past + 1) == f(past + q_len) for f in (self.start, self.end))
         first, last = self.seen(torch.tensor([past, past + q_len - 1], device=pads.device), pads)

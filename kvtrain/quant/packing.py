@@ -7,6 +7,9 @@ Codes along the last axis are laid end to end as a little-endian bit stream (cod
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 
 from kvtrain.quant.uniform import check_bits
@@ -50,6 +53,29 @@ def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     stream = (words.long().unsqueeze(-1) >> torch.arange(w, device=words.device)) & 1
     stream = stream.flatten(-2)[..., : n * bits].unflatten(-1, (n, bits))
     return (stream << torch.arange(bits, device=words.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_int(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first n codes as integers for arithmetic that promotes them (dequantization): the same values
+    as `unpack`, as int32 when rows of 1, 2 or 4-bit codes fill whole 32-bit words (shifting words on
+    CPU is ~3x faster than shifting bytes, and the cache unpacks its whole store every decode step),
+    the bytes themselves at 8 bits, uint8 from `unpack` otherwise. Do not write into the result."""
+    if words.dtype == torch.uint8 and bits == 8 and words.shape[-1] == n:
+        return words
+    if bits in (1, 2, 4) and words.dtype == torch.uint8 and n * bits == words.shape[-1] * 8 and sys.byteorder == "little":
+        try:
+            as_words = words.view(torch.int32)  # needs whole words per row and word-aligned strides
+        except RuntimeError:
+            return unpack(words, bits, n)
+        # little-endian: byte i of a word is its bits [8i, 8i + 8), so the codes come out in stream order
+        shifted = as_words.unsqueeze(-1) >> _word_shifts(bits, words.device)
+        return shifted.bitwise_and_(2**bits - 1).flatten(-2)
+    return unpack(words, bits, n)
+
+
+@functools.cache
+def _word_shifts(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(0, 32, bits, dtype=torch.int32, device=device)
 
 
 # Fast paths for 1, 2, 4 and 8 bits in bytes: whole codes per byte, so shift codes instead of bits

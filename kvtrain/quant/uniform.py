@@ -123,11 +123,23 @@ def quantize(
     return QuantizedTensor(codes, scale.to(store), zero.to(store), bits, axis, x.shape, symmetric, x.dtype)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The quantized values, computed in the input's dtype (as `fake_quant` does), then cast to `dtype`."""
-    g = _dequant_grouped(q.codes.to(q.dtype), q.scale.to(q.dtype), q.zero.to(q.dtype), q.bits, q.symmetric)
-    out = _ungrouped(g, q.axis, q.shape)
-    return out if dtype is None else out.to(dtype)
+def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized values, computed in the input's dtype (as `fake_quant` does), then cast to `dtype`.
+
+    `out` (q.shape, q's input dtype, any strides: e.g. a slice of the tensor a cache hands attention)
+    receives them instead of a new tensor, with the same operations, so the values are the same bit
+    for bit; `q.codes` may then be any integer dtype (`kvtrain.quant.packing.unpack_int`)."""
+    if out is None:
+        g = _dequant_grouped(q.codes.to(q.dtype), q.scale.to(q.dtype), q.zero.to(q.dtype), q.bits, q.symmetric)
+        ungrouped = _ungrouped(g, q.axis, q.shape)
+        return ungrouped if dtype is None else ungrouped.to(dtype)
+    if out.dtype != q.dtype or out.shape != q.shape or dtype not in (None, q.dtype):
+        raise ValueError(f"dequantize writes {tuple(q.shape)} {q.dtype} values, got out {tuple(out.shape)} {out.dtype}")
+    grouped = out.movedim(q.axis, -1).unflatten(-1, q.codes.shape[-2:])  # a view of out in the codes' layout
+    signed = q.codes.to(torch.int32) - 2 ** (q.bits - 1) if q.symmetric else q.codes
+    torch.mul(signed, q.scale.to(q.dtype), out=grouped)  # exact integers times the scale, as codes.to(dtype) * scale
+    grouped.add_(q.zero.to(q.dtype))
+    return out
 
 
 class _FakeQuantSTE(torch.autograd.Function):

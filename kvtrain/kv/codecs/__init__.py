@@ -4,7 +4,7 @@ A codec turns a block of tokens of K or V, shaped (batch, kv_heads, tokens, head
 number of `unit`s of tokens, into a `Payload` (what the cache stores) and back:
 
     encode(x) -> Payload      the cache calls it once per block, when the window rule compresses it
-    decode(payload) -> x_hat  in x's dtype
+    decode(payload) -> x_hat  in x's dtype (`decode_into` writes it into the cache's output)
     simulate(x) -> x_hat      the training view: equal to decode(encode(x)) in the forward (bit for
                               bit: parity rests on it, tests/test_kv_codecs.py checks it for every
                               registered codec), with a straight-through or the codec's own gradient
@@ -47,6 +47,14 @@ class Payload:
         batch = next(iter(tensors.values())).shape[0]
         return replace(self, tensors=tensors, shape=(batch, *self.shape[1:]))
 
+    def head(self, n: int) -> "Payload":
+        """The first n tokens (a whole number of the tensors' token-axis entries), as views."""
+        if n == self.n:
+            return self
+        tensors = {name: t.narrow(self.token_dims[name], 0, n * t.shape[self.token_dims[name]] // self.n)
+                   for name, t in self.tensors.items()}
+        return Payload(tensors, self.token_dims, (*self.shape[:2], n, self.shape[3]), self.dtype)
+
     @staticmethod
     def cat(parts: list["Payload"]) -> "Payload":
         """Payloads of consecutive blocks as one."""
@@ -78,6 +86,11 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: Payload) -> torch.Tensor:
         """The block as stored, in the dtype it was encoded from."""
+
+    def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        """decode(payload) written into `out` (a (B, H, n, D) view of the tensor the cache hands
+        attention), bit for bit; override to decode in place without the intermediate tensor."""
+        return out.copy_(self.decode(payload))
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) with a straight-through gradient (override for the codec's own)."""

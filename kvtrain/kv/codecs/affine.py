@@ -9,7 +9,7 @@ import torch
 
 from kvtrain.kv.codecs import Codec, Payload, register
 from kvtrain.quant.granularity import PerChannel, PerToken, parse_granularity
-from kvtrain.quant.packing import pack, unpack
+from kvtrain.quant.packing import pack, unpack, unpack_int
 from kvtrain.quant.uniform import QuantizedTensor, check_bits, dequantize, fake_quant, quantize
 
 Axis = Literal["channel", "token"]
@@ -17,12 +17,26 @@ ScaleDtype = Literal["float16", "bfloat16", "float32"]
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 
 
+# Per-channel groups are stored token-major, (B, H, groups, G, D) codes packed along head_dim and
+# (B, H, groups, 1, D) scales, so that decoding writes the (B, H, T, D) tensor attention reads
+# contiguously (writing quantize's (B, H, D, groups, G) layout into it is a slow transposing copy).
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 1, 3, 4, 2)  # (B, H, D, groups, G or 1) -> (B, H, groups, G or 1, D)
+
+
+def _grouped_layout(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 1, 4, 2, 3)  # the inverse view
+
+
 @register("affine")
 @dataclass(frozen=True)
 class TensorQuant(Codec):
     """How one of K or V is quantized. axis="channel": each channel in groups of `group_size`
     consecutive tokens (KIVI keys); axis="token": each token in groups of `group_size` channels.
-    Stored: b-bit codes packed into bytes, each group's scale and zero point in `scale_dtype`."""
+    Stored: b-bit codes packed into bytes along head_dim, each group's scale and zero point in
+    `scale_dtype`."""
 
     examples: ClassVar[tuple[dict[str, Any], ...]] = (
         dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)", symmetric=True),
@@ -70,15 +84,27 @@ class TensorQuant(Codec):
     def encode(self, x: torch.Tensor) -> Payload:
         qt = quantize(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio, self.param_dtype,
                       check_finite=False)
-        token_dim = 3 if self.axis == "channel" else 2  # of the grouped layout (B, H, *, groups, group_size)
-        tensors = {"codes": pack(qt.codes, self.bits), "scale": qt.scale, "zero": qt.zero}
-        return Payload(tensors, dict.fromkeys(tensors, token_dim), tuple(x.shape), x.dtype)
+        codes, scale, zero = (_token_major(t) for t in (qt.codes, qt.scale, qt.zero)) if self.axis == "channel" else (
+            qt.codes, qt.scale, qt.zero)
+        tensors = {"codes": pack(codes, self.bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
+        return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
 
     def decode(self, payload: Payload) -> torch.Tensor:
-        t = payload.tensors
-        codes = unpack(t["codes"], self.bits, self.group_size)
-        return dequantize(QuantizedTensor(codes, t["scale"], t["zero"], self.bits, self._dim, torch.Size(payload.shape),
-                                          self.symmetric, payload.dtype))
+        return dequantize(self._stored(payload, unpack))
+
+    def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
+        """decode, without its intermediate tensors: codes unpacked as int32 words where they fill them,
+        the values written straight into `out` (the cache runs this for its whole store every step)."""
+        return dequantize(self._stored(payload, unpack_int), out=out)
+
+    def _stored(self, payload: Payload, unpacker) -> QuantizedTensor:
+        """The payload as `dequantize` reads it: views in the grouped layout of `quantize`."""
+        t, (*_, dim) = payload.tensors, payload.shape
+        codes = unpacker(t["codes"], self.bits, dim if self.axis == "channel" else self.group_size)
+        codes, scale, zero = (_grouped_layout(v) for v in (codes, t["scale"], t["zero"])) if self.axis == "channel" else (
+            codes, t["scale"], t["zero"])
+        return QuantizedTensor(codes, scale, zero, self.bits, self._dim, torch.Size(payload.shape), self.symmetric,
+                               payload.dtype)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quant with its clipped straight-through gradient (zero outside a clipped group's range)."""
