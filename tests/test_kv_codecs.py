@@ -4,6 +4,8 @@ on every architecture of the parity suite, with and without sinks, so a new code
 a new test."""
 
 import json
+import os
+import shutil
 from functools import partial
 
 import pytest
@@ -16,6 +18,7 @@ from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_fr
 from kvtrain.kv.codecs import Codec, register
 from kvtrain.kv.cache import ENCODE_AHEAD
 from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
+from kvtrain.quant import native
 
 # the parity suite's seven decoders, a hybrid (convolution + attention layers), a VLM's text decoder, and
 # sliding-window attention (Mistral with a window; Gemma 3, all sliding with RoPE per layer type)
@@ -69,9 +72,12 @@ def test_payloads_concatenate_and_select_rows(name):
 
 @pytest.mark.parametrize("name", EXAMPLES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_decode_into_a_slice_is_decode_bit_for_bit(name, dtype):
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_decode_into_a_slice_is_decode_bit_for_bit(name, dtype, kernel, monkeypatch):
     """What the cache runs every step: the payload decoded straight into its place in the tensor
-    attention reads."""
+    attention reads (by the CPU kernel where it applies, and in torch without it)."""
+    if kernel == "torch":
+        monkeypatch.setattr(native, "_library", lambda: None)
     codec = example_codec(name)
     x = torch.randn(2, 2, 4 * codec.unit, 32, generator=torch.Generator().manual_seed(3)).to(dtype) * 3
     payload = codec.encode(x)
@@ -138,9 +144,27 @@ def test_each_token_is_encoded_once_and_never_simulated_while_decoding(monkeypat
     detach(model)
     stores = [store for layer in cache.layers for store in (layer.k.packed, layer.v.packed)]
     assert sum(encoded) == sum(store.encoded for store in stores)  # each payload token encoded by one call
-    # per-token values are encoded up to ENCODE_AHEAD tokens ahead of the window rule, never more
+    # per-token values are encoded in blocks ahead of the window rule, never ENCODE_AHEAD tokens ahead
     assert all(store.n <= store.encoded < store.n + ENCODE_AHEAD for store in stores)
     assert any(store.encoded > store.n for store in stores)
+
+
+@pytest.mark.parametrize("length", [70, 77, 96])
+def test_what_the_cache_holds_is_a_function_of_its_tokens(length):
+    """Tokens encoded ahead of the window come in aligned blocks: a cache filled by one prefill and one
+    filled token by token hold the same payloads (bytes, rollouts' per-answer bytes rest on it)."""
+    spec = KVQuantSpec(key_group_size=16, value_group_size=16, residual=8)
+    k, v = torch.randn(2, 1, 2, length, 32, generator=torch.Generator().manual_seed(length))
+    at_once, by_token = QuantizedKVCache(spec), QuantizedKVCache(spec)
+    last = at_once.update(k, v, 0)
+    by_token.update(k[:, :, :20], v[:, :, :20], 0)
+    for t in range(20, length):
+        stepped = by_token.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0)
+    assert at_once.nbytes() == by_token.nbytes()
+    one, other = at_once.layers[0].v.packed, by_token.layers[0].v.packed
+    block = min(ENCODE_AHEAD, 8 + 1)  # a block is at most the window and the token leaving it
+    assert one.encoded == other.encoded == -(-(length - 8) // block) * block >= one.n == length - 8
+    assert all(torch.equal(a, b) for a, b in zip(last, stepped))
 
 
 def test_spec_v2_gives_keys_and_values_their_own_bits_per_layer(tmp_path):
@@ -232,3 +256,37 @@ def test_the_readme_yaml_configures_a_v2_spec_and_checkpoints_carry_it():
     checkpoint = {"callbacks": {"KVQuantCallback": callback.state_dict()}}
     assert spec_from_checkpoint(checkpoint) == callback.spec
     assert KVQuantCallback(callback.spec, bits=3).spec.values(0).bits == 3
+
+
+def test_the_native_kernel_is_built_where_a_c_compiler_is():
+    assert native.available() == ((shutil.which("cc") or shutil.which("gcc") or os.environ.get("CC")) is not None)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)])
+@pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(16)", "per_token(8)"])
+def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularity, symmetric):
+    """The C kernel (kvtrain.quant.native) against torch's dequantize: every width it takes, both
+    groupings, symmetric offsets, scales stored in float16 (subnormal ones too), bfloat16 and the
+    output's dtype, into float32 and float64; a width or layout it does not take falls back."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(bits)
+    for dtype in (torch.float32, torch.float64):
+        magnitude = torch.logspace(-6, 3, 64, dtype=dtype)[torch.randperm(64, generator=gen)]  # tiny groups: subnormal fp16 scales
+        x = torch.randn(2, 3, 64, 32, generator=gen, dtype=dtype) * magnitude[:, None]
+        for scale_dtype in ("float16", "bfloat16", "float32"):
+            policy = TensorPolicy(bits=bits, granularity=granularity, symmetric=symmetric, scale_dtype=scale_dtype)
+            codec = policy.codec_at(0)
+            payload = codec.encode(x)
+            out = torch.full((2, 3, 70, 32), float("nan"), dtype=dtype)
+            t = payload.tensors
+            used = native.affine_decode(t["codes"], t["scale"], t["zero"], bits, codec.group_size,
+                                        codec.axis == "channel", symmetric, out[:, :, 3:67])
+            assert used == (scale_dtype != "float32" or dtype == torch.float32)  # else: float32 scales, float64 out
+            if used:
+                assert torch.equal(out[:, :, 3:67], codec.decode(payload)), (dtype, scale_dtype)
+                assert out[:, :, :3].isnan().all() and out[:, :, 67:].isnan().all()
+    three = TensorPolicy(bits=3, granularity=granularity).codec_at(0)
+    t = three.encode(x).tensors
+    assert not native.affine_decode(t["codes"], t["scale"], t["zero"], 3, three.group_size, three.axis == "channel",
+                                    False, out[:, :, 3:67])  # 3-bit codes straddle bytes: decoded in torch

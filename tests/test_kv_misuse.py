@@ -64,6 +64,12 @@ def test_non_finite_keys_are_reported_at_the_step_they_arrive():
     k[0, 0, 3] = float("nan")
     with pytest.raises(ValueError, match=r"layer 0 got non-finite keys \(NaN or inf\) for cache positions 10..19"):
         cache.update(k, v, 0)
+    huge = torch.full((1, 2, 10, 32), 3e38)  # finite: their float32 sum would overflow, the check's does not
+    cache.update(huge, -huge, 0)
+    infinite = huge.clone()
+    infinite[0, 0, 0, :2] = torch.tensor([float("inf"), -float("inf")])  # opposite infinities in one tensor
+    with pytest.raises(ValueError, match=r"layer 0 got non-finite values \(NaN or inf\) for cache positions 20..29"):
+        cache.update(huge, infinite, 0)
 
 
 def test_a_module_with_two_decoders_names_the_one_to_attach():

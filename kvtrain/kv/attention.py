@@ -52,6 +52,14 @@ class AttachState:
     hook: Any = None
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
+    layers: dict[int, tuple] = field(default_factory=dict)  # per layer: codec and window rule of K, of V
+
+    def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
+        """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward."""
+        if layer not in self.layers:
+            keys, values = self.spec.keys(layer), self.spec.values(layer)
+            self.layers[layer] = (keys, self.spec.window(keys), values, self.spec.window(values))
+        return self.layers[layer]
 
 
 @dataclass
@@ -126,13 +134,13 @@ def kv_attention(
     if isinstance(state.cache, QuantizedKVCache):
         state.cache.viewed(layer, spec)
         stored = state.cache.layers[layer]
-    kq, vq = spec.keys(layer), spec.values(layer)
+    kq, k_rule, vq, v_rule = state.plan(layer)
     position_ids = kwargs.get("position_ids")
     if state.rope is not None and stored is None and position_ids is None:
         raise ValueError(f"{type(module).__name__} passed no position_ids to attention; pre-RoPE keys need them")
     pads = _pads(state, position_ids, past, q_len)
-    keys = _prepared(key, kq, spec.window(kq), stored and stored.k, pads, state.rope, position_ids)
-    values = _prepared(value, vq, spec.window(vq), stored and stored.v, pads)
+    keys = _prepared(key, kq, k_rule, stored and stored.k, pads, state.rope, position_ids)
+    values = _prepared(value, vq, v_rule, stored and stored.v, pads)
     scaling = module.scaling if scaling is None else scaling
     one_view = keys.uniform(past, q_len) and values.uniform(past, q_len)
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention

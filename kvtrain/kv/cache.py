@@ -16,6 +16,7 @@ arrived, so every query of a prefill chunk gets its exact view. Use it on an att
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 import torch
@@ -28,13 +29,20 @@ from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
 
 
+def _finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in x: they propagate through a sum, which float64 keeps from overflowing on finite
+    values of any narrower dtype (a third of the cost of isfinite().all() on a decode step's K or V)."""
+    wide = torch.float64 if x.device.type in ("cpu", "cuda") else None  # (MPS has no float64)
+    return math.isfinite(x.sum(dtype=wide).item())
+
+
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-# Per-token codecs encode this many of the tail's oldest tokens in one call instead of one token per
-# step (a call costs ~50 us of op overhead on CPU whatever its size); they stay in the tail in full
-# precision until the window rule moves them, and their payload counts in nbytes() meanwhile.
+# Per-token codecs encode blocks of up to this many of the tail's oldest tokens in one call instead of
+# one token per step (a call costs ~50 us of op overhead on CPU whatever its size); they stay in the
+# tail in full precision until the window rule moves them, and their payload counts in nbytes() meanwhile.
 ENCODE_AHEAD = 16
 
 
@@ -168,7 +176,7 @@ class CompressedTensor:
         """The tail's oldest `move` tokens join the compressed tier, encoded now unless they were ahead."""
         ready = self.packed.encoded - self.packed.n  # encoded ahead: the tail's oldest tokens
         if move > ready:
-            take = self._ahead(move - ready, ready)
+            take = self._ahead(self.packed.n + move) - self.packed.encoded
             units = self.tail[..., ready:ready + take, :]
             if self.rope is not None:
                 units = self.rope.rotate(units, self.tail_positions[:, ready:ready + take], inverse=True)
@@ -178,13 +186,18 @@ class CompressedTensor:
             moved, self.tail_positions = self.tail_positions[:, :move], self.tail_positions[:, move:].clone()
             self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
 
-    def _ahead(self, need: int, ready: int) -> int:
-        """Tokens to encode now: the `need` the rule moves, or up to ENCODE_AHEAD whole units of the
-        tail's next tokens when the window moves fewer at a time (they all leave it in turn)."""
-        if self.rule.step >= ENCODE_AHEAD:
-            return need
-        room = (self.tail.shape[-2] - ready) // self.codec.unit * self.codec.unit
-        return max(need, min(room, ENCODE_AHEAD // self.codec.unit * self.codec.unit))
+    def _ahead(self, tier: int) -> int:
+        """How many tokens to have encoded for a tier of `tier` tokens: the tier rounded up to a block
+        of up to ENCODE_AHEAD tokens (its next tokens all leave the window in turn) when the window
+        moves fewer at a time. A block is at most what the tail holds when a unit leaves it (the
+        window and that unit), so what is held is a function of the number of tokens, however they
+        arrived (one prefill or token by token)."""
+        unit = self.codec.unit
+        block = min(ENCODE_AHEAD, self.rule.residual + unit) // unit * unit
+        if self.rule.flush or block <= self.rule.step:
+            return tier
+        reach = self.packed.n + self.tail.shape[-2] // unit * unit  # (never binds: see the docstring)
+        return max(tier, min(-(-tier // block) * block, reach))
 
     def forget_arrived(self) -> None:
         self.arrived = None
@@ -270,9 +283,9 @@ class QuantizedKVLayer(CacheLayerMixin):
                positions: torch.Tensor | None = None, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # here, not when the token is quantized 100 steps later; one check (one host sync) per layer and step
-        if not (torch.isfinite(key_states).all() & torch.isfinite(value_states).all()):
-            name = "values" if torch.isfinite(key_states).all() else "keys"
+        # here, not when the token is quantized 100 steps later; one host sync per tensor, layer and step
+        if not (_finite(key_states) and _finite(value_states)):
+            name = "values" if _finite(key_states) else "keys"
             raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
                              f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
         if self.length == 0 and keep_arrived:  # a model's prefill: left-padded rows get their own windows

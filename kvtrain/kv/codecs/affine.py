@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from kvtrain.kv.codecs import Codec, Payload, register
+from kvtrain.quant import native
 from kvtrain.quant.granularity import PerChannel, PerToken, parse_granularity
 from kvtrain.quant.packing import pack, unpack, unpack_int
 from kvtrain.quant.uniform import QuantizedTensor, check_bits, dequantize, fake_quant, quantize
@@ -93,8 +94,13 @@ class TensorQuant(Codec):
         return dequantize(self._stored(payload, unpack))
 
     def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
-        """decode, without its intermediate tensors: codes unpacked as int32 words where they fill them,
-        the values written straight into `out` (the cache runs this for its whole store every step)."""
+        """decode, written straight into `out` (the cache runs this for its whole store every step): by
+        the CPU kernel where it applies (`kvtrain.quant.native`), else in torch with the codes
+        unpacked as int32 words where they fill them."""
+        t = payload.tensors
+        if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
+                                self.axis == "channel", self.symmetric, out):
+            return out
         return dequantize(self._stored(payload, unpack_int), out=out)
 
     def _stored(self, payload: Payload, unpacker) -> QuantizedTensor:
