@@ -129,33 +129,43 @@ def kv_attention(
         raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which kvtrain's KV view does not support")
     spec, layer = state.spec, module.layer_idx
     q_len, total = query.shape[-2], key.shape[-2]
-    past = total - q_len
     stored = None
     if isinstance(state.cache, QuantizedKVCache):
         state.cache.viewed(layer, spec)
         stored = state.cache.layers[layer]
-    kq, k_rule, vq, v_rule = state.plan(layer)
+    scaling = module.scaling if scaling is None else scaling
+    if stored is not None and q_len == 1 and kwargs.get("softcap") is None:
+        # a decode step: its one query sees every token as the cache holds it, which is what it handed over
+        out, probs = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
+    else:
+        out, probs = _viewed_attention(module, state, stored, query, key, value, attention_mask, scaling, dropout,
+                                       **kwargs)
+    if stored is not None:
+        stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
+    return _zero_padding_queries(out, _dead_queries(state, attention_mask, total)), probs
+
+
+def _viewed_attention(module, state: AttachState, stored, query, key, value, attention_mask, scaling, dropout,
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a chunk of queries over the view of K and V (training, prefill): one SDPA call
+    when every query sees the same view, the tiers otherwise, eager attention to softcap."""
+    q_len, past = query.shape[-2], key.shape[-2] - query.shape[-2]
+    kq, k_rule, vq, v_rule = state.plan(module.layer_idx)
     position_ids = kwargs.get("position_ids")
     if state.rope is not None and stored is None and position_ids is None:
         raise ValueError(f"{type(module).__name__} passed no position_ids to attention; pre-RoPE keys need them")
     pads = _pads(state, position_ids, past, q_len)
     keys = _prepared(key, kq, k_rule, stored and stored.k, pads, state.rope, position_ids)
     values = _prepared(value, vq, v_rule, stored and stored.v, pads)
-    scaling = module.scaling if scaling is None else scaling
-    one_view = keys.uniform(past, q_len) and values.uniform(past, q_len)
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
-        out, probs = _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past,
-                                          kwargs["softcap"])
-    elif one_view:
-        out, probs = sdpa_attention_forward(module, query, keys.hat, values.hat, attention_mask, dropout=dropout,
-                                            scaling=scaling)
-    else:
-        positions = torch.arange(past, past + q_len, device=query.device)
-        out, probs = _tiered_attention(module, query, _tiers(keys, values, positions), attention_mask, scaling,
-                                       dropout, positions), None
-    if stored is not None:
-        stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
-    return _zero_padding_queries(out, _dead_queries(state, attention_mask, total)), probs
+        return _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past,
+                                    kwargs["softcap"])
+    if keys.uniform(past, q_len) and values.uniform(past, q_len):
+        return sdpa_attention_forward(module, query, keys.hat, values.hat, attention_mask, dropout=dropout,
+                                      scaling=scaling)
+    positions = torch.arange(past, past + q_len, device=query.device)
+    return _tiered_attention(module, query, _tiers(keys, values, positions), attention_mask, scaling, dropout,
+                             positions), None
 
 
 QUERY_CHUNK = 128
