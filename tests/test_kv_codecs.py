@@ -286,6 +286,10 @@ def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularit
             if used:
                 assert torch.equal(out[:, :, 3:67], codec.decode(payload)), (dtype, scale_dtype)
                 assert out[:, :, :3].isnan().all() and out[:, :, 67:].isnan().all()
+    t = codec.encode(x.float()).tensors  # float32 scales into a float32 out: the kernel applies
+    with pytest.raises(ValueError, match="do not hold"):  # a store whose groups do not cover its tokens
+        native.affine_decode(t["codes"], t["scale"], t["zero"], bits, codec.group_size, codec.axis == "channel",
+                             symmetric, out[:, :, 3:66].float())
     three = TensorPolicy(bits=3, granularity=granularity).codec_at(0)
     t = three.encode(x).tensors
     assert not native.affine_decode(t["codes"], t["scale"], t["zero"], 3, three.group_size, three.axis == "channel",

@@ -179,7 +179,9 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     if not per_channel and group * bits % 8:
         return False  # each group's codes start a new byte: not one bit stream per row
     params = batch * heads * (tokens // group * dim if per_channel else tokens * (dim // group))
-    if codes.numel() != batch * heads * tokens * ((dim * bits + 7) // 8) or not scale.numel() == params == zero.numel():
+    whole = tokens % group == 0 if per_channel else dim % group == 0
+    if (not whole or codes.numel() != batch * heads * tokens * ((dim * bits + 7) // 8)
+            or not scale.numel() == params == zero.numel()):
         raise ValueError(f"affine_decode: codes {tuple(codes.shape)} and parameters {tuple(scale.shape)} do not "
                          f"hold {tuple(out.shape)} values at {bits} bits in groups of {group}")
     fn = getattr(library, f"decode_{DTYPES[out.dtype]}_b{bits}")
