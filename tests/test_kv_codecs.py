@@ -33,7 +33,7 @@ def example_codec(name: str) -> Codec:
 
 
 def test_the_registry_holds_the_shipped_codecs():
-    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8"} <= set(CODECS)
+    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8", "nf"} <= set(CODECS)
     with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8', 'fp8_per_token_head'"):
         TensorPolicy(codec="nf5")
     with pytest.raises(ValueError, match="a codec named 'affine' is registered already"):
@@ -294,3 +294,17 @@ def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularit
     t = three.encode(x).tensors
     assert not native.affine_decode(t["codes"], t["scale"], t["zero"], 3, three.group_size, three.axis == "channel",
                                     False, out[:, :, 3:67])  # 3-bit codes straddle bytes: decoded in torch
+
+
+def test_nf_codec_settings_are_checked_at_the_spec():
+    with pytest.raises(ValueError, match="a NormalFloat codebook has 2 to 8 bits, got 1"):
+        TensorPolicy(codec="nf", bits=1)
+    with pytest.raises(ValueError, match="symmetric and clip_ratio do not apply"):
+        TensorPolicy(codec="nf", bits=2, symmetric=True)
+    with pytest.raises(ValueError, match=r"the nf codec groups per_channel\(G\) or per_token\(G\), not per_token_head"):
+        TensorPolicy(codec="nf", bits=2, granularity="per_token_head")
+    nf = TensorPolicy(codec="nf", bits=2, granularity="per_token(4)").codec_at(0)
+    payload = nf.encode(torch.tensor([[[[0.0, 1.0, 2.0, 4.0]]]]))
+    assert payload.tensors["codes"].flatten().tolist() == [0 | 0 << 2 | 1 << 4 | 3 << 6]  # levels -1, -1, 0, 1
+    assert nf.decode(payload).flatten().tolist() == [0.0, 0.0, 2.0, 4.0]
+    assert payload.nbytes() == 1 + 2 + 2  # four 2-bit codes, a float16 half-range and offset

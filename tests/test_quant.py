@@ -220,3 +220,42 @@ def test_dequantize_into_a_slice_is_dequantize_bit_for_bit(axis, symmetric, dtyp
     assert big[:, :, :5].isnan().all() and big[:, :, 69:].isnan().all()
     with pytest.raises(ValueError, match=r"dequantize writes \(2, 3, 64, 32\) .* got out \(2, 3, 64, 32\) torch.float16"):
         dequantize(q, out=torch.empty(2, 3, 64, 32, dtype=torch.float16))
+
+
+def test_normal_float_levels_are_kvquants_quantiles():
+    """KVQuant's NormalFloat signposts (simquant_module_quantizer.py), recomputed with scipy: the
+    negative half from the 1/2 (1/32 + 1/30) quantile to the median, the positive half from the median
+    to the symmetric quantile, each half scaled to reach -1 and 1, the shared 0 kept once."""
+    from scipy.stats import norm
+
+    from kvtrain.quant.codebook import normal_float_levels
+
+    tail = 0.5 * (1 / 32 + 1 / 30)
+    for bits in (2, 3, 4):
+        half = 2 ** (bits - 1)
+        negative = norm.ppf(tail + (0.5 - tail) / (half - 1) * torch.arange(half).double().numpy())
+        positive = norm.ppf(list(0.5 + (0.5 - tail) / half * torch.arange(half).double().numpy()) + [1 - tail])
+        expected = list(negative / -negative[0]) + list(positive[1:] / positive[-1])
+        levels = normal_float_levels(bits)
+        assert levels.shape == (2**bits,) and levels[0] == -1 and levels[half - 1] == 0 and levels[-1] == 1
+        torch.testing.assert_close(levels, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    # 2 bits by hand: ppf(0.5 + (0.5 - tail) / 2) / ppf(1 - tail) = 0.6245 / 1.8481
+    assert normal_float_levels(2)[2].item() == pytest.approx(0.337915, abs=1e-6)
+    with pytest.raises(ValueError, match="a NormalFloat codebook has 2 to 8 bits, got 1"):
+        normal_float_levels(1)
+
+
+def test_codebook_quantization_hand_values():
+    """One group [0, 1, 2, 4] with the 4-level codebook [-1, 0, 0.25, 1]: offset 2 and half-range 2 map
+    it to [-1, -0.5, 0, 1]; -0.5 is as near to -1 as to 0 and goes to the lower level, as KVQuant's argmin."""
+    from kvtrain.quant.codebook import codebook_dequantize, codebook_quantize
+
+    levels = torch.tensor([-1.0, 0.0, 0.25, 1.0], dtype=torch.float64)
+    q = codebook_quantize(torch.tensor([[0.0, 1.0, 2.0, 4.0]]), levels, 4)
+    assert q.codes.flatten().tolist() == [0, 0, 1, 3] and q.scale.item() == 2 and q.zero.item() == 2
+    assert codebook_dequantize(q, levels).tolist() == [[0.0, 0.0, 2.0, 4.0]]
+    # the midpoint of 0.25 and 1 is 0.625 (3.25 in the group [0, 4]): 3.2 -> 0.6 -> 0.25, 3.4 -> 0.7 -> 1
+    q = codebook_quantize(torch.tensor([[0.0, 2.0, 3.2, 4.0], [0.0, 2.0, 3.4, 4.0]]), levels, 4)
+    assert q.codes.tolist() == [[[0, 1, 2, 3]], [[0, 1, 3, 3]]]
+    constant = codebook_quantize(torch.full((1, 4), 7.0), levels, 4)  # a constant group decodes exactly
+    assert codebook_dequantize(constant, levels).tolist() == [[7.0] * 4]

@@ -139,4 +139,4 @@ def build_codec(policy: Any, bits: int) -> Codec:
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
-from kvtrain.kv.codecs import affine, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs import affine, codebook, vllm  # noqa: E402,F401  (registers them)

@@ -31,33 +31,22 @@ def _grouped_layout(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 4, 2, 3)  # the inverse view
 
 
-@register("affine")
 @dataclass(frozen=True)
-class TensorQuant(Codec):
-    """How one of K or V is quantized. axis="channel": each channel in groups of `group_size`
-    consecutive tokens (KIVI keys); axis="token": each token in groups of `group_size` channels.
-    Stored: b-bit codes packed into bytes along head_dim, each group's scale and zero point in
-    `scale_dtype`."""
-
-    examples: ClassVar[tuple[dict[str, Any], ...]] = (
-        dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)", symmetric=True),
-    )
+class GroupedCodec(Codec):
+    """What codecs that scale groups of elements share (affine, codebooks): per_channel(G) groups of G
+    tokens along each channel or per_token(G) groups of G channels in each token, each group's
+    parameters (`scale`, `zero`) stored in `scale_dtype` next to its b-bit codes."""
 
     bits: int
     group_size: int
     axis: Axis
-    symmetric: bool = False
-    clip_ratio: float = 1.0
-    scale_dtype: ScaleDtype = "float16"
 
     @classmethod
-    def from_policy(cls, policy: Any, bits: int) -> "TensorQuant":
+    def _grouping(cls, policy: Any) -> tuple[int, Axis]:
         g = parse_granularity(policy.granularity)
         if not isinstance(g, (PerChannel, PerToken)):
-            raise ValueError(f"the affine codec groups per_channel(G) or per_token(G), not {g}")
-        check_bits(bits, policy.symmetric)
-        return cls(bits, g.group, "channel" if isinstance(g, PerChannel) else "token", policy.symmetric,
-                   policy.clip_ratio, policy.scale_dtype)
+            raise ValueError(f"the {cls.name} codec groups per_channel(G) or per_token(G), not {g}")
+        return g.group, "channel" if isinstance(g, PerChannel) else "token"
 
     @property
     def granularity(self) -> PerChannel | PerToken:
@@ -72,26 +61,66 @@ class TensorQuant(Codec):
     def unit(self) -> int:
         return self.group_size if self.axis == "channel" else 1
 
+    @property
+    def _dim(self) -> int:
+        return 2 if self.axis == "channel" else 3  # the grouped axis of (B, H, T, D)
+
+    def _payload(self, q: QuantizedTensor, x: torch.Tensor) -> Payload:
+        """q (`quantize`'s grouped layout) as stored: codes packed, per-channel groups token-major."""
+        codes, scale, zero = (_token_major(t) for t in (q.codes, q.scale, q.zero)) if self.axis == "channel" else (
+            q.codes, q.scale, q.zero)
+        tensors = {"codes": pack(codes, self.bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
+        return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
+
+    def _stored(self, payload: Payload, unpacker, symmetric: bool = False) -> QuantizedTensor:
+        """The payload as `quantize` laid it out: views in its grouped layout."""
+        t, (*_, dim) = payload.tensors, payload.shape
+        codes = unpacker(t["codes"], self.bits, dim if self.axis == "channel" else self.group_size)
+        codes, scale, zero = (_grouped_layout(v) for v in (codes, t["scale"], t["zero"])) if self.axis == "channel" else (
+            codes, t["scale"], t["zero"])
+        return QuantizedTensor(codes, scale, zero, self.bits, self._dim, torch.Size(payload.shape), symmetric,
+                               payload.dtype)
+
+    def check_model(self, head_dim: int, where: str, model_name: str) -> None:
+        if self.axis == "token" and head_dim % self.group_size:
+            raise ValueError(f"{where}={self.group_size} does not divide head_dim={head_dim} of {model_name}; per-token groups split "
+                             f"head_dim, so use a divisor of {head_dim}")
+
+
+@register("affine")
+@dataclass(frozen=True)
+class TensorQuant(GroupedCodec):
+    """How one of K or V is quantized. axis="channel": each channel in groups of `group_size`
+    consecutive tokens (KIVI keys); axis="token": each token in groups of `group_size` channels.
+    Stored: b-bit codes packed into bytes along head_dim, each group's scale and zero point in
+    `scale_dtype`."""
+
+    examples: ClassVar[tuple[dict[str, Any], ...]] = (
+        dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)", symmetric=True),
+    )
+
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+    scale_dtype: ScaleDtype = "float16"
+
+    @classmethod
+    def from_policy(cls, policy: Any, bits: int) -> "TensorQuant":
+        group, axis = cls._grouping(policy)
+        check_bits(bits, policy.symmetric)
+        return cls(bits, group, axis, policy.symmetric, policy.clip_ratio, policy.scale_dtype)
+
     def quantized_len(self, total: int, residual: int) -> int:
         """Tokens held quantized with `total` in the cache under the plain streaming rule (no sinks)."""
         from kvtrain.kv.window import WindowRule
 
         return WindowRule(self.unit, residual).end(total)
 
-    @property
-    def _dim(self) -> int:
-        return 2 if self.axis == "channel" else 3  # the grouped axis of (B, H, T, D)
-
     def encode(self, x: torch.Tensor) -> Payload:
-        qt = quantize(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio, self.param_dtype,
-                      check_finite=False)
-        codes, scale, zero = (_token_major(t) for t in (qt.codes, qt.scale, qt.zero)) if self.axis == "channel" else (
-            qt.codes, qt.scale, qt.zero)
-        tensors = {"codes": pack(codes, self.bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
-        return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
+        return self._payload(quantize(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio,
+                                      self.param_dtype, check_finite=False), x)
 
     def decode(self, payload: Payload) -> torch.Tensor:
-        return dequantize(self._stored(payload, unpack))
+        return dequantize(self._stored(payload, unpack, self.symmetric))
 
     def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
         """decode, written straight into `out` (the cache runs this for its whole store every step): by
@@ -101,22 +130,8 @@ class TensorQuant(Codec):
         if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
                                 self.axis == "channel", self.symmetric, out):
             return out
-        return dequantize(self._stored(payload, unpack_int), out=out)
-
-    def _stored(self, payload: Payload, unpacker) -> QuantizedTensor:
-        """The payload as `dequantize` reads it: views in the grouped layout of `quantize`."""
-        t, (*_, dim) = payload.tensors, payload.shape
-        codes = unpacker(t["codes"], self.bits, dim if self.axis == "channel" else self.group_size)
-        codes, scale, zero = (_grouped_layout(v) for v in (codes, t["scale"], t["zero"])) if self.axis == "channel" else (
-            codes, t["scale"], t["zero"])
-        return QuantizedTensor(codes, scale, zero, self.bits, self._dim, torch.Size(payload.shape), self.symmetric,
-                               payload.dtype)
+        return dequantize(self._stored(payload, unpack_int, self.symmetric), out=out)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quant with its clipped straight-through gradient (zero outside a clipped group's range)."""
         return fake_quant(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio, self.param_dtype)
-
-    def check_model(self, head_dim: int, where: str, model_name: str) -> None:
-        if self.axis == "token" and head_dim % self.group_size:
-            raise ValueError(f"{where}={self.group_size} does not divide head_dim={head_dim} of {model_name}; per-token groups split "
-                             f"head_dim, so use a divisor of {head_dim}")
