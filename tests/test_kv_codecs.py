@@ -87,6 +87,27 @@ def test_decode_into_a_slice_is_decode_bit_for_bit(name, dtype, kernel, monkeypa
     assert big[:, :, :4].isnan().all() and big[:, :, -5:].isnan().all()
 
 
+@pytest.mark.parametrize("name", EXAMPLES)
+@pytest.mark.parametrize("kernel", ["native", "torch"])
+def test_decode_into_decodes_the_tier_then_the_window(name, kernel, monkeypatch):
+    """The cache's call: the first tokens of a store that holds more (encoded ahead of the rule),
+    followed by the full-precision tail, in one call."""
+    if kernel == "torch":
+        monkeypatch.setattr(native, "_library", lambda: None)
+        native._functions.cache_clear()
+    codec = example_codec(name)
+    gen = torch.Generator().manual_seed(4)
+    x, tail = torch.randn(2, 2, 4 * codec.unit, 32, generator=gen), torch.randn(2, 2, 5, 32, generator=gen)
+    payload = codec.encode(x)
+    tier = 3 * codec.unit
+    big = torch.full((2, 2, tier + 5 + 2, 32), float("nan"))
+    codec.decode_into(payload, big[:, :, 1:-1], then=tail)
+    assert torch.equal(big[:, :, 1:tier + 1], codec.decode(payload)[:, :, :tier])
+    assert torch.equal(big[:, :, tier + 1:-1], tail)
+    assert big[:, :, 0].isnan().all() and big[:, :, -1].isnan().all()
+    native._functions.cache_clear()
+
+
 def test_fp8_by_hand():
     """One head [1, -2, 0.3, 4] (vLLM's per-token-head fp8): scale 4/448 in float32, codes x / scale rounded
     to e4m3: 112, -224, 33.6 -> 32 (e4m3 steps by 4 in [32, 64)), 448; decoded in float32."""
@@ -263,7 +284,7 @@ def test_the_native_kernel_is_built_where_a_c_compiler_is():
 
 
 @pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False), (8, True)])
-@pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(16)", "per_token(8)"])
+@pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(32)", "per_token(16)", "per_token(8)"])
 def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularity, symmetric):
     """The C kernel (kvtrain.quant.native) against torch's dequantize: every width it takes, both
     groupings, symmetric offsets, scales stored in float16 (subnormal ones too), bfloat16 and the
@@ -296,6 +317,31 @@ def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularit
                                     False, out[:, :, 3:67])  # 3-bit codes straddle bytes: decoded in torch
 
 
+@pytest.mark.parametrize("dim", [32, 48, 64, 128])
+@pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(16)"])
+def test_native_kernel_takes_every_head_size(dim, granularity):
+    """Head sizes compiled in (32, 64, 128) and taken at run time (48), decoding the first 48 tokens of
+    a 64-token store followed by a 5-token window; a window of another shape is refused."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    codec = TensorPolicy(bits=2, granularity=granularity).codec_at(0)
+    gen = torch.Generator().manual_seed(dim)
+    x, tail = torch.randn(2, 3, 64, dim, generator=gen), torch.randn(2, 3, 5, dim, generator=gen)
+    t = codec.encode(x).tensors
+    out = torch.full((2, 3, 55, dim), float("nan"))
+    assert native.affine_decode(t["codes"], t["scale"], t["zero"], 2, 16, codec.axis == "channel", False,
+                                out[:, :, 1:54], stored=64, then=tail)
+    assert torch.equal(out[:, :, 1:49], codec.decode(codec.encode(x))[:, :, :48])
+    assert torch.equal(out[:, :, 49:54], tail)
+    assert out[:, :, 0].isnan().all() and out[:, :, 54].isnan().all()
+    with pytest.raises(ValueError, match="followed by"):
+        native.affine_decode(t["codes"], t["scale"], t["zero"], 2, 16, codec.axis == "channel", False,
+                             out[:1, :, 1:54], stored=64, then=tail)
+    with pytest.raises(ValueError, match="do not hold"):  # more tokens than the store holds
+        native.affine_decode(t["codes"], t["scale"], t["zero"], 2, 16, codec.axis == "channel", False,
+                             torch.empty(2, 3, 65, dim), stored=64)
+
+
 def test_nf_codec_settings_are_checked_at_the_spec():
     with pytest.raises(ValueError, match="a NormalFloat codebook has 2 to 8 bits, got 1"):
         TensorPolicy(codec="nf", bits=1)
@@ -308,3 +354,52 @@ def test_nf_codec_settings_are_checked_at_the_spec():
     assert payload.tensors["codes"].flatten().tolist() == [0 | 0 << 2 | 1 << 4 | 3 << 6]  # levels -1, -1, 0, 1
     assert nf.decode(payload).flatten().tolist() == [0.0, 0.0, 2.0, 4.0]
     assert payload.nbytes() == 1 + 2 + 2  # four 2-bit codes, a float16 half-range and offset
+
+
+@pytest.mark.parametrize("d,block", [(32, 32), (64, 64), (96, 32), (80, 16), (6, 2)])
+def test_rotate_is_the_orthonormal_block_hadamard_with_random_signs(d, block):
+    """rotate(x) = x R^T with R = blockdiag(H_b S / sqrt(b)), b the largest power of two dividing d
+    (scipy's Sylvester H_b, S the seeded signs); the inverse is R^T; R is orthogonal (norms kept)."""
+    import scipy.linalg
+
+    from kvtrain.quant.hadamard import random_signs, rotate
+
+    x = torch.randn(3, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    H = torch.from_numpy(scipy.linalg.hadamard(block)).double() / block ** 0.5
+    for seed, signs in ((None, torch.ones(block)), (7, random_signs(block, 7))):
+        R = torch.block_diag(*[H * signs.double()] * (d // block))
+        torch.testing.assert_close(rotate(x, seed), x @ R.T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(rotate(rotate(x, seed), seed, inverse=True), x, rtol=0, atol=1e-12)
+        torch.testing.assert_close(rotate(x, seed).norm(dim=-1), x.norm(dim=-1), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="a Hadamard rotation needs an even size, got 33"):
+        rotate(torch.zeros(2, 33))
+
+
+def test_rotation_spreads_an_outlier_channel_before_per_token_quantization():
+    """A head with one channel 30x the others: per-token 2-bit groups spend their range on it, so the
+    others all round to one level; rotated, the outlier is spread over the head and the error drops.
+    The stage stores what its inner codec stores (no bytes of its own) and decodes in K's own basis."""
+    x = torch.randn(1, 2, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[..., 5] *= 30
+    plain = TensorPolicy(bits=2, granularity="per_token(32)").codec_at(0)
+    errors = {}
+    for rotation in ("hadamard", "random_hadamard"):
+        rotated = TensorPolicy(bits=2, granularity="per_token(32)", rotation=rotation).codec_at(0)
+        errors[rotation] = (rotated.decode(rotated.encode(x)) - x).pow(2).mean().item()
+        assert rotated.encode(x).nbytes() == plain.encode(x).nbytes()
+    plain_error = (plain.decode(plain.encode(x)) - x).pow(2).mean().item()
+    assert errors["hadamard"] < 0.6 * plain_error and errors["random_hadamard"] < 0.6 * plain_error
+
+
+def test_rotation_settings_are_checked_and_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"rotation must be one of \('none', 'hadamard', 'random_hadamard'\), got 'givens'"):
+        TensorPolicy(rotation="givens")
+    with pytest.raises(ValueError, match="rotation_seed must be an integer, got 1.5"):
+        TensorPolicy(rotation="random_hadamard", rotation_seed=1.5)
+    spec = KVSpec(key=dict(bits=4, granularity="per_token(32)", rotation="random_hadamard", rotation_seed=3),
+                  value=dict(bits=2, granularity="per_token(32)", rotation="hadamard"))
+    assert load_spec(spec.save(tmp_path)) == spec
+    assert spec.keys(0).seed == 3 and spec.values(0).rotation == "hadamard"
+    odd = KVSpec(key=dict(bits=2, granularity="per_channel(16)", rotation="hadamard"))
+    with pytest.raises(ValueError, match="a Hadamard rotation needs an even head_dim; LlamaForCausalLM has head_dim=33"):
+        odd.check_model(2, 33, "LlamaForCausalLM")

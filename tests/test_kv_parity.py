@@ -201,6 +201,19 @@ def test_kivi2_bytes_at_4096_tokens_against_dynamic_cache(dtype, ratio):
     assert packed.scale.dtype == packed.zero.dtype == torch.float16
 
 
+def test_a_decode_step_gets_sdpas_mask_and_a_chunk_an_additive_one():
+    """kv_mask: one query that sees every key needs no mask (the decode step is plain SDPA), a padded
+    row's step gets sdpa's boolean mask, a chunk of queries eager's additive mask (the tiers index it)."""
+    from kvtrain.kv.attention import kv_mask
+
+    assert kv_mask(batch_size=1, q_length=1, kv_length=10, q_offset=9) is None
+    padding = torch.tensor([[0, 0] + [1] * 8]).bool()
+    step = kv_mask(batch_size=1, q_length=1, kv_length=10, q_offset=9, attention_mask=padding)
+    assert step.dtype == torch.bool and step[0, 0, 0].tolist() == [False, False] + [True] * 8
+    chunk = kv_mask(batch_size=1, q_length=3, kv_length=10, q_offset=7, dtype=torch.float32)
+    assert chunk[0, 0, 0].tolist() == [0.0] * 8 + [torch.finfo(torch.float32).min] * 2
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: the eager softcap path, per-row masks
 def test_a_left_padded_row_decodes_as_it_would_alone(arch):
     """Groups and the window count from each row's first real token (its padding stays in full

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvtrain.kv.cache import QuantizedKVCache
@@ -138,11 +138,19 @@ def kv_attention(
         # a decode step: its one query sees every token as the cache holds it, which is what it handed over
         out, probs = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     else:
+        attention_mask = _additive(attention_mask, query.dtype)
         out, probs = _viewed_attention(module, state, stored, query, key, value, attention_mask, scaling, dropout,
                                        **kwargs)
     if stored is not None:
         stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
     return _zero_padding_queries(out, _dead_queries(state, attention_mask, total)), probs
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (`kv_mask` gives one query sdpa's) as the additive float mask the tiers index."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.where(mask, torch.tensor(0.0, dtype=dtype, device=mask.device), torch.finfo(dtype).min)
 
 
 def _viewed_attention(module, state: AttachState, stored, query, key, value, attention_mask, scaling, dropout,
@@ -248,10 +256,12 @@ def _zero_padding_queries(out: torch.Tensor, dead: torch.Tensor | None) -> torch
 def _dead_queries(state: AttachState, attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """(B, 1, q, 1) True where a query may attend to nothing, None when none may: read once per mask
     (the layers of a forward share it; the model's forward pre-hook starts afresh)."""
-    if attention_mask is None or attention_mask.dtype == torch.bool:
+    if attention_mask is None:
         return None
     if state.dead is None or state.dead[0] is not attention_mask or state.dead[1] != total:
-        dead = attention_mask[..., :total].amax(-1, keepdim=True) <= torch.finfo(attention_mask.dtype).min / 2
+        mask = attention_mask[..., :total]
+        dead = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else (
+            mask.amax(-1, keepdim=True) <= torch.finfo(mask.dtype).min / 2)
         state.dead = (attention_mask, total, dead if bool(dead.any()) else None)
     return state.dead[2]
 
@@ -282,7 +292,16 @@ def _per_query_attention(module, query, keys: TensorView, values: TensorView, at
 
 
 ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, kv_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+
+
+def kv_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask of a forward: sdpa's for a decode step (None when its query sees every key, as plain
+    SDPA then runs fastest), eager's additive float mask for a chunk, whose tiers index it."""
+    q_length = kwargs["q_length"] if "q_length" in kwargs else args[1]
+    return sdpa_mask(*args, **kwargs) if q_length == 1 else eager_mask(*args, **kwargs)
+
+
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, kv_mask)
 
 
 def hf_model(model: nn.Module) -> PreTrainedModel:

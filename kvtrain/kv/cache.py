@@ -29,11 +29,15 @@ from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
 
 
-def _finite(x: torch.Tensor) -> bool:
-    """No NaN or inf in x: they propagate through a sum, which float64 keeps from overflowing on finite
-    values of any narrower dtype (a third of the cost of isfinite().all() on a decode step's K or V)."""
-    wide = torch.float64 if x.device.type in ("cpu", "cuda") else None  # (MPS has no float64)
-    return math.isfinite(x.sum(dtype=wide).item())
+def _finite(*tensors: torch.Tensor) -> bool:
+    """No NaN or inf in the tensors: they propagate through a sum, which float64 keeps from overflowing
+    on finite values of any narrower dtype (one host sync for all of them; a third of the cost of
+    isfinite().all() on a decode step's K or V)."""
+    wide = torch.float64 if tensors[0].device.type in ("cpu", "cuda") else None  # (MPS has no float64)
+    total = tensors[0].sum(dtype=wide)
+    for x in tensors[1:]:
+        total = total + x.sum(dtype=wide)
+    return math.isfinite(total.item())
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -43,7 +47,7 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 # Per-token codecs encode blocks of up to this many of the tail's oldest tokens in one call instead of
 # one token per step (a call costs ~50 us of op overhead on CPU whatever its size); they stay in the
 # tail in full precision until the window rule moves them, and their payload counts in nbytes() meanwhile.
-ENCODE_AHEAD = 16
+ENCODE_AHEAD = 32
 
 
 class PayloadStore:
@@ -71,9 +75,9 @@ class PayloadStore:
     def decode(self) -> torch.Tensor:
         return self.codec.decode(self.stored())
 
-    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
-        """Every encoded token (the tier's and those encoded ahead) decoded into `out`."""
-        return self.codec.decode_into(self.payload, out)
+    def decode_into(self, out: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+        """The tier's tokens decoded into `out`, followed by `then` (the tail)."""
+        return self.codec.decode_into(self.payload, out, then)
 
     def __getattr__(self, name: str) -> torch.Tensor:
         """The tier's payload tensors by name (`store.codes`, `store.scale`, ...)."""
@@ -132,14 +136,13 @@ class CompressedTensor:
         batch, heads, tail, dim = self.tail.shape
         out = self.tail.new_empty(batch, heads, sinks + packed + tail, dim)
         if sinks:
-            out[..., :sinks, :].copy_(self.sinks)
+            out.narrow(-2, 0, sinks).copy_(self.sinks)
         if packed and self.rope is None:
-            # the tokens encoded ahead too (the tail, in full precision, overwrites them below): this
-            # decodes the payload as it is, without slicing it to the tier every step
-            self.packed.decode_into(out[..., sinks:sinks + self.packed.encoded, :])
-        elif packed:
-            out[..., sinks:sinks + packed, :].copy_(self.rope.rotate(self.packed.decode(), self.positions))
-        out[..., sinks + packed:, :].copy_(self.tail)
+            self.packed.decode_into(out.narrow(-2, sinks, packed + tail), then=self.tail)
+            return out
+        if packed:
+            out.narrow(-2, sinks, packed).copy_(self.rope.rotate(self.packed.decode(), self.positions))
+        out.narrow(-2, sinks + packed, tail).copy_(self.tail)
         return out
 
     def _add_positions(self, positions: torch.Tensor | None, new: torch.Tensor) -> None:
@@ -283,8 +286,8 @@ class QuantizedKVLayer(CacheLayerMixin):
                positions: torch.Tensor | None = None, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        # here, not when the token is quantized 100 steps later; one host sync per tensor, layer and step
-        if not (_finite(key_states) and _finite(value_states)):
+        # here, not when the token is quantized 100 steps later; one host sync per layer and step
+        if not _finite(key_states, value_states):
             name = "values" if _finite(key_states) else "keys"
             raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
                              f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")

@@ -20,6 +20,7 @@ from typing import Any
 
 from kvtrain.kv.codecs import Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
+from kvtrain.kv.codecs.rotation import ROTATIONS, Rotation
 from kvtrain.kv.placement import PLACEMENTS, Placement
 from kvtrain.kv.window import WindowRule
 from kvtrain.quant.granularity import parse_granularity
@@ -249,6 +250,9 @@ class TensorPolicy:
             channel), "per_token(G)" (G channels per group within a token), "per_token_head", "per_tensor".
         symmetric / clip_ratio / scale_dtype: the affine codec's options (see KVQuantSpec).
         layer_bits: per-layer bits {layer: bits} for this tensor only (e.g. K at 4 bits in layer 0).
+        rotation: "none", "hadamard" or "random_hadamard": an orthogonal rotation of each head before
+            the codec, undone after decoding (`kvtrain.kv.codecs.rotation`, QuaRot / RotateKV).
+        rotation_seed: the random signs of "random_hadamard".
     """
 
     codec: str = "affine"
@@ -258,9 +262,15 @@ class TensorPolicy:
     clip_ratio: float = 1.0
     scale_dtype: ScaleDtype = "float16"
     layer_bits: dict[int, int] = field(default_factory=dict)
+    rotation: Rotation = "none"
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         self.granularity = str(parse_granularity(self.granularity))
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
+            raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")
         _check_switch("symmetric", self.symmetric)
         _check_affine(self.clip_ratio, self.scale_dtype)
         check_bits(self.bits, self.symmetric)

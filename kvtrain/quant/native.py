@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,15 +39,19 @@ SOURCE = r"""
 /* Scales and zero points as stored: 0 the output's own type, 1 IEEE half, 2 bfloat16; both 16-bit
    formats convert to float exactly. */
 static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
-    if (exp == 0x1f) bits = sign | 0x7f800000 | (mant << 13);          /* inf, nan */
-    else if (exp) bits = sign | ((exp + 112) << 23) | (mant << 13);   /* normal */
-    else if (mant) {                                                  /* subnormal: renormalize */
-        int e = -1;
-        do { e++; mant <<= 1; } while (!(mant & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ff) << 13);
-    } else bits = sign;
-    float f;
+    /* normals by rebiasing the exponent; subnormals by one exact float subtraction (F. Giesen) */
+    uint32_t bits = (uint32_t)(h & 0x7fff) << 13, exp = bits & 0x0f800000, magic = 113u << 23;
+    float f, m;
+    bits += (uint32_t)(127 - 15) << 23;
+    if (exp == 0x0f800000) bits += (uint32_t)(128 - 16) << 23;  /* inf, nan */
+    else if (exp == 0) {                                          /* zero, subnormal */
+        bits += 1u << 23;
+        memcpy(&f, &bits, 4);
+        memcpy(&m, &magic, 4);
+        f -= m;
+        memcpy(&bits, &f, 4);
+    }
+    bits |= (uint32_t)(h & 0x8000) << 16;
     memcpy(&f, &bits, 4);
     return f;
 }
@@ -68,14 +73,19 @@ static void params_##T(const void *src, int kind, int64_t at, int64_t n, T *dst)
 PARAMS(float)
 PARAMS(double)
 
-/* out[i, t, d] for i < bh (batch x heads), t < tokens, d < dim; rows of `out` are dim apart within a
-   head and heads `out_head` apart. BITS divides 8. Each byte expands through a table to its PER codes
-   (minus the symmetric offset: exact small integers), then one vectorizable pass scales and shifts. */
-#define DECODE(NAME, T, BITS)                                                                          \
-void NAME(const uint8_t *codes, const void *scale, const void *zero, int kind, T *out, int64_t bh,     \
-          int64_t tokens, int64_t dim, int64_t group, int per_channel, int symmetric,                  \
-          int64_t out_head) {                                                                          \
-    enum { PER = 8 / BITS };                                                                           \
+/* out[i, t, d] for i < bh (batch x heads), t < tokens, d < dim, from a store of `stored` >= tokens
+   tokens per head; rows of `out` are dim apart within a head and heads `out_head` apart, and after each
+   head's tokens come `then_tokens` rows of `then` (heads `then_head` apart), copied. BITS divides 8.
+   Each byte expands through a table to its PER codes (minus the symmetric offset: exact small
+   integers), then one vectorizable pass scales and shifts. DIM > 0 compiles a head size in and PC
+   the grouping (the loops unroll: ~1.5x faster at 32), DIM 0 takes the head size at run time. */
+#define DECODE(T, BITS, DIM, PC)                                                                        \
+static void decode_##T##_b##BITS##_d##DIM##_##PC(                                                      \
+        const uint8_t *codes, const void *scale, const void *zero, int kind, T *out, int64_t bh,       \
+        int64_t tokens, int64_t stored, int64_t dim_, int64_t group, int symmetric, int64_t out_head,  \
+        const T *then, int64_t then_tokens, int64_t then_head) {                                       \
+    enum { PER = 8 / BITS, per_channel = PC };                                                                           \
+    const int64_t dim = DIM ? DIM : dim_;                                                              \
     const int64_t row_bytes = (dim * BITS + 7) / 8, n_params = per_channel ? dim : dim / group;        \
     const T offset = symmetric ? (T)(1 << (BITS - 1)) : (T)0;                                          \
     T table[256 * PER], c[row_bytes * PER], s[n_params], z[n_params];                                  \
@@ -85,35 +95,58 @@ void NAME(const uint8_t *codes, const void *scale, const void *zero, int kind, T
     for (int64_t i = 0; i < bh; i++) {                                                                 \
         for (int64_t t = 0; t < tokens; t++) {                                                         \
             if (!per_channel || t % group == 0) {                                                      \
-                int64_t p = per_channel ? (i * (tokens / group) + t / group) * dim                     \
-                                        : (i * tokens + t) * n_params;                                 \
+                int64_t p = per_channel ? (i * (stored / group) + t / group) * dim                     \
+                                        : (i * stored + t) * n_params;                                 \
                 params_##T(scale, kind, p, n_params, s);                                               \
                 params_##T(zero, kind, p, n_params, z);                                                \
             }                                                                                          \
-            const uint8_t *row = codes + (i * tokens + t) * row_bytes;                                 \
+            const uint8_t *row = codes + (i * stored + t) * row_bytes;                                 \
             for (int64_t j = 0; j < row_bytes; j++)                                                    \
                 memcpy(c + j * PER, table + row[j] * PER, PER * sizeof(T));                            \
             T *o = out + i * out_head + t * dim;                                                       \
             if (per_channel) {                                                                         \
                 for (int64_t d = 0; d < dim; d++)                                                      \
                     o[d] = c[d] * s[d] + z[d];                                                         \
+            } else if (n_params == 1) {  /* one group per row: a broadcast the compiler vectorizes */ \
+                for (int64_t d = 0; d < dim; d++)                                                      \
+                    o[d] = c[d] * s[0] + z[0];                                                         \
             } else {                                                                                   \
                 for (int64_t g = 0; g < n_params; g++)                                                 \
                     for (int64_t d = g * group; d < (g + 1) * group; d++)                              \
                         o[d] = c[d] * s[g] + z[g];                                                     \
             }                                                                                          \
         }                                                                                              \
+        if (then_tokens)                                                                               \
+            memcpy(out + i * out_head + tokens * dim, then + i * then_head, then_tokens * dim * sizeof(T)); \
     }                                                                                                  \
 }
 
-DECODE(decode_float_b1, float, 1)
-DECODE(decode_float_b2, float, 2)
-DECODE(decode_float_b4, float, 4)
-DECODE(decode_float_b8, float, 8)
-DECODE(decode_double_b1, double, 1)
-DECODE(decode_double_b2, double, 2)
-DECODE(decode_double_b4, double, 4)
-DECODE(decode_double_b8, double, 8)
+#define SIZES(T, BITS, PC)                                                                             \
+DECODE(T, BITS, 0, PC) DECODE(T, BITS, 32, PC) DECODE(T, BITS, 64, PC) DECODE(T, BITS, 128, PC)
+
+#define PICK(T, BITS, PC) (dim == 32 ? decode_##T##_b##BITS##_d32_##PC : dim == 64 ? decode_##T##_b##BITS##_d64_##PC \
+                           : dim == 128 ? decode_##T##_b##BITS##_d128_##PC : decode_##T##_b##BITS##_d0_##PC)
+
+#define ENTRY(T, BITS)                                                                                 \
+SIZES(T, BITS, 0) SIZES(T, BITS, 1)                                                                    \
+void decode_##T##_b##BITS(const uint8_t *codes, const void *scale, const void *zero, int kind, T *out, \
+        int64_t bh, int64_t tokens, int64_t stored, int64_t dim, int64_t group, int per_channel,       \
+        int symmetric, int64_t out_head, const T *then, int64_t then_tokens, int64_t then_head) {      \
+    void (*fn)(const uint8_t *, const void *, const void *, int, T *, int64_t, int64_t, int64_t,       \
+               int64_t, int64_t, int, int64_t, const T *, int64_t, int64_t) =                          \
+        per_channel ? PICK(T, BITS, 1) : PICK(T, BITS, 0);                                             \
+    fn(codes, scale, zero, kind, out, bh, tokens, stored, dim, group, symmetric, out_head, then,       \
+       then_tokens, then_head);                                                                        \
+}
+
+ENTRY(float, 1)
+ENTRY(float, 2)
+ENTRY(float, 4)
+ENTRY(float, 8)
+ENTRY(double, 1)
+ENTRY(double, 2)
+ENTRY(double, 4)
+ENTRY(double, 8)
 """
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
@@ -146,13 +179,22 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"kvtrain could not build its CPU decode kernel with {compiler} ({e}; {stderr.decode()[-500:]}); "
                       "the cache decodes in torch instead (same values, slower)", stacklevel=2)
         return None
-    for dtype in DTYPES.values():
-        for bits in (1, 2, 4, 8):
-            fn = getattr(library, f"decode_{dtype}_b{bits}")
-            fn.restype = None
-            fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
-                           + [ctypes.c_int] * 2 + [ctypes.c_int64])
     return library
+
+
+@functools.cache
+def _functions() -> dict[tuple[torch.dtype, int], Any]:
+    """The entry points by (output dtype, bits); empty without the library."""
+    library = _library()
+    functions = {}
+    for dtype, name in DTYPES.items() if library is not None else ():
+        for bits in (1, 2, 4, 8):
+            fn = getattr(library, f"decode_{name}_b{bits}")
+            fn.restype = None
+            fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5
+                           + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2)
+            functions[dtype, bits] = fn
+    return functions
 
 
 def available() -> bool:
@@ -160,31 +202,50 @@ def available() -> bool:
 
 
 def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
-                  per_channel: bool, symmetric: bool, out: torch.Tensor) -> bool:
-    """Decode into `out` (B, H, T, D) if the kernel applies; False if the caller must decode in torch.
+                  per_channel: bool, symmetric: bool, out: torch.Tensor, stored: int | None = None,
+                  then: torch.Tensor | None = None) -> bool:
+    """Decode the first tokens of a store of `stored` tokens per head (default: all of out's, less
+    then's) into `out` (B, H, T, D), followed by `then` (B, H, m, D) when given, if the kernel applies;
+    False if the caller must decode in torch. (It runs every decode step, for K and V of every layer:
+    its checks are kept to a few attribute reads.)
 
     codes: (B, H, ..., bytes) token-major rows, contiguous; scale, zero: contiguous, in out's dtype,
-    float16 or bfloat16; per-channel: (B, H, T / group, 1, D), per-token: (B, H, T, D / group, 1).
-    out: CPU float32 or float64, rows contiguous (any stride between the (B, H) planes' rows)."""
-    library = _library()
-    if (library is None or out.dtype not in DTYPES or out.device.type != "cpu" or bits not in (1, 2, 4, 8)
-            or codes.dtype != torch.uint8 or not (codes.is_contiguous() and scale.is_contiguous() and zero.is_contiguous())
-            or scale.dtype != zero.dtype or (scale.dtype != out.dtype and scale.dtype not in PARAM_KINDS)):
+    float16 or bfloat16; per-channel: (B, H, stored / group, 1, D), per-token: (B, H, stored, D / group, 1).
+    out: CPU float32 or float64, rows contiguous (any stride between the (B, H) planes' rows); then:
+    out's dtype, laid out the same way."""
+    fn = _functions().get((out.dtype, bits))
+    kind = 0 if scale.dtype == out.dtype else PARAM_KINDS.get(scale.dtype)
+    if (fn is None or kind is None or not out.is_cpu or codes.dtype != torch.uint8 or scale.dtype != zero.dtype
+            or not (codes.is_contiguous() and scale.is_contiguous() and zero.is_contiguous())
+            or not _rows(out) or (then is not None and not (then.dtype == out.dtype and _rows(then)))
+            or (not per_channel and group * bits % 8)):  # per-token groups must start a byte: one bit stream per row
         return False
     if out.numel() > SINGLE_THREAD_LIMIT and torch.get_num_threads() > 1:
         return False  # the kernel runs on one thread; torch's ops spread a large store over its threads
-    batch, heads, tokens, dim = out.shape
-    if out.stride(3) != 1 or out.stride(2) != dim or out.stride(0) != heads * out.stride(1):
-        return False
-    if not per_channel and group * bits % 8:
-        return False  # each group's codes start a new byte: not one bit stream per row
-    params = batch * heads * (tokens // group * dim if per_channel else tokens * (dim // group))
-    whole = tokens % group == 0 if per_channel else dim % group == 0
-    if (not whole or codes.numel() != batch * heads * tokens * ((dim * bits + 7) // 8)
-            or not scale.numel() == params == zero.numel()):
-        raise ValueError(f"affine_decode: codes {tuple(codes.shape)} and parameters {tuple(scale.shape)} do not "
-                         f"hold {tuple(out.shape)} values at {bits} bits in groups of {group}")
-    fn = getattr(library, f"decode_{DTYPES[out.dtype]}_b{bits}")
-    fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), PARAM_KINDS.get(scale.dtype, 0), out.data_ptr(),
-       batch * heads, tokens, dim, group, int(per_channel), int(symmetric), out.stride(1))
+    batch, heads, total, dim = out.shape
+    tokens = total if then is None else total - then.shape[2]
+    stored = tokens if stored is None else stored
+    _check_store(codes, scale, zero, bits, group, per_channel, (batch, heads, stored, dim), tokens, then, out)
+    fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), kind, out.data_ptr(), batch * heads, tokens, stored,
+       dim, group, per_channel, symmetric, out.stride(1), *((None, 0, 0) if then is None else (
+           then.data_ptr(), then.shape[2], then.stride(1))))
     return True
+
+
+def _rows(t: torch.Tensor) -> bool:
+    """(B, H, T, D) with contiguous rows and one stride between all (B, H) planes."""
+    plane, head, row, one = t.stride()
+    return one == 1 and row == t.shape[3] and plane == t.shape[1] * head
+
+
+def _check_store(codes, scale, zero, bits, group, per_channel, shape, tokens, then, out) -> None:
+    """The kernel reads and writes where the shapes say: refuse what would take it out of bounds."""
+    batch, heads, stored, dim = shape
+    params = batch * heads * (stored // group * dim if per_channel else stored * (dim // group))
+    whole = stored % group == 0 if per_channel else dim % group == 0
+    if (not whole or not 0 <= tokens <= stored or codes.numel() != batch * heads * stored * ((dim * bits + 7) // 8)
+            or not scale.numel() == params == zero.numel()
+            or (then is not None and then.shape[:2] + then.shape[3:] != out.shape[:2] + out.shape[3:])):
+        raise ValueError(f"affine_decode: codes {tuple(codes.shape)} and parameters {tuple(scale.shape)} do not "
+                         f"hold {tuple(shape)} values at {bits} bits in groups of {group} for {tuple(out.shape)}"
+                         + ("" if then is None else f" followed by {tuple(then.shape)}"))

@@ -87,10 +87,19 @@ class Codec(ABC):
     def decode(self, payload: Payload) -> torch.Tensor:
         """The block as stored, in the dtype it was encoded from."""
 
-    def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
-        """decode(payload) written into `out` (a (B, H, n, D) view of the tensor the cache hands
-        attention), bit for bit; override to decode in place without the intermediate tensor."""
-        return out.copy_(self.decode(payload))
+    def decode_into(self, payload: Payload, out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
+        """The payload's first tokens decoded into `out` (a (B, H, n, D) view of the tensor the cache
+        hands attention), bit for bit `decode`, followed by the m tokens of `then` (the cache's
+        full-precision window) when given: n - m of the payload's tokens are decoded."""
+        tokens = out.shape[-2] - (0 if then is None else then.shape[-2])
+        self._decode_into(payload.head(tokens), out.narrow(-2, 0, tokens))
+        if then is not None:
+            out.narrow(-2, tokens, then.shape[-2]).copy_(then)
+        return out
+
+    def _decode_into(self, payload: Payload, out: torch.Tensor) -> None:
+        """decode(payload) written into `out`; override to decode in place without the intermediate tensor."""
+        out.copy_(self.decode(payload))
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) with a straight-through gradient (override for the codec's own)."""
@@ -133,10 +142,13 @@ def register(name: str) -> Callable[[type[Codec]], type[Codec]]:
 
 
 def build_codec(policy: Any, bits: int) -> Codec:
-    """The registered codec `policy.codec` for one layer at `bits`."""
+    """The registered codec `policy.codec` for one layer at `bits`, behind the policy's rotation stage."""
     if policy.codec not in CODECS:
         raise ValueError(f"unknown codec {policy.codec!r}; registered: {sorted(CODECS)}")
+    if getattr(policy, "rotation", "none") != "none":
+        return Rotated.from_policy(policy, bits)
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
 from kvtrain.kv.codecs import affine, codebook, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402

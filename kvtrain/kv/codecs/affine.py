@@ -97,6 +97,7 @@ class TensorQuant(GroupedCodec):
 
     examples: ClassVar[tuple[dict[str, Any], ...]] = (
         dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)", symmetric=True),
+        dict(bits=2, granularity="per_token(16)", rotation="random_hadamard"),  # behind the rotation stage
     )
 
     symmetric: bool = False
@@ -122,15 +123,18 @@ class TensorQuant(GroupedCodec):
     def decode(self, payload: Payload) -> torch.Tensor:
         return dequantize(self._stored(payload, unpack, self.symmetric))
 
-    def decode_into(self, payload: Payload, out: torch.Tensor) -> torch.Tensor:
-        """decode, written straight into `out` (the cache runs this for its whole store every step): by
-        the CPU kernel where it applies (`kvtrain.quant.native`), else in torch with the codes
-        unpacked as int32 words where they fill them."""
+    def decode_into(self, payload: Payload, out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
+        """Codec.decode_into (the cache runs it for its whole store every step), by the CPU kernel
+        where it applies (`kvtrain.quant.native`)."""
         t = payload.tensors
         if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
-                                self.axis == "channel", self.symmetric, out):
+                                self.axis == "channel", self.symmetric, out, payload.n, then):
             return out
-        return dequantize(self._stored(payload, unpack_int, self.symmetric), out=out)
+        return super().decode_into(payload, out, then)
+
+    def _decode_into(self, payload: Payload, out: torch.Tensor) -> None:
+        """In torch, with the codes unpacked as int32 words where they fill them."""
+        dequantize(self._stored(payload, unpack_int, self.symmetric), out=out)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quant with its clipped straight-through gradient (zero outside a clipped group's range)."""

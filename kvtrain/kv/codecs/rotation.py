@@ -1,0 +1,62 @@
+"""A rotation stage in front of any codec: QuaRot's and RotateKV's orthogonal Hadamard rotation of
+each head's K or V before quantization.
+
+Outlier channels set the range of every group they fall in; an orthogonal rotation spreads them
+over the head, so a per-token group's range shrinks toward the typical entry. The stage encodes
+R x with the inner codec and decodes R^T of the inner decoding, so attention reads K and V in their
+own basis: q.k and the attention output are unchanged by construction and no weight is touched (QuaRot
+instead rotates the query with the same R and folds R into v_proj and o_proj, which saves R^T at
+decode; the stored codes are the same). R is the orthonormal Hadamard transform in blocks of the
+largest power of two dividing head_dim (`kvtrain.quant.hadamard.rotate`), after seeded random signs
+for "random_hadamard". It stores nothing per token, so bytes are the inner codec's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from kvtrain.kv.codecs import CODECS, Codec, Payload
+from kvtrain.quant.hadamard import rotate
+
+Rotation = Literal["none", "hadamard", "random_hadamard"]
+ROTATIONS = ("none", "hadamard", "random_hadamard")
+
+
+@dataclass(frozen=True)
+class Rotated(Codec):
+    """`inner` applied to R x (module docstring); `seed` picks the random signs of random_hadamard."""
+
+    inner: Codec
+    rotation: Rotation
+    seed: int = 0
+
+    @classmethod
+    def from_policy(cls, policy: Any, bits: int) -> "Rotated":
+        if policy.rotation not in ROTATIONS[1:]:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
+        return cls(CODECS[policy.codec].from_policy(policy, bits), policy.rotation, policy.rotation_seed)
+
+    @property
+    def unit(self) -> int:
+        return self.inner.unit
+
+    def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        return rotate(x, self.seed if self.rotation == "random_hadamard" else None, inverse)
+
+    def encode(self, x: torch.Tensor) -> Payload:
+        return self.inner.encode(self._rotate(x))
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        return self._rotate(self.inner.decode(payload), inverse=True)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The inner codec's simulation between R and R^T: its gradient, rotated back."""
+        return self._rotate(self.inner.simulate(self._rotate(x)), inverse=True)
+
+    def check_model(self, head_dim: int, where: str, model_name: str) -> None:
+        self.inner.check_model(head_dim, where, model_name)
+        if head_dim % 2:
+            raise ValueError(f"a Hadamard rotation needs an even head_dim; {model_name} has head_dim={head_dim}")
