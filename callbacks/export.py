@@ -13,7 +13,10 @@ import lightning as L
 import torch
 
 from kvtrain.home import check_replaceable, publish
-from kvtrain.kv import Spec, attached_spec
+from safetensors.torch import save_file
+
+from kvtrain.kv import CODEC_STATE_FILE, Spec, attach, attached_spec, codec_state_dict, detach
+from kvtrain.kv.attention import CODEC_STATE, suspended
 from kvtrain.models import embedded_model_path, is_embedded
 from kvtrain.strategies.deepspeed import consolidated_checkpoint, full_parameters
 
@@ -38,9 +41,10 @@ def check_export_target(to: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_export(write: Callable[[Path], None], spec: Spec | None, to: str | Path,
-                 overwrite: bool = False) -> Path:
-    """Run `write(folder)` into a temporary folder, add kv_spec.json, then rename it into place, so an
-    interrupted export never leaves a half-written model behind (nor removes the previous one)."""
+                 overwrite: bool = False, codec_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Run `write(folder)` into a temporary folder, add kv_spec.json (and the learnable codec state,
+    kv_codec_state.safetensors), then rename it into place, so an interrupted export never leaves a
+    half-written model behind (nor removes the previous one)."""
     target = check_export_target(to, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -48,6 +52,8 @@ def write_export(write: Callable[[Path], None], spec: Spec | None, to: str | Pat
         write(tmp)
         if spec is not None:
             spec.save(tmp)
+        if codec_state:
+            save_file(codec_state, str(tmp / CODEC_STATE_FILE))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written export is worth nothing
         raise
@@ -83,10 +89,12 @@ class ExportPretrained(L.Callback):
             raise TypeError(f"{type(pl_module).__name__} has no export(path) method; ExportPretrained needs one")
         with full_parameters(pl_module):
             if trainer.is_global_zero:
+                model = find_hf_model(pl_module)
                 spec = next((cb.spec for cb in trainer.callbacks if isinstance(cb, KVQuantCallback)), None)
-                spec = spec or attached_spec(find_hf_model(pl_module))
-                write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to,
-                             self.overwrite)
+                spec, codec_state = spec or attached_spec(model), codec_state_dict(model)
+                with suspended(model):  # the model's own weights; the codec state goes next to kv_spec.json
+                    write_export(lambda folder: pl_module.export(folder, merge_lora=self.merge_lora), spec, self.to,
+                                 self.overwrite, codec_state)
         trainer.strategy.barrier()
 
 
@@ -95,7 +103,8 @@ def export_checkpoint(checkpoint: str | Path, to: str | Path, merge_lora: bool =
     folder) as a plain `from_pretrained` folder, with the KV spec it was trained with as kv_spec.json."""
     check_export_target(to, overwrite)
     module, spec = module_from_checkpoint(checkpoint)
-    return write_export(lambda folder: module.export(folder, merge_lora=merge_lora), spec, to, overwrite)
+    return write_export(lambda folder: module.export(folder, merge_lora=merge_lora), spec, to, overwrite,
+                        codec_state_dict(find_hf_model(module)))
 
 
 def load_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
@@ -113,8 +122,15 @@ def module_from_checkpoint(checkpoint: str | Path) -> tuple[L.LightningModule, S
     the KV spec it trained with (None without KVQuantCallback)."""
     state = load_checkpoint(checkpoint)
     module = _module_from_hyperparameters(state.get("hyper_parameters", {}), checkpoint)
-    module.load_state_dict(state["state_dict"])
-    return module, spec_from_checkpoint(state)
+    spec = spec_from_checkpoint(state)
+    if spec is not None and any(f".{CODEC_STATE}." in key for key in state["state_dict"]):
+        model = find_hf_model(module)  # the learnable codec state loads into the spec's, then waits aside
+        attach(model, spec)
+        module.load_state_dict(state["state_dict"])
+        detach(model)
+    else:
+        module.load_state_dict(state["state_dict"])
+    return module, spec
 
 
 def _module_class(hparams: dict, checkpoint) -> type:

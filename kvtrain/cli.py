@@ -20,12 +20,13 @@ from typing import Any, Iterator, Literal
 import lightning as L
 import torch
 from jsonargparse import CLI
+from safetensors.torch import load_file
 from lightning.pytorch.cli import LightningCLI
 
 from kvtrain.callbacks.export import export_checkpoint, module_from_checkpoint
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
-from kvtrain.kv import SPEC_FILE, Spec, load_spec, resolve_spec
+from kvtrain.kv import CODEC_STATE_FILE, SPEC_FILE, Spec, attach, detach, load_codec_state, load_spec, resolve_spec
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, SMOLLM2, embedded_model_path, load_model, load_tokenizer
 import kvtrain.strategies  # noqa: F401  (registers trainer.strategy: zero2 / zero3 / zero3_offload)
@@ -97,7 +98,12 @@ def load_for_eval(model: str) -> tuple[torch.nn.Module, str, Spec | None]:
         return module.model, module.tokenizer_name, spec
     path = Path(model).expanduser()
     spec = load_spec(path / SPEC_FILE) if (path / SPEC_FILE).is_file() else None
-    return load_model(model), model, spec
+    hf = load_model(model)
+    if spec is not None and (path / CODEC_STATE_FILE).is_file():
+        attach(hf, spec)  # its learned codec state, kept aside for the next attach of the spec
+        load_codec_state(hf, load_file(str(path / CODEC_STATE_FILE)))
+        detach(hf)
+    return hf, model, spec
 
 
 def evaluate(

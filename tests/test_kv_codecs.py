@@ -29,7 +29,10 @@ EXAMPLES = {f"{name}-{i}": fields for name, cls in CODECS.items() for i, fields 
 
 
 def example_codec(name: str) -> Codec:
-    return TensorPolicy(codec=name.rsplit("-", 1)[0], **EXAMPLES[name]).codec_at(0)
+    """The example's codec, bound to fresh state if it learns some (as attach binds it)."""
+    codec = TensorPolicy(codec=name.rsplit("-", 1)[0], **EXAMPLES[name]).codec_at(0)
+    state = codec.make_state(32)
+    return codec if state is None else codec.bound(state)
 
 
 def test_the_registry_holds_the_shipped_codecs():
@@ -403,3 +406,121 @@ def test_rotation_settings_are_checked_and_saved(tmp_path):
     odd = KVSpec(key=dict(bits=2, granularity="per_channel(16)", rotation="hadamard"))
     with pytest.raises(ValueError, match="a Hadamard rotation needs an even head_dim; LlamaForCausalLM has head_dim=33"):
         odd.check_model(2, 33, "LlamaForCausalLM")
+
+
+def test_outliers_by_hand():
+    """[0.1, 9, -0.2, 0.3, -7, 0.05] keeping 2: the largest (9, index 1) and the smallest (-7, index 4) are
+    stored in float16 with their indices; the dense part is clamped to the rest's range [-0.2, 0.3]."""
+    from kvtrain.quant.outliers import merge_outliers, split_outliers
+
+    x = torch.tensor([[0.1, 9.0, -0.2, 0.3, -7.0, 0.05]], dtype=torch.float64)
+    dense, index, values = split_outliers(x, 2)
+    assert index.dtype == torch.uint8 and index.tolist() == [[1, 4]]
+    assert values.dtype == torch.float16 and values.tolist() == [[9.0, -7.0]]
+    assert dense.tolist() == [[0.1, 0.3, -0.2, 0.3, -0.2, 0.05]]
+    assert torch.equal(merge_outliers(dense, index, values), x)
+    _, three, _ = split_outliers(x, 3)  # two largest, one smallest
+    assert three.tolist() == [[1, 3, 4]]
+    assert split_outliers(torch.tensor([[7e4, 0.0, 1.0, 2.0]]), 1)[2].tolist() == [[65504.0]]  # saturated, finite
+    with pytest.raises(ValueError, match="a vector of 6 entries keeps 1 to 4 outliers, got 5"):
+        split_outliers(x, 5)
+
+
+def test_outliers_stage_keeps_the_extremes_and_counts_their_bytes():
+    """Per-channel 2-bit keys with a few huge entries per token: keeping 2 per token exactly (float16)
+    lowers the error, and the payload grows by exactly 2 values (2 bytes each) and 2 uint8 indices per
+    token and head."""
+    x = torch.randn(1, 2, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    spikes = torch.randint(0, 32, (1, 2, 64, 1), generator=torch.Generator().manual_seed(2))
+    x = x.scatter(-1, spikes, 40.0)
+    plain = TensorPolicy(bits=2, granularity="per_channel(16)").codec_at(0)
+    kept = TensorPolicy(bits=2, granularity="per_channel(16)", outliers=2).codec_at(0)
+    error = {name: (c.decode(c.encode(x)) - x).pow(2).mean().item() for name, c in (("plain", plain), ("kept", kept))}
+    assert error["kept"] < 0.2 * error["plain"]
+    assert kept.encode(x).nbytes() - plain.encode(x).nbytes() == 2 * 64 * 2 * (2 + 1)
+    assert torch.equal(kept.decode(kept.encode(x)).gather(-1, spikes), x.gather(-1, spikes))
+    composed = TensorPolicy(bits=2, granularity="per_token(16)", rotation="hadamard", outliers=2).codec_at(0)
+    assert type(composed).__name__ == "Rotated" and type(composed.inner).__name__ == "Outliers"
+    with pytest.raises(ValueError, match="outliers must be a non-negative integer, got -1"):
+        TensorPolicy(outliers=-1)
+    with pytest.raises(ValueError, match="31 outliers per token leave fewer than 2 of the 32 entries"):
+        KVSpec(key=dict(bits=2, granularity="per_channel(16)", outliers=31)).check_model(2, 32, "LlamaForCausalLM")
+
+
+def test_learnable_levels_train_with_the_model_and_the_cache_decodes_with_them(tmp_path):
+    """nf with learnable=True: attach registers each layer's levels in the model (parameters, state_dict),
+    the LM loss reaches them, the cache decodes with the levels as trained (parity after an update),
+    detach leaves the model's own state_dict and outputs, and re-attaching the spec brings them back."""
+    policy = dict(codec="nf", bits=2, learnable=True)
+    spec = KVSpec(key=dict(policy, granularity="per_channel(16)"), value=dict(policy, granularity="per_token(16)"),
+                  residual=8)
+    model = build("llama")
+    own_keys = set(model.state_dict())
+    ids = torch.randint(0, 250, (2, 45), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = model(ids, use_cache=False).logits
+    attach(model, spec)
+    levels = {n: p for n, p in model.named_parameters() if "kv_codec_state" in n}
+    layers = model.config.num_hidden_layers
+    assert len(levels) == 2 * layers and set(model.state_dict()) - own_keys == set(levels)
+    assert all(p.shape == (4,) for p in levels.values())
+    model.train()
+    loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in levels.values())
+    with torch.no_grad():
+        for p in levels.values():
+            p.sub_(0.1 * p.grad.sign())  # a step away from NormalFloat's levels
+        trained_view = model(ids, use_cache=False).logits
+    model.eval()
+    decoded, _ = decode(model, ids, spec, [20])
+    torch.testing.assert_close(decoded, trained_view, **TOL)
+    trained = {n: p.detach().clone() for n, p in levels.items()}
+    detach(model)
+    assert set(model.state_dict()) == own_keys
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, plain)
+    attach(model, spec)
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters() if "kv_codec_state" in n)
+    attach(model, spec_from_dict(dict(spec.to_dict(), residual=16)))  # another spec: fresh levels
+    fresh = [p for n, p in model.named_parameters() if "kv_codec_state" in n]
+    assert all(torch.equal(p, fresh[0]) for p in fresh)  # every layer starts at NormalFloat's
+    with pytest.raises(ValueError, match="reads them from the model it is attached to"):
+        QuantizedKVCache(spec).update(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), 0)
+    detach(model)
+
+
+def test_learned_levels_are_exported_next_to_the_spec_and_reloaded(tmp_path):
+    """An export writes the learned levels to kv_codec_state.safetensors next to kv_spec.json (the model's
+    own weights without them); loading the folder for eval puts them aside for the spec, so attaching it
+    decodes exactly as the trained model did. A state of another spec is refused by name."""
+    from kvtrain.callbacks.export import write_export
+    from kvtrain.cli import load_for_eval
+    from kvtrain.kv import CODEC_STATE_FILE, codec_state_dict, load_codec_state
+    from kvtrain.kv.attention import suspended
+
+    spec = KVSpec(key=dict(codec="nf", bits=2, granularity="per_channel(16)", learnable=True),
+                  value=dict(bits=2, granularity="per_token(16)"), residual=8)
+    model = build("llama")
+    attach(model, spec)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "kv_codec_state" in name:
+                p.mul_(0.8).add_(0.05)
+    ids = torch.randint(0, 250, (1, 40), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        trained = model(ids, use_cache=False).logits
+    state = codec_state_dict(model)
+    assert sorted(state) == [f"{layer}.key.levels" for layer in range(model.config.num_hidden_layers)]
+    with suspended(model):
+        write_export(model.save_pretrained, spec, tmp_path / "export", codec_state=state)
+    assert (tmp_path / "export" / CODEC_STATE_FILE).is_file()
+    reloaded, _, loaded_spec = load_for_eval(str(tmp_path / "export"))
+    assert "kv_codec_state" not in "".join(reloaded.state_dict()) and loaded_spec == spec
+    attach(reloaded, loaded_spec)
+    with torch.no_grad():
+        assert torch.equal(reloaded.double()(ids, use_cache=False).logits, trained)
+    other = KVSpec(value=dict(codec="nf", bits=2, granularity="per_token(16)", learnable=True))
+    attach(reloaded, other)
+    with pytest.raises(ValueError, match=r"the codec state holds \['0.key.levels'.*learns \['0.value.levels'"):
+        load_codec_state(reloaded, state)

@@ -188,3 +188,38 @@ def test_cache_nbytes_counts_every_tensor_or_refuses():
     odd_layer = SimpleNamespace(keys=torch.zeros(2), codebook=torch.zeros(3))
     with pytest.raises(TypeError, match=r"\['codebook'\]"):
         cache_nbytes(SimpleNamespace(layers=[odd_layer]))
+
+
+def test_learned_levels_train_checkpoint_and_export_with_the_model(corpus_file, tmp_path):
+    """nf with learnable levels under KVQuantCallback, distilling (the teacher detaches and re-attaches the
+    spec every step): the optimizer moves the levels, checkpoints hold them, the export writes them next to
+    kv_spec.json, and a model loaded from the export or rebuilt from the checkpoint gets them back."""
+    from kvtrain.callbacks.export import export_checkpoint, load_checkpoint, module_from_checkpoint
+    from kvtrain.cli import load_for_eval
+    from kvtrain.kv import CODEC_STATE_FILE, KVSpec, codec_state_dict
+    from kvtrain.quant.codebook import normal_float_levels
+
+    learnable = dict(codec="nf", bits=2, learnable=True)
+    spec = KVSpec(key=dict(learnable, granularity="per_channel(8)"), value=dict(learnable, granularity="per_token(8)"),
+                  residual=0)
+    L.seed_everything(0)
+    module = CausalLMModule("kvtrain-ref", init="random", config_overrides=TINY, lr=3e-3, distill_weight=0.5)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_last=True)
+    trainer = L.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[KVQuantCallback(spec), checkpoint, ExportPretrained(str(tmp_path / "export"))],
+                        accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, datamodule=LMDataModule(str(corpus_file), seq_len=48, batch_size=4))
+    learned = codec_state_dict(module.model)  # detached after fit: kept aside for the spec
+    assert sorted(learned) == [f"{layer}.{t}.levels" for layer in range(2) for t in ("key", "value")]
+    assert all((levels - normal_float_levels(2).float()).abs().max() > 1e-4 for levels in learned.values())
+    saved = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["state_dict"]
+    assert {k for k in saved if "kv_codec_state" in k} == {
+        f"model.model.layers.{layer}.self_attn.kv_codec_state.{name}"
+        for name in ("key.levels", "value.levels") for layer in range(2)}
+    for folder in (tmp_path / "export", export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from-ckpt")):
+        assert (folder / CODEC_STATE_FILE).is_file()
+        reloaded, _, reloaded_spec = load_for_eval(str(folder))
+        attach(reloaded, reloaded_spec)
+        assert all(torch.equal(t, learned[n]) for n, t in codec_state_dict(reloaded).items())
+    rebuilt, _ = module_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert all(torch.equal(t, learned[n]) for n, t in codec_state_dict(rebuilt.model).items())

@@ -53,13 +53,22 @@ class AttachState:
     cache: Any = None  # the past_key_values of the forward in flight
     modules: list[nn.Module] = field(default_factory=list)
     layers: dict[int, tuple] = field(default_factory=dict)  # per layer: codec and window rule of K, of V
+    states: dict[int, nn.ModuleDict] = field(default_factory=dict)  # per layer: learnable codec state
 
     def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
-        """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward."""
+        """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward;
+        codecs with learnable state read the layer's."""
         if layer not in self.layers:
-            keys, values = self.spec.keys(layer), self.spec.values(layer)
+            own = self.states.get(layer, {})
+            keys, values = (c.bound(own[name]) if name in own else c
+                            for name, c in (("key", self.spec.keys(layer)), ("value", self.spec.values(layer))))
             self.layers[layer] = (keys, self.spec.window(keys), values, self.spec.window(values))
         return self.layers[layer]
+
+    def codecs(self, layer: int) -> tuple[Codec | None, Codec | None]:
+        """The codecs of K and V at a layer, as the view uses them (for the cache it decodes with)."""
+        keys, _, values, _ = self.plan(layer)
+        return keys, values
 
 
 @dataclass
@@ -346,8 +355,9 @@ def _capture_cache(state: AttachState):
         state.cache = kwargs.get("cache", kwargs.get("past_key_values"))
         state.pads_known, state.dead = False, None
         if isinstance(state.cache, QuantizedKVCache):
-            # a hybrid model's non-attention layers keep their own state; pre-RoPE keys need the rotary embedding
-            state.cache.bind(module.config, state.rope)
+            # a hybrid model's non-attention layers keep their own state; pre-RoPE keys need the rotary
+            # embedding, learnable codecs the layer's state
+            state.cache.bind(module.config, state.rope, state.codecs)
 
     return hook
 
@@ -374,7 +384,8 @@ def attach(model: nn.Module, spec: Spec | str) -> Spec:
     mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
-    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods)
+    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods,
+                        states=_codec_states(target, mods, spec, _head_dim(config)))
     try:
         target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:
@@ -386,6 +397,30 @@ def attach(model: nn.Module, spec: Spec | str) -> Spec:
     return spec
 
 
+CODEC_STATE = "kv_codec_state"  # the attribute of an attention module holding its learnable codec state
+
+
+def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, head_dim: int) -> dict[int, nn.ModuleDict]:
+    """Each attention layer's learnable codec state (`Codec.make_state`), registered on its module as
+    `kv_codec_state`, so it trains, checkpoints and shards with the weights; what an earlier attach of
+    the same spec learned on this model (detach keeps it aside) is attached again."""
+    kept = getattr(target, "_kvtrain_codec_states", None)
+    if kept is not None and kept[0] == spec:
+        states = kept[1]
+    else:
+        states = {}
+        for m in mods:
+            made = {name: s for name, codec in (("key", spec.keys(m.layer_idx)), ("value", spec.values(m.layer_idx)))
+                    if codec is not None and (s := codec.make_state(head_dim)) is not None}
+            if made:
+                weight = next(m.parameters(), None)
+                states[m.layer_idx] = nn.ModuleDict(made).to(weight.device if weight is not None else "cpu")
+    for m in mods:
+        if m.layer_idx in states:
+            m.add_module(CODEC_STATE, states[m.layer_idx])
+    return states
+
+
 def detach(model: nn.Module) -> None:
     """Undo `attach`: the model computes exactly what it did before (bit for bit)."""
     target = hf_model(model)
@@ -395,8 +430,34 @@ def detach(model: nn.Module) -> None:
     state.hook.remove()
     for m in state.modules:
         del m.kvtrain_state
+        if hasattr(m, CODEC_STATE):
+            delattr(m, CODEC_STATE)
     del target.kvtrain_state
+    if state.states:  # kept (out of the state_dict) for the next attach of the same spec
+        target._kvtrain_codec_states = (state.spec, state.states)
     target.set_attn_implementation(_for_text(state.original_attn, state.text_key))
+
+
+def codec_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's learnable codec state (of its attached spec, or kept aside by `detach`) as flat
+    tensors named "<layer>.<key or value>.<name>": what an export writes to kv_codec_state.safetensors."""
+    target = hf_model(model)
+    state = getattr(target, "kvtrain_state", None)
+    states = state.states if state is not None else getattr(target, "_kvtrain_codec_states", (None, {}))[1]
+    return {f"{layer}.{name}": t.detach().cpu().contiguous()
+            for layer, module in states.items() for name, t in module.state_dict().items()}
+
+
+def load_codec_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load what `codec_state_dict` gave into the codec state of the spec attached to `model`."""
+    state: AttachState | None = getattr(hf_model(model), "kvtrain_state", None)
+    if state is None:
+        raise ValueError("attach the spec the codec state was trained with before loading it")
+    expected = codec_state_dict(model)
+    if set(tensors) != set(expected):
+        raise ValueError(f"the codec state holds {sorted(tensors)}, the attached spec {state.spec} learns {sorted(expected)}")
+    for layer, module in state.states.items():
+        module.load_state_dict({name: tensors[f"{layer}.{name}"] for name in module.state_dict()})
 
 
 def attached_spec(model: nn.Module) -> Spec | None:

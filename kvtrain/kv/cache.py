@@ -161,9 +161,9 @@ class CompressedTensor:
 
     def _compress(self, total: int) -> bool:
         """Move tokens out of the tail as the rule says; True if any were compressed."""
-        held = 0 if self.sinks is None else self.sinks.shape[-2]
-        if held < self.rule.start(total):  # the first tokens become sinks for good
-            take = self.rule.start(total) - held
+        held, start = 0 if self.sinks is None else self.sinks.shape[-2], self.rule.start(total)
+        if held < start:  # the first tokens become sinks for good
+            take = start - held
             head = self.tail[..., :take, :]
             self.sinks = head.clone() if self.sinks is None else torch.cat([self.sinks, head], dim=-2)
             self.tail, held = self.tail[..., take:, :].clone(), held + take
@@ -270,10 +270,11 @@ class PaddedRows:
 class QuantizedKVLayer(CacheLayerMixin):
     is_sliding = False
 
-    def __init__(self, spec: Spec, layer: int, rope: PreRope | None = None):
+    def __init__(self, spec: Spec, layer: int, rope: PreRope | None = None,
+                 codecs: tuple[Codec | None, Codec | None] | None = None):
         super().__init__()
-        self.spec, self.layer, self.rope = spec, layer, rope
-        keys, values = spec.keys(layer), spec.values(layer)
+        self.spec, self.layer, self.rope, self.codecs = spec, layer, rope, codecs
+        keys, values = codecs or (spec.keys(layer), spec.values(layer))
         self.k = CompressedTensor(keys, spec.window(keys), rope)
         self.v = CompressedTensor(values, spec.window(values))
         self.length = 0
@@ -342,7 +343,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.map(lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.__init__(self.spec, self.layer, self.rope)
+        self.__init__(self.spec, self.layer, self.rope, self.codecs)
 
     def nbytes(self) -> int:
         return self.k.nbytes() + self.v.nbytes()
@@ -360,18 +361,22 @@ class QuantizedKVCache(Cache):
         self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
         self.layer_types: list[str] | None = None
         self.rope: PreRope | None = None
+        self.codecs: Callable[[int], tuple[Codec | None, Codec | None]] | None = None  # the attached model's, per layer
         self.bound_to: PretrainedConfig | None = None
         super().__init__(layers=[])
         if config is not None:
             self.bind(config)
 
-    def bind(self, config: PretrainedConfig, rope: PreRope | None = None) -> None:
+    def bind(self, config: PretrainedConfig, rope: PreRope | None = None,
+             codecs: Callable[[int], tuple[Codec | None, Codec | None]] | None = None) -> None:
         """Lay the layers out as `config`'s decoder has them: attention layers compressed, a hybrid
         model's convolution and linear-attention layers with transformers' own state; a pre-RoPE spec
-        gets the model's rotary embedding (`rope`). An attached model binds the cache it decodes with
-        at its first forward (and every forward after: then this returns at once)."""
+        gets the model's rotary embedding (`rope`), codecs with learnable state the attached model's
+        (`codecs(layer)`: K's and V's codec). An attached model binds the cache it decodes with at its
+        first forward (and every forward after: then this returns at once)."""
         if config is self.bound_to and (rope is None or self.rope is not None):
             return
+        self.codecs = self.codecs or codecs
         types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         if self.layer_types is not None and types != self.layer_types:
             raise ValueError(f"this QuantizedKVCache holds layers {self.layer_types}, not those of a model with {types}")
@@ -391,7 +396,7 @@ class QuantizedKVCache(Cache):
         if self.spec.placement == "pre_rope" and self.rope is None:
             raise ValueError("a QuantizedKVCache of a pre_rope spec rotates keys with the model's rotary embedding: "
                              "decode through the attached model (it binds the cache), not by calling update by hand")
-        return QuantizedKVLayer(self.spec, idx, self.rope)
+        return QuantizedKVLayer(self.spec, idx, self.rope, self.codecs(idx) if self.codecs else None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.unviewed is not None:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvtrain.kv.codecs import Codec, build_codec
+from kvtrain.kv.codecs import CODECS, Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
 from kvtrain.kv.codecs.rotation import ROTATIONS, Rotation
 from kvtrain.kv.placement import PLACEMENTS, Placement
@@ -39,6 +39,7 @@ PRESETS = ("kivi2", "kivi4", "int8")  # KVQuantSpec.preset
 # vLLM's KV formats (kvtrain.kv.codecs.vllm), every token compressed on arrival as vLLM does
 SERVING_PRESETS = ("int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8")
 SPEC_FILE = "kv_spec.json"  # written next to an exported model so the spec travels with it
+CODEC_STATE_FILE = "kv_codec_state.safetensors"  # next to it: the learnable codec state, as trained
 
 
 class _LayerPlan(ABC):
@@ -253,6 +254,11 @@ class TensorPolicy:
         rotation: "none", "hadamard" or "random_hadamard": an orthogonal rotation of each head before
             the codec, undone after decoding (`kvtrain.kv.codecs.rotation`, QuaRot / RotateKV).
         rotation_seed: the random signs of "random_hadamard".
+        outliers: per token and head, this many entries (the largest and smallest) kept aside in
+            `scale_dtype` with their indices, the rest quantized without them (KVQuant's
+            dense-and-sparse, `kvtrain.kv.codecs.outliers`); 0 keeps none.
+        learnable: the codec's state (nf: its levels) trains with the model; `attach` registers it in
+            each attention layer.
     """
 
     codec: str = "affine"
@@ -264,13 +270,21 @@ class TensorPolicy:
     layer_bits: dict[int, int] = field(default_factory=dict)
     rotation: Rotation = "none"
     rotation_seed: int = 0
+    outliers: int = 0
+    learnable: bool = False
 
     def __post_init__(self) -> None:
         self.granularity = str(parse_granularity(self.granularity))
+        _check_switch("learnable", self.learnable)
+        if self.learnable and not getattr(CODECS.get(self.codec), "learnable_state", False):
+            raise ValueError(f"the {self.codec!r} codec has no learnable state; learnable=True applies to "
+                             f"{sorted(n for n, c in CODECS.items() if c.learnable_state)}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
-        if not isinstance(self.rotation_seed, int) or isinstance(self.rotation_seed, bool):
-            raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")
+        for name in ("rotation_seed", "outliers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (name == "outliers" and value < 0):
+                raise ValueError(f"{name} must be {'a non-negative' if name == 'outliers' else 'an'} integer, got {value!r}")
         _check_switch("symmetric", self.symmetric)
         _check_affine(self.clip_ratio, self.scale_dtype)
         check_bits(self.bits, self.symmetric)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
 import torch
+from torch import nn
 
 
 @dataclass
@@ -70,6 +71,8 @@ class Codec(ABC):
     """The codec protocol (module docstring). Subclasses are frozen dataclasses of their settings."""
 
     name: ClassVar[str]
+    # True for codecs whose `make_state` gives learnable state when the policy says `learnable`
+    learnable_state: ClassVar[bool] = False
     # TensorPolicy fields of a few settings that the registry-driven tests run (parity on every
     # architecture, encode/decode round trips), so a new codec is tested without a new test
     examples: ClassVar[tuple[dict[str, Any], ...]]
@@ -109,10 +112,43 @@ class Codec(ABC):
         """Errors that need the model's head size (e.g. a group that does not divide it); `where`
         names the setting in the message."""
 
+    def make_state(self, head_dim: int) -> nn.Module | None:
+        """The codec's learnable state for one attention layer, initialized (None: it has none).
+        `attach` registers it in the model, so it trains, checkpoints and shards with the weights;
+        the view and the cache both read it through `bound`."""
+        return None
+
+    def bound(self, state: nn.Module) -> "Codec":
+        """This codec reading `state` (what make_state made, as trained); codecs with state hold it
+        in a `state` field that equality ignores."""
+        return replace(self, state=state)
+
     @classmethod
     @abstractmethod
     def from_policy(cls, policy: Any, bits: int) -> "Codec":
         """The codec a spec's `TensorPolicy` describes, at `bits` (the layer's bits)."""
+
+
+@dataclass(frozen=True)
+class Stage(Codec):
+    """A codec in front of another (`inner`, built from the same policy without this stage): it
+    transforms K or V before the inner codec encodes and undoes it after it decodes, and passes the
+    inner codec's unit, learnable state and model checks through (DESIGN.md, "Stages")."""
+
+    inner: Codec
+
+    @property
+    def unit(self) -> int:
+        return self.inner.unit
+
+    def make_state(self, head_dim: int) -> nn.Module | None:
+        return self.inner.make_state(head_dim)
+
+    def bound(self, state: nn.Module) -> "Stage":
+        return replace(self, inner=self.inner.bound(state))
+
+    def check_model(self, head_dim: int, where: str, model_name: str) -> None:
+        self.inner.check_model(head_dim, where, model_name)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -142,13 +178,17 @@ def register(name: str) -> Callable[[type[Codec]], type[Codec]]:
 
 
 def build_codec(policy: Any, bits: int) -> Codec:
-    """The registered codec `policy.codec` for one layer at `bits`, behind the policy's rotation stage."""
+    """The registered codec `policy.codec` for one layer at `bits`, behind the policy's stages: a
+    rotation, then the outliers kept aside (each stage builds what follows it without itself)."""
     if policy.codec not in CODECS:
         raise ValueError(f"unknown codec {policy.codec!r}; registered: {sorted(CODECS)}")
     if getattr(policy, "rotation", "none") != "none":
         return Rotated.from_policy(policy, bits)
+    if getattr(policy, "outliers", 0):
+        return Outliers.from_policy(policy, bits)
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
 from kvtrain.kv.codecs import affine, codebook, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs.outliers import Outliers  # noqa: E402
 from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from kvtrain.kv.codecs import Payload, register
 from kvtrain.kv.codecs.affine import GroupedCodec, ScaleDtype
@@ -18,18 +19,34 @@ from kvtrain.quant.codebook import codebook_dequantize, codebook_quantize, norma
 from kvtrain.quant.packing import unpack
 
 
+class CodebookLevels(nn.Module):
+    """A codec's learnable codebook in one attention layer: its levels, trained like any weight."""
+
+    def __init__(self, levels: torch.Tensor):
+        super().__init__()
+        self.levels = nn.Parameter(levels.float().clone())
+
+
 @register("nf")
 @dataclass(frozen=True)
 class NormalFloat(GroupedCodec):
     """KVQuant's NormalFloat datatype in per_channel(G) or per_token(G) groups: per group an offset
     (max + min) / 2 and a half-range (max - min) / 2 in `scale_dtype` (the payload's `zero` and
-    `scale`), and b-bit indices of the nearest NormalFloat level. Asymmetric and unclipped only."""
+    `scale`), and b-bit indices of the nearest NormalFloat level. Asymmetric and unclipped only.
+    `learnable`: the levels start at NormalFloat's and train during QAT (KVQuant's NUQ, learned):
+    codes go to the nearest level, values pass straight through to x and the gradient reaches the
+    levels they decode to."""
 
     examples: ClassVar[tuple[dict[str, Any], ...]] = (
         dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)"),
+        dict(bits=2, granularity="per_token(16)", learnable=True),
     )
 
+    learnable_state: ClassVar[bool] = True
+
     scale_dtype: ScaleDtype = "float16"
+    learnable: bool = False
+    state: CodebookLevels | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_policy(cls, policy: Any, bits: int) -> "NormalFloat":
@@ -38,14 +55,30 @@ class NormalFloat(GroupedCodec):
             raise ValueError(f"the nf codec normalizes each group by its own range: symmetric and clip_ratio do not "
                              f"apply (got symmetric={policy.symmetric}, clip_ratio={policy.clip_ratio})")
         normal_float_levels(bits)  # its bit range, here
-        return cls(bits, group, axis, policy.scale_dtype)
+        return cls(bits, group, axis, policy.scale_dtype, policy.learnable)
+
+    def make_state(self, head_dim: int) -> CodebookLevels | None:
+        return CodebookLevels(normal_float_levels(self.bits)) if self.learnable else None
 
     @property
     def levels(self) -> torch.Tensor:
-        return normal_float_levels(self.bits)
+        if not self.learnable:
+            return normal_float_levels(self.bits)
+        if self.state is None:
+            raise ValueError("an nf codec with learnable levels reads them from the model it is attached to: use the "
+                             "cache through the attached model's forward (attach(model, spec) registers the levels)")
+        return self.state.levels
 
     def encode(self, x: torch.Tensor) -> Payload:
-        return self._payload(codebook_quantize(x, self.levels, self.group_size, self._dim, self.param_dtype), x)
+        return self._payload(codebook_quantize(x, self.levels.detach(), self.group_size, self._dim,
+                                               self.param_dtype), x)
 
     def decode(self, payload: Payload) -> torch.Tensor:
         return codebook_dequantize(self._stored(payload, unpack), self.levels)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)); learnable levels get the gradient of the values they decode to."""
+        if not self.learnable:
+            return super().simulate(x)
+        q = codebook_quantize(x.detach(), self.levels.detach(), self.group_size, self._dim, self.param_dtype)
+        return codebook_dequantize(q, self.levels) + (x - x.detach())

@@ -13,12 +13,12 @@ for "random_hadamard". It stores nothing per token, so bytes are the inner codec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
-from kvtrain.kv.codecs import CODECS, Codec, Payload
+from kvtrain.kv.codecs import Payload, Stage, build_codec
 from kvtrain.quant.hadamard import rotate
 
 Rotation = Literal["none", "hadamard", "random_hadamard"]
@@ -26,10 +26,9 @@ ROTATIONS = ("none", "hadamard", "random_hadamard")
 
 
 @dataclass(frozen=True)
-class Rotated(Codec):
+class Rotated(Stage):
     """`inner` applied to R x (module docstring); `seed` picks the random signs of random_hadamard."""
 
-    inner: Codec
     rotation: Rotation
     seed: int = 0
 
@@ -37,11 +36,7 @@ class Rotated(Codec):
     def from_policy(cls, policy: Any, bits: int) -> "Rotated":
         if policy.rotation not in ROTATIONS[1:]:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
-        return cls(CODECS[policy.codec].from_policy(policy, bits), policy.rotation, policy.rotation_seed)
-
-    @property
-    def unit(self) -> int:
-        return self.inner.unit
+        return cls(build_codec(replace(policy, rotation="none"), bits), policy.rotation, policy.rotation_seed)
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         return rotate(x, self.seed if self.rotation == "random_hadamard" else None, inverse)
@@ -57,6 +52,6 @@ class Rotated(Codec):
         return self._rotate(self.inner.simulate(self._rotate(x)), inverse=True)
 
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
-        self.inner.check_model(head_dim, where, model_name)
+        super().check_model(head_dim, where, model_name)
         if head_dim % 2:
             raise ValueError(f"a Hadamard rotation needs an even head_dim; {model_name} has head_dim={head_dim}")
