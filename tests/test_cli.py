@@ -26,7 +26,8 @@ def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
-            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml"} <= names
+            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
+            "qat_sub2bit.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -108,6 +109,26 @@ def test_qat_recipe_runs_tiny_with_the_spec_and_exports_it(tmp_path, corpus_file
     # random tiny start: ln(4096) = 8.32 plus a KL to the (random) teacher that starts near 0
     assert loss[0] == pytest.approx(8.32, abs=0.2) and kl[0] < 0.05
     assert loss[-1] < loss[0] - 0.6, loss  # 12 steps: observed 8.34 -> 7.41
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,state", [("qat_kvquant2", True), ("qat_rotate2", False), ("qat_sub2bit", False)])
+def test_issue12_qat_recipes_run_tiny_and_export_what_they_trained(recipe, state, tmp_path, corpus_file):
+    """KVQuant (pre-RoPE, learnable NormalFloat levels, outliers, sinks), rotation and sub-2-bit QAT on a
+    tiny random model: the loss falls and the export carries the spec (and the learned levels)."""
+    args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
+                                                   "--model.init_args.lr=3e-3"]
+    tiny = {**TINY, "num_attention_heads": 2}  # head_dim 32: groups of 32 channels per token
+    result = run_kvtrain(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--model.init_args.init=random",
+                          f"--model.init_args.config_overrides={json.dumps(tiny)}", *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / recipe
+    assert json.loads((run / "model" / "kv_spec.json").read_text())["version"] == 2
+    assert (run / "model" / "kv_codec_state.safetensors").is_file() == state
+    rows = list(csv.DictReader((run / "version_0" / "metrics.csv").open()))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert loss[0] == pytest.approx(8.32, abs=0.2)  # ln(4096) at a random start, the KL near 0
+    assert loss[-1] < loss[0] - 0.6, loss
 
 
 def test_eval_command_prints_table_and_json(tmp_path, corpus_file, tiny_model_dir, capsys):

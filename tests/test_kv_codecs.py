@@ -36,7 +36,7 @@ def example_codec(name: str) -> Codec:
 
 
 def test_the_registry_holds_the_shipped_codecs():
-    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8", "nf"} <= set(CODECS)
+    assert {"affine", "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8", "nf", "ternary"} <= set(CODECS)
     with pytest.raises(ValueError, match=r"unknown codec 'nf5'; registered: \['affine', 'fp8', 'fp8_per_token_head'"):
         TensorPolicy(codec="nf5")
     with pytest.raises(ValueError, match="a codec named 'affine' is registered already"):
@@ -524,3 +524,33 @@ def test_learned_levels_are_exported_next_to_the_spec_and_reloaded(tmp_path):
     attach(reloaded, other)
     with pytest.raises(ValueError, match=r"the codec state holds \['0.key.levels'.*learns \['0.value.levels'"):
         load_codec_state(reloaded, state)
+
+
+def test_ternary_by_hand():
+    """One token [0.1, -2, 0.5, 3] in a group of 4: mean |x| = 1.4, so entries beyond 0.7 are +-1: codes
+    [0, -1, 0, 1], scale = mean |x| of those = 2.5, decoded [0, -2.5, 0, 2.5]. Stored: codes + 1 = [1, 0, 1, 2]
+    as base-3 digits, with the next group's first (1: a zero) as the byte's fifth, 1 + 9 + 2 * 27 + 81; a
+    group with nothing kept has scale 0 and decodes to zeros."""
+    from kvtrain.quant.packing import pack_trits, unpack_trits
+
+    codec = TensorPolicy(codec="ternary", bits=2, granularity="per_token(4)").codec_at(0)
+    x = torch.tensor([0.1, -2.0, 0.5, 3.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64).view(1, 1, 1, 8)
+    payload = codec.encode(x)
+    assert payload.tensors["codes"].flatten().tolist() == [1 + 9 + 2 * 27 + 81, 1 + 3 + 9]  # 2nd group: all 1s
+    assert payload.tensors["scale"].flatten().tolist() == [2.5, 0.0]
+    assert codec.decode(payload).flatten().tolist() == [0.0, -2.5, 0.0, 2.5, 0.0, 0.0, 0.0, 0.0]
+    codes = torch.randint(0, 3, (3, 4, 37), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    assert pack_trits(codes).shape == (3, 4, 8) and torch.equal(unpack_trits(pack_trits(codes), 37), codes)
+    with pytest.raises(ValueError, match="8 bytes cannot hold exactly 41 ternary codes"):
+        unpack_trits(pack_trits(codes), 41)
+
+
+def test_ternary_stores_under_two_bits_per_entry_and_refuses_other_widths():
+    """head_dim 32 in groups of 32: 7 bytes of codes and a 2-byte scale per token and head, 2.25 bits
+    per entry with the scale (the 2-bit affine codec: 3 bits with its scale and zero point)."""
+    x = torch.randn(1, 2, 10, 32)
+    ternary = TensorPolicy(codec="ternary", bits=2, granularity="per_token(32)").codec_at(0)
+    affine = TensorPolicy(bits=2, granularity="per_token(32)").codec_at(0)
+    assert ternary.encode(x).nbytes() * 8 / x.numel() == 2.25 and affine.encode(x).nbytes() * 8 / x.numel() == 3
+    with pytest.raises(ValueError, match=r"ternary codec's codes are -1, 0, \+1.*got bits=3"):
+        TensorPolicy(codec="ternary", bits=3, granularity="per_token(32)")

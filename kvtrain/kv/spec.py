@@ -245,7 +245,8 @@ class TensorPolicy:
 
     Args:
         codec: a registered codec name (`kvtrain.kv.codecs.CODECS`): "affine" (KIVI-style min-max),
-            vLLM's "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8".
+            "nf" (KVQuant's NormalFloat codebook), "ternary" (VidKV's -s/0/+s), vLLM's
+            "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8".
         bits: bits per element.
         granularity: which elements share a scale: "per_channel(G)" (G tokens per group along each
             channel), "per_token(G)" (G channels per group within a token), "per_token_head", "per_tensor".

@@ -92,3 +92,22 @@ def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_bytes(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
     return ((words.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)[..., :n]
+
+
+TRIT_POWERS = (1, 3, 9, 27, 81)  # five base-3 digits per byte: 3^5 = 243 <= 256, 1.6 bits per code
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Ternary codes (integers in {0, 1, 2}) along the last axis, five per byte (the row padded with
+    zeros to a multiple of five): byte = sum of code_i * 3^i."""
+    pad = -codes.shape[-1] % len(TRIT_POWERS)
+    digits = torch.nn.functional.pad(codes.long(), (0, pad)).unflatten(-1, (-1, len(TRIT_POWERS)))
+    return (digits * torch.tensor(TRIT_POWERS, device=codes.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n ternary codes (uint8) of each row packed by `pack_trits`."""
+    if packed.shape[-1] != -(-n // len(TRIT_POWERS)):
+        raise ValueError(f"{packed.shape[-1]} bytes cannot hold exactly {n} ternary codes (5 per byte)")
+    digits = packed.long().unsqueeze(-1) // torch.tensor(TRIT_POWERS, device=packed.device) % 3
+    return digits.flatten(-2)[..., :n].to(torch.uint8)

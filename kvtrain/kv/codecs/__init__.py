@@ -189,6 +189,6 @@ def build_codec(policy: Any, bits: int) -> Codec:
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
-from kvtrain.kv.codecs import affine, codebook, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs import affine, codebook, ternary, vllm  # noqa: E402,F401  (registers them)
 from kvtrain.kv.codecs.outliers import Outliers  # noqa: E402
 from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402
