@@ -343,6 +343,9 @@ def test_native_kernel_takes_every_head_size(dim, granularity):
     with pytest.raises(ValueError, match="do not hold"):  # more tokens than the store holds
         native.affine_decode(t["codes"], t["scale"], t["zero"], 2, 16, codec.axis == "channel", False,
                              torch.empty(2, 3, 65, dim), stored=64)
+    with pytest.raises(ValueError, match=r"3 levels for 2-bit codes \(needs 4\)"):  # a codebook of the wrong size
+        native.affine_decode(t["codes"], t["scale"], t["zero"], 2, 16, codec.axis == "channel", False,
+                             out[:, :, 1:54], stored=64, then=tail, levels=torch.zeros(3))
 
 
 def test_nf_codec_settings_are_checked_at_the_spec():

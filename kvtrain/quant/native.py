@@ -6,12 +6,14 @@ that costs more than the model's attention. This kernel reads each packed byte o
 value once, in place in the tensor attention reads, computing exactly what
 `kvtrain.quant.uniform.dequantize` does: `(code - offset) * scale + zero` in the output's dtype, each
 operation rounded on its own (compiled with -ffp-contract=off, so no fused multiply-add changes a bit;
-tests/test_kv_codecs.py compares them bit for bit). It runs on one thread.
+tests/test_kv_codecs.py compares them bit for bit). A codebook codec (`nf`) passes its levels, and a
+value is then `levels[code] * scale + zero`, as `kvtrain.quant.codebook.codebook_dequantize` computes
+it. It runs on one thread.
 
 It is C without Python or torch headers, compiled on first use with the system's C compiler (about a
 second) into `$KVTRAIN_HOME/kernels/`, and loaded with ctypes. Without a compiler, or with
 `KVTRAIN_NATIVE=0`, `affine_decode` returns False and callers decode in torch: same values, slower.
-Layouts it reads (the affine codec's payloads, `kvtrain.kv.codecs.affine`): per row of D codes
+Layouts it reads (the grouped codecs' payloads, `kvtrain.kv.codecs.affine.GroupedCodec`): per row of D codes
 (one token of one head) ceil(D * bits / 8) bytes, little-endian bit stream; per-channel groups of G
 tokens share a row of D scales and zero points, per-token groups of G channels one of each per group.
 """
@@ -77,21 +79,23 @@ PARAMS(double)
    tokens per head; rows of `out` are dim apart within a head and heads `out_head` apart, and after each
    head's tokens come `then_tokens` rows of `then` (heads `then_head` apart), copied. BITS divides 8.
    Each byte expands through a table to its PER codes (minus the symmetric offset: exact small
-   integers), then one vectorizable pass scales and shifts. DIM > 0 compiles a head size in and PC
+   integers), or to their `levels` when a codebook is given (levels[code]), then one vectorizable pass
+   scales and shifts. DIM > 0 compiles a head size in and PC
    the grouping (the loops unroll: ~1.5x faster at 32), DIM 0 takes the head size at run time. */
 #define DECODE(T, BITS, DIM, PC)                                                                        \
 static void decode_##T##_b##BITS##_d##DIM##_##PC(                                                      \
         const uint8_t *codes, const void *scale, const void *zero, int kind, T *out, int64_t bh,       \
-        int64_t tokens, int64_t stored, int64_t dim_, int64_t group, int symmetric, int64_t out_head,  \
-        const T *then, int64_t then_tokens, int64_t then_head) {                                       \
-    enum { PER = 8 / BITS, per_channel = PC };                                                                           \
+        int64_t tokens, int64_t stored, int64_t dim_, int64_t group, int symmetric, const T *levels,   \
+        int64_t out_head, const T *then, int64_t then_tokens, int64_t then_head) {                     \
+    enum { PER = 8 / BITS, per_channel = PC };                                                         \
     const int64_t dim = DIM ? DIM : dim_;                                                              \
     const int64_t row_bytes = (dim * BITS + 7) / 8, n_params = per_channel ? dim : dim / group;        \
     const T offset = symmetric ? (T)(1 << (BITS - 1)) : (T)0;                                          \
     T table[256 * PER], c[row_bytes * PER], s[n_params], z[n_params];                                  \
     for (int b = 0; b < 256; b++)                                                                      \
         for (int k = 0; k < PER; k++)                                                                  \
-            table[b * PER + k] = (T)((b >> (k * BITS)) & ((1 << BITS) - 1)) - offset;                 \
+            table[b * PER + k] = levels ? levels[(b >> (k * BITS)) & ((1 << BITS) - 1)]               \
+                                        : (T)((b >> (k * BITS)) & ((1 << BITS) - 1)) - offset;         \
     for (int64_t i = 0; i < bh; i++) {                                                                 \
         for (int64_t t = 0; t < tokens; t++) {                                                         \
             if (!per_channel || t % group == 0) {                                                      \
@@ -131,12 +135,13 @@ DECODE(T, BITS, 0, PC) DECODE(T, BITS, 32, PC) DECODE(T, BITS, 64, PC) DECODE(T,
 SIZES(T, BITS, 0) SIZES(T, BITS, 1)                                                                    \
 void decode_##T##_b##BITS(const uint8_t *codes, const void *scale, const void *zero, int kind, T *out, \
         int64_t bh, int64_t tokens, int64_t stored, int64_t dim, int64_t group, int per_channel,       \
-        int symmetric, int64_t out_head, const T *then, int64_t then_tokens, int64_t then_head) {      \
+        int symmetric, const T *levels, int64_t out_head, const T *then, int64_t then_tokens,          \
+        int64_t then_head) {                                                                           \
     void (*fn)(const uint8_t *, const void *, const void *, int, T *, int64_t, int64_t, int64_t,       \
-               int64_t, int64_t, int, int64_t, const T *, int64_t, int64_t) =                          \
+               int64_t, int64_t, int, const T *, int64_t, const T *, int64_t, int64_t) =               \
         per_channel ? PICK(T, BITS, 1) : PICK(T, BITS, 0);                                             \
-    fn(codes, scale, zero, kind, out, bh, tokens, stored, dim, group, symmetric, out_head, then,       \
-       then_tokens, then_head);                                                                        \
+    fn(codes, scale, zero, kind, out, bh, tokens, stored, dim, group, symmetric, levels, out_head,     \
+       then, then_tokens, then_head);                                                                  \
 }
 
 ENTRY(float, 1)
@@ -192,7 +197,8 @@ def _functions() -> dict[tuple[torch.dtype, int], Any]:
             fn = getattr(library, f"decode_{name}_b{bits}")
             fn.restype = None
             fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5
-                           + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 2)
+                           + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                           + [ctypes.c_int64] * 2)
             functions[dtype, bits] = fn
     return functions
 
@@ -203,11 +209,12 @@ def available() -> bool:
 
 def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
                   per_channel: bool, symmetric: bool, out: torch.Tensor, stored: int | None = None,
-                  then: torch.Tensor | None = None) -> bool:
+                  then: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> bool:
     """Decode the first tokens of a store of `stored` tokens per head (default: all of out's, less
     then's) into `out` (B, H, T, D), followed by `then` (B, H, m, D) when given, if the kernel applies;
-    False if the caller must decode in torch. (It runs every decode step, for K and V of every layer:
-    its checks are kept to a few attribute reads.)
+    False if the caller must decode in torch. With `levels` (2^bits values in out's dtype, a codebook
+    codec's), a value is levels[code] * scale + zero instead of code * scale + zero. (It runs every
+    decode step, for K and V of every layer: its checks are kept to a few attribute reads.)
 
     codes: (B, H, ..., bytes) token-major rows, contiguous; scale, zero: contiguous, in out's dtype,
     float16 or bfloat16; per-channel: (B, H, stored / group, 1, D), per-token: (B, H, stored, D / group, 1).
@@ -218,8 +225,11 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     if (fn is None or kind is None or not out.is_cpu or codes.dtype != torch.uint8 or scale.dtype != zero.dtype
             or not (codes.is_contiguous() and scale.is_contiguous() and zero.is_contiguous())
             or not _rows(out) or (then is not None and not (then.dtype == out.dtype and _rows(then)))
-            or (not per_channel and group * bits % 8)):  # per-token groups must start a byte: one bit stream per row
+            or (not per_channel and group * bits % 8)  # per-token groups must start a byte: one bit stream per row
+            or (levels is not None and not (levels.dtype == out.dtype and levels.is_contiguous()))):
         return False
+    if levels is not None and levels.numel() != 1 << bits:
+        raise ValueError(f"affine_decode: {levels.numel()} levels for {bits}-bit codes (needs {1 << bits})")
     if out.numel() > SINGLE_THREAD_LIMIT and torch.get_num_threads() > 1:
         return False  # the kernel runs on one thread; torch's ops spread a large store over its threads
     batch, heads, total, dim = out.shape
@@ -227,7 +237,8 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     stored = tokens if stored is None else stored
     _check_store(codes, scale, zero, bits, group, per_channel, (batch, heads, stored, dim), tokens, then, out)
     fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), kind, out.data_ptr(), batch * heads, tokens, stored,
-       dim, group, per_channel, symmetric, out.stride(1), *((None, 0, 0) if then is None else (
+       dim, group, per_channel, symmetric, None if levels is None else levels.data_ptr(), out.stride(1),
+       *((None, 0, 0) if then is None else (
            then.data_ptr(), then.shape[2], then.stride(1))))
     return True
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from kvtrain.kv.codecs import Payload, register
 from kvtrain.kv.codecs.affine import GroupedCodec, ScaleDtype
+from kvtrain.quant import native
 from kvtrain.quant.codebook import codebook_dequantize, codebook_quantize, normal_float_levels
 from kvtrain.quant.packing import unpack
 
@@ -75,6 +76,15 @@ class NormalFloat(GroupedCodec):
 
     def decode(self, payload: Payload) -> torch.Tensor:
         return codebook_dequantize(self._stored(payload, unpack), self.levels)
+
+    def decode_into(self, payload: Payload, out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
+        """Codec.decode_into, by the CPU kernel where it applies (its table holds the levels)."""
+        t = payload.tensors
+        levels = self.levels.detach().to(out.dtype)
+        if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
+                                self.axis == "channel", False, out, payload.n, then, levels):
+            return out
+        return super().decode_into(payload, out, then)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)); learnable levels get the gradient of the values they decode to."""
