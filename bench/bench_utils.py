@@ -102,12 +102,18 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def make_cache(name: str, config) -> Cache:
-    """A fresh, empty cache of the given kind for a model with this config."""
+def make_cache(name: str, config, model: PreTrainedModel | None = None) -> Cache:
+    """A fresh, empty cache of the given kind for a model with this config; ours bound to `model`
+    when it is attached (its rotary embedding for pre-RoPE keys, its codec state), as the model's
+    forward would bind it, so `fill_random` can fill it by hand."""
     if name == "fp":
         return DynamicCache(config=config)
     if is_ours(name):
-        return QuantizedKVCache(name)
+        cache = QuantizedKVCache(name)
+        state = getattr(model, "kvtrain_state", None)
+        if state is not None:
+            cache.bind(model.config, state.rope, state.codecs)
+        return cache
     bits, (key, value) = resolve_peer(name)
     return QuantizedCache(backend="hqq", config=config, nbits=bits, axis_key=key, axis_value=value,
                           q_group_size=GROUP, residual_length=RESIDUAL)
@@ -130,7 +136,11 @@ def fill_random(cache: Cache, config, tokens: int, dtype: torch.dtype, seed: int
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for layer in range(config.num_hidden_layers):
         k, v = (torch.randn(1, heads, tokens, head_dim, generator=gen).to(dtype) for _ in range(2))
-        cache.update(k, v, layer)
+        if isinstance(cache, QuantizedKVCache) and cache.rope is not None:  # pre-RoPE keys need their positions
+            past = cache.layers[layer].get_seq_length()
+            cache.layers[layer].update(k, v, positions=torch.arange(past, past + tokens)[None])
+        else:
+            cache.update(k, v, layer)
     return cache
 
 

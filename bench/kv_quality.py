@@ -161,13 +161,16 @@ def evaluate(model, windows: Subset, cache_name: str, prefill: int, desc: str) -
 # ---------------------------------------------------------------- bytes
 
 
-def bytes_per_token(config, cache_name: str, tokens: int, dtype: torch.dtype, state: str) -> float:
+def bytes_per_token(model, cache_name: str, tokens: int, dtype: torch.dtype, state: str) -> float:
     """KV bytes / tokens held. prefill: after one T-token update. decoding: prefill T - 128 tokens, then
     128 single-token updates; the mean over those steps of bytes / tokens held (the peer's full-precision
     window fills and empties once in any 128 steps, so this averages over its cycle)."""
+    config = model.config
+    with prepared(model, cache_name):
+        cache = make_cache(cache_name, config, model)
     if state == "prefill":
-        return cache_nbytes(fill_random(make_cache(cache_name, config), config, tokens, dtype)) / tokens
-    cache = fill_random(make_cache(cache_name, config), config, tokens - DECODE_STEPS, dtype)
+        return cache_nbytes(fill_random(cache, config, tokens, dtype)) / tokens
+    fill_random(cache, config, tokens - DECODE_STEPS, dtype)
     per_token = []
     for step in range(DECODE_STEPS):
         fill_random(cache, config, 1, dtype, seed=step + 1)
@@ -175,14 +178,14 @@ def bytes_per_token(config, cache_name: str, tokens: int, dtype: torch.dtype, st
     return sum(per_token) / len(per_token)
 
 
-def bytes_rows(config, lengths: list[int], dtype: torch.dtype, caches: list[str]) -> list[dict]:
-    full = {t: bytes_per_token(config, "fp", t, dtype, "prefill") for t in lengths}
+def bytes_rows(model, lengths: list[int], dtype: torch.dtype, caches: list[str]) -> list[dict]:
+    full = {t: bytes_per_token(model, "fp", t, dtype, "prefill") for t in lengths}
     rows = []
     for state in STATES:
         for name in caches:
             row = {"cache": label(name), "name": name, "dtype": str(dtype).removeprefix("torch."), "state": state}
             for t in tqdm(lengths, desc=f"bytes {name} {state}", leave=False, file=sys.stderr):
-                row[f"B/tok {t}"] = bytes_per_token(config, name, t, dtype, state)
+                row[f"B/tok {t}"] = bytes_per_token(model, name, t, dtype, state)
                 row[f"x fp {t}"] = row[f"B/tok {t}"] / full[t]
             rows.append(row)
     return rows
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += [{"model": name, "name": c, "kv cache": label(c), **evaluate(model, windows, c, args.prefill, f"{name} / {c}")}
                  for c in ("fp", "kivi2")]
     best_peers = [peer_name(b, tuple(best[str(b)])) for b in args.peer_bits]
-    byte_rows = bytes_rows(base.config, args.byte_lengths, getattr(torch, args.bytes_dtype), ["fp", *args.ours, *best_peers])
+    byte_rows = bytes_rows(base, args.byte_lengths, getattr(torch, args.bytes_dtype), ["fp", *args.ours, *best_peers])
     config = base.config
     shape = {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
              "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}

@@ -36,11 +36,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bench_utils import environment
 from kvtrain.callbacks import ExportPretrained, KVQuantCallback
-from kvtrain.cli import KVTrainCLI, recipe_path
+from kvtrain.cli import KVTrainCLI, recipe_path, recipe_spec
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, perplexity, write_json
 from kvtrain.home import is_complete
-from kvtrain.kv import PRESETS, KVQuantSpec
+from kvtrain.kv import PRESETS, KVQuantSpec, Spec, attach, detach
+from kvtrain.kv.spec import codec_state_file
 from kvtrain.models import REFERENCE, load_model, load_tokenizer
 
 ARMS = ("qat", "control")
@@ -71,22 +72,23 @@ def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str]) ->
     return {"seconds": time.time() - start}
 
 
-def recipe_spec(recipe: Path) -> KVQuantSpec:
-    cli = KVTrainCLI(args=["--config", str(recipe)], run=False)
-    return next(cb.spec for cb in cli.trainer.callbacks if isinstance(cb, KVQuantCallback))
-
-
-def spec_name(spec: KVQuantSpec) -> str:
+def spec_name(spec: Spec) -> str:
     return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), "recipe spec")
 
 
-def evaluate(models: dict[str, str], spec: KVQuantSpec, split: str, seq_len: int, max_batches: int | None,
-             tokenizer: str) -> list[dict]:
+def evaluate(models: dict[str, str], spec: Spec, codec_state: Path | None, split: str, seq_len: int,
+             max_batches: int | None, tokenizer: str) -> list[dict]:
+    """Each model with full-precision KV and under the spec, with the codec state it decodes with: a
+    QAT model's own (exported beside its kv_spec.json), else the recipe's start (calibrated or fresh)."""
     tokens = token_stream(None, split, load_tokenizer(tokenizer))
     dataset = PackedDataset(tokens, seq_len)
     rows = []
     for name, path in models.items():
         model = load_model(path)
+        start = codec_state_file(path) or codec_state
+        if start is not None:
+            attach(model, spec, start)
+            detach(model)  # (kept aside for the attach of the spec below)
         for kv, s in (("full precision", None), (spec_name(spec), spec)):
             result = perplexity(model, dataset, batch_size=4, max_batches=max_batches, desc=f"{name} / {kv}", spec=s)
             rows.append({"model": name, "kv": kv, "split": split, **result})
@@ -94,9 +96,12 @@ def evaluate(models: dict[str, str], spec: KVQuantSpec, split: str, seq_len: int
 
 
 def measures(rows: list[dict], split: str, seed: int) -> dict:
+    """Gap left, and (with the control arm) recovered, for one seed."""
     ppl = {(r["model"], r["kv"] == "full precision"): r["ppl"] for r in rows if r["split"] == split}
-    control_q, control_fp = ppl[f"control-seed{seed}", False], ppl[f"control-seed{seed}", True]
     qat_q, qat_fp = ppl[f"qat-seed{seed}", False], ppl[f"qat-seed{seed}", True]
+    if (f"control-seed{seed}", False) not in ppl:
+        return {"gap_left": qat_q / qat_fp - 1}
+    control_q, control_fp = ppl[f"control-seed{seed}", False], ppl[f"control-seed{seed}", True]
     return {"recovered": (control_q - qat_q) / (control_q - control_fp), "gap_left": qat_q / qat_fp - 1}
 
 
@@ -111,7 +116,7 @@ def summary_rows(rows: list[dict], seeds: list[int], splits: list[str]) -> list[
         for kv in dict.fromkeys(r["kv"] for r in rows):
             pick = {r["model"]: r["ppl"] for r in rows if r["split"] == split and r["kv"] == kv}
             out.append({"model": "start", "kv": kv, "split": split, "ppl mean": pick["start"], "ppl sd": ""})
-            for arm in ARMS:
+            for arm in (a for a in ARMS if f"{a}-seed{seeds[0]}" in pick):
                 mean, sd = mean_sd([pick[f"{arm}-seed{s}"] for s in seeds])
                 out.append({"model": arm, "kv": kv, "split": split, "ppl mean": mean, "ppl sd": sd})
     return out
@@ -119,8 +124,8 @@ def summary_rows(rows: list[dict], seeds: list[int], splits: list[str]) -> list[
 
 def report(result: dict) -> str:
     seeds, splits, name = result["seeds"], result["splits"], result["spec_name"]
-    per_seed = [{"split": split, "seed": s, "recovered %": 100 * m["recovered"], "gap left %": 100 * m["gap_left"]}
-                for split, by_seed in result["measures"].items() for s, m in by_seed.items()]
+    per_seed = [{"split": split, "seed": s, "recovered %": 100 * m.get("recovered", float("nan")),
+                 "gap left %": 100 * m["gap_left"]} for split, by_seed in result["measures"].items() for s, m in by_seed.items()]
     lines = [f"{result['recipe']} on {result.get('model', REFERENCE)} for {len(seeds)} seeds (data order) per arm; perplexity on whole "
              f"{result['seq_len']}-token windows; Python {result['env']['python']}. Mean and sample sd over seeds:",
              "", format_table(summary_rows(result["rows"], seeds, splits), ["model", "kv", "split", "ppl mean", "ppl sd"]),
@@ -128,10 +133,11 @@ def report(result: dict) -> str:
                  f"ppl(QAT, {name}) / ppl(QAT, full precision) - 1:",
              "", format_table(per_seed, ["split", "seed", "recovered %", "gap left %"]), ""]
     for split in splits:
-        rec = mean_sd([m["recovered"] for m in result["measures"][split].values()])
-        left = mean_sd([m["gap_left"] for m in result["measures"][split].values()])
-        lines.append(f"- {split}: recovered {100 * rec[0]:.1f}% ± {100 * rec[1]:.1f}, gap left {100 * left[0]:.2f}% "
-                     f"± {100 * left[1]:.2f} (mean ± sd over {len(seeds)} seeds)")
+        by_seed = result["measures"][split].values()
+        left = mean_sd([m["gap_left"] for m in by_seed])
+        rec = mean_sd([m["recovered"] for m in by_seed]) if all("recovered" in m for m in by_seed) else None
+        lines.append(f"- {split}: " + (f"recovered {100 * rec[0]:.1f}% ± {100 * rec[1]:.1f}, " if rec else "")
+                     + f"gap left {100 * left[0]:.2f}% ± {100 * left[1]:.2f} (mean ± sd over {len(seeds)} seeds)")
     seconds = result["train_seconds"]
     lines.append("- training wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
     return "\n".join(lines)
@@ -144,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench/results/qat_recovery")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+                        help="qat alone skips the control fine-tunes (and the recovered share, which needs them)")
     parser.add_argument("--only", nargs="+", metavar="ARM:SEED", help="train just these runs (no report)")
     parser.add_argument("--max_batches", type=int, default=None,
                         help="evaluate the first N batches of 4 windows per split (default: whole splits)")
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     recipe = Path(args.recipe) if Path(args.recipe).is_file() else recipe_path(args.recipe)
-    runs = [(arm, seed) for seed in args.seeds for arm in ARMS]
+    runs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     if args.only:
         runs = [(arm, int(seed)) for arm, seed in (item.split(":") for item in args.only)]
     for arm, seed in runs:
@@ -175,10 +183,11 @@ def main(argv: list[str] | None = None) -> None:
             write_json(run_dir(out, arm, seed) / "train.json", train(recipe, out, arm, seed, args.override))
     if args.only:
         return
-    spec = recipe_spec(recipe)
+    spec, codec_state = recipe_spec(recipe)
     models = {"start": args.model, **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
     max_batches = 2 if args.smoke else args.max_batches
-    rows = [row for split in args.splits for row in evaluate(models, spec, split, 1024, max_batches, args.model)]
+    rows = [row for split in args.splits
+            for row in evaluate(models, spec, codec_state, split, 1024, max_batches, args.model)]
     train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
     result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
               "seq_len": 1024, "max_batches": max_batches, "overrides": args.override, "env": environment(), "rows": rows,

@@ -77,6 +77,35 @@ def qat_recovery(results: Path, folder: str = "") -> str:
     return "\n".join(out)
 
 
+def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> str:
+    """Another recipe's QAT (bench/qat_recovery.py --out bench/results/<folder>) against kivi2's
+    (`baseline`), seed by seed: the same seeds draw the same data order in both."""
+    r, b = load(f"{folder}/results.json", results), load(f"{baseline}/results.json", results)
+    name, base, seeds, splits = Path(r["recipe"]).stem.removeprefix("qat_"), b["spec_name"], r["seeds"], r["splits"]
+    if b["seeds"] != seeds:
+        raise ValueError(f"{folder} ran seeds {seeds}, {baseline} {b['seeds']}: compare the same seeds")
+    ppl = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in r["rows"]}
+    ref = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in b["rows"]}
+    arms = [(ref, f"{base} QAT", True, base), (ref, f"{base} QAT", False, "full precision"),
+            (ppl, f"**{name} QAT**", True, name), (ppl, f"{name} QAT", False, "full precision")]
+    rows = [["kvtrain-ref (start)", kv, *[fmt(source["start", quantized, split]) for split in splits]]
+            for source, quantized, kv in ((ref, False, "full precision"), (ref, True, f"{base}, post-training"),
+                                          (ppl, True, f"{name}, post-training"))]
+    rows += [[label, kv, *[mean_sd([source[f"qat-seed{s}", quantized, split] for s in seeds]) for split in splits]]
+             for source, label, quantized, kv in arms]
+    out = [table(rows, ["model", "KV cache", *[f"{s} ppl" for s in splits]]), ""]
+    for split in splits:
+        delta = [ppl[f"qat-seed{s}", True, split] - ref[f"qat-seed{s}", True, split] for s in seeds]
+        left = [100 * r["measures"][split][str(s)]["gap_left"] for s in seeds]
+        out.append(f"- {split}: {name} QAT minus {base} QAT, each under its own cache, same seed: **{mean_sd(delta)}** "
+                   f"(seeds: {', '.join(f'{v:+.2f}' for v in delta)}); gap left against its own full-precision KV "
+                   f"{mean_sd(left)}% (seeds: {', '.join(f'{v:.2f}' for v in left)}).")
+    out.append(f"- {len(seeds)} seeds (the data order), mean ± sample sd; {r['recipe']} against {b['recipe']}; training "
+               f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
+               f"min (2-core CPU); Python {r['env']['python']}.")
+    return "\n".join(out)
+
+
 def kv_quality(results: Path, folder: str = "") -> str:
     r = load(f"{folder}kv_quality.json", results)
     best = {f"hqq{b}-k{a[0]}v{a[1]}" for b, a in r["best_peer_axes"].items()}
@@ -118,9 +147,18 @@ def kv_speed(results: Path, folder: str = "") -> str:
     return "\n".join([
         f"Training step at {t['batch']} x {t['seq_len']} tokens (the QAT recipe's shape), interleaved, medians: {train}.",
         "", f"Greedy decoding, {d['prompt']}-token prompt + {d['new_tokens']} tokens, {d['dtype']}, interleaved:", "",
-        table(rows, ["batch", "cache", "decode tok/s", "KV bytes/token"]), "",
+        table(rows, ["batch", "cache", "decode tok/s", "KV bytes/token"]), "", *_round_ratios(d["by_batch"]),
         f"CPU, {r['env']['threads']} thread(s), Python {r['env']['python']}.",
     ])
+
+
+def _round_ratios(batches: list[dict]) -> list[str]:
+    """kivi2's decode speed ratios, where the run measured them round by round."""
+    if not all(b.get("ratios_by") == "round" for b in batches):
+        return []
+    return ["Decode speed, ours / other (median over rounds of the ratio within a round): " + "; ".join(
+        f"batch {b['batch']}: " + ", ".join(f"{k} {v:.2f}" for k, v in b["ratios"].items() if k.startswith("kivi2/"))
+        for b in batches) + ".", ""]
 
 
 def rl_length(results: Path, folder: str = "") -> str:
@@ -184,6 +222,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_kv_quality_4096": partial(kv_quality, folder="smollm2/ctx4096/"),
     "smollm2_kv_speed": partial(kv_speed, folder="smollm2/"),
     "smollm2_rl_length": partial(rl_length, folder="smollm2/"),
+    # issue 12: a calibrated codebook's QAT against kivi2's, at the same bytes
+    "qat_nuq2": partial(qat_versus, folder="qat_nuq2"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),

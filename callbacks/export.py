@@ -41,7 +41,8 @@ def check_export_target(to: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_export(write: Callable[[Path], None], spec: Spec | None, to: str | Path,
-                 overwrite: bool = False, codec_state: dict[str, torch.Tensor] | None = None) -> Path:
+                 overwrite: bool = False, codec_state: dict[str, torch.Tensor] | None = None,
+                 what: str = "the model") -> Path:
     """Run `write(folder)` into a temporary folder, add kv_spec.json (and the learnable codec state,
     kv_codec_state.safetensors), then rename it into place, so an interrupted export never leaves a
     half-written model behind (nor removes the previous one)."""
@@ -61,7 +62,7 @@ def write_export(write: Callable[[Path], None], spec: Spec | None, to: str | Pat
         publish(tmp, target, overwrite=True)  # checked above, before the work
     except OSError as e:
         raise OSError(f"could not move the export into {target} ({e}); it is complete in {tmp}") from e
-    print(f"kvtrain: exported the model to {target}")
+    print(f"kvtrain: exported {what} to {target}")
     return target
 
 

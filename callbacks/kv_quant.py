@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from kvtrain.kv import KVQuantSpec, KVSpec, Spec, attach, attached_spec, detach, resolve_spec, spec_from_dict
+from kvtrain.kv.spec import codec_state_file
 from kvtrain.kv.attention import hf_model
 
 
@@ -67,11 +68,14 @@ class KVQuantCallback(L.Callback):
     Args:
         spec: a preset name ("kivi2", "kivi4", "int8"; vLLM's "int8_per_token_head", "fp8_per_token_head",
             "int4_per_token_head", "fp8"), a KVQuantSpec, a KVSpec (version 2: separate key and value policies),
-            or a spec JSON file.
+            or a spec JSON file or folder (with the kv_codec_state.safetensors that `kvtrain calibrate` writes
+            beside it, the spec's codec state starts from it).
         bits: shorthand that sets the bits of both K and V on top of `spec`.
         overrides: any other field of the spec, e.g. residual=64 or full_precision_layers=[0].
         model_attribute: the LightningModule attribute (dotted path) holding the decoder to train, when
             it holds several (e.g. "student"); default: `model`, or the only one.
+        codec_state: a kv_codec_state.safetensors the spec's learnable state starts from (what `kvtrain
+            calibrate` writes); default: the one beside a spec given as a folder or file.
 
     The spec is saved in checkpoints and restored from them on resume. After fit the model is detached
     (full-precision KV) again: decode as trained with `attach(model, callback.spec)` and
@@ -79,18 +83,25 @@ class KVQuantCallback(L.Callback):
     """
 
     def __init__(self, spec: KVQuantSpec | KVSpec | str = "kivi2", bits: int | None = None,
-                 overrides: dict[str, Any] | None = None, model_attribute: str | None = None):
+                 overrides: dict[str, Any] | None = None, model_attribute: str | None = None,
+                 codec_state: str | None = None):
         resolved = resolve_spec(spec)
         if bits is not None:
             resolved = resolved.with_bits(bits)
         self.spec = resolved.with_(**overrides) if overrides else resolved
+        # a calibrated spec's state (a folder's, or named): the run starts from it
+        self.codec_state = Path(codec_state).expanduser() if codec_state is not None else codec_state_file(spec)
 
         self.model_attribute = model_attribute
         self._model: nn.Module | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._model = find_hf_model(pl_module, self.model_attribute)
-        attach(self._model, self.spec)
+        if self.codec_state is not None and not self.codec_state.is_file():
+            raise FileNotFoundError(f"KVQuantCallback: no codec state at {self.codec_state}; write it with "
+                                    f"`kvtrain calibrate` (the spec, or this recipe, and its folder) before the run")
+        attach(self._model, self.spec, self.codec_state)
+        self.codec_state = None  # the run starts from it once; later stages keep what the model learned
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._model is not None:

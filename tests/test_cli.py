@@ -26,7 +26,7 @@ def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
-            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
+            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml", "qat_nuq2.yaml",
             "qat_sub2bit.yaml"} <= names
 
 
@@ -131,6 +131,40 @@ def test_issue12_qat_recipes_run_tiny_and_export_what_they_trained(recipe, state
     assert loss[-1] < loss[0] - 0.6, loss
 
 
+@pytest.mark.slow
+def test_qat_nuq2_recipe_calibrates_then_trains_from_the_calibration(tmp_path, corpus_file):
+    """`kvtrain calibrate recipes/qat_nuq2.yaml runs/qat_nuq2/calibrated`, then the recipe's fit on a
+    tiny model: the codebooks start at the calibration (12 AdamW steps of lr 3e-3 move a level by at
+    most ~0.04, while the calibration is > 0.1 away from NormalFloat's) and train on, and the loss falls."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kvtrain.models import load_model, load_tokenizer
+    from kvtrain.quant.codebook import normal_float_levels
+
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    load_model("kvtrain-ref", init="random", config_overrides={**TINY, "num_attention_heads": 2}).save_pretrained(model_dir)
+    load_tokenizer("kvtrain-ref").save_pretrained(str(model_dir))
+    recipe = str(REPO / "recipes" / "qat_nuq2.yaml")
+    result = run_kvtrain(["calibrate", recipe, "runs/qat_nuq2/calibrated", f"--model={model_dir}", f"--data={corpus_file}",
+                          "--seq_len=256", "--windows=4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calibrated = load_file(tmp_path / "runs" / "qat_nuq2" / "calibrated" / "kv_codec_state.safetensors")
+    assert all((levels - normal_float_levels(2, torch.float32)).abs().max() > 0.1 for levels in calibrated.values())
+    args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
+                                                   "--model.init_args.lr=3e-3", f"--model.init_args.model={model_dir}"]
+    result = run_kvtrain(["fit", "--config", recipe, *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(tmp_path / "runs" / "qat_nuq2" / "model" / "kv_codec_state.safetensors")
+    assert sorted(trained) == sorted(calibrated)
+    moved = [float((trained[k] - calibrated[k]).abs().max()) for k in calibrated]
+    assert 0 < max(moved) and max(moved) < 0.05, moved
+    rows = list(csv.DictReader((tmp_path / "runs" / "qat_nuq2" / "version_0" / "metrics.csv").open()))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert loss[-1] < loss[0] - 0.6, loss
+
+
 def test_eval_command_prints_table_and_json(tmp_path, corpus_file, tiny_model_dir, capsys):
     out = tmp_path / "eval.json"
     main(["eval", f"--model={tiny_model_dir}", f"--data={corpus_file}", "--seq_len=32", "--max_batches=2",
@@ -190,15 +224,20 @@ def test_quickstart_smoke(tmp_path, home):
     assert [(r["model"], r["kv"]) for r in report["rows"]] == [
         ("kvtrain-ref", "full precision"), ("kvtrain-ref (PTQ)", "kivi2"),
         ("QAT model", "full precision"), ("QAT model", "model's spec"),
+        ("kvtrain-ref (PTQ)", "nuq2, calibrated"), ("nuq2 QAT model", "full precision"), ("nuq2 QAT model", "model's spec"),
     ]
-    ref, ptq, qat_fp, qat = report["rows"]
+    ref, ptq, qat_fp, qat, nuq2_ptq, nuq2_fp, nuq2 = report["rows"]
     assert ptq["ppl"] > ref["ppl"]  # 2-bit KV costs perplexity before QAT
     # kivi2 at 1024 tokens: 896 quantized (2-bit codes + fp16 scale and zero per 32 = 0.375 byte/element)
-    # + 128 fp32 tokens, over 4 layers x 2 KV heads x 32 dims x (K, V)
+    # + 128 fp32 tokens, over 4 layers x 2 KV heads x 32 dims x (K, V); nuq2 stores the same
     assert ref["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * 4
     assert qat["kv_bytes_per_token"] == 4 * 2 * 32 * 2 * (896 * 0.375 + 128 * 4) / 1024
+    assert nuq2_ptq["kv_bytes_per_token"] == nuq2["kv_bytes_per_token"] == qat["kv_bytes_per_token"]
+    assert nuq2_ptq["ppl"] != ptq["ppl"] and nuq2_fp["ppl"] != qat_fp["ppl"]  # another cache, another model
     assert (smoke / "models" / "kvtrain-ref" / "model.safetensors").is_file()
     assert (smoke / "runs" / "qat_kivi2" / "model" / "kv_spec.json").is_file()
+    assert (smoke / "runs" / "qat_nuq2" / "calibrated" / "kv_codec_state.safetensors").is_file()
+    assert (smoke / "runs" / "qat_nuq2" / "model" / "kv_codec_state.safetensors").is_file()
     assert "| QAT model | model's spec |" in result.stdout
     assert "not recommended to provide both args and command line arguments" not in result.stderr  # a clean first screen
 

@@ -16,7 +16,7 @@ from test_kv_parity import ARCHS, TOL, build, decode, training_views
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
 from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
 from kvtrain.kv.codecs import Codec, register
-from kvtrain.kv.cache import ENCODE_AHEAD
+from kvtrain.kv.cache import ENCODE_AHEAD, PayloadStore
 from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
 from kvtrain.quant import native
 
@@ -348,6 +348,28 @@ def test_native_kernel_takes_every_head_size(dim, granularity):
                              out[:, :, 1:54], stored=64, then=tail, levels=torch.zeros(3))
 
 
+@pytest.mark.parametrize("policy", [dict(bits=2, granularity="per_token(16)"), dict(codec="nf", bits=2, granularity="per_channel(16)"),
+                                    dict(bits=3, granularity="per_channel(16)")])  # (3 bits: in torch)
+def test_a_payloads_decoder_serves_every_step_until_the_payload_changes(policy):
+    """The cache makes its codec's decoder once per payload (a kernel checks the store once) and
+    calls it every step: each call decodes the tier's tokens, then the window, as decode does; a new
+    payload gets a new decoder."""
+    codec = TensorPolicy(**policy).codec_at(0)
+    store, x = PayloadStore(codec), torch.randn(1, 2, 64, 32, generator=torch.Generator().manual_seed(0))
+    store.encode(x[:, :, :32])
+    decoders = []
+    for n, window in ((16, 3), (32, 5), (32, 0)):
+        store.n, tail = n, torch.randn(1, 2, window, 32)
+        out = store.decode_into(torch.empty(1, 2, n + window, 32), tail)
+        assert torch.equal(out[:, :, :n], store.decode()) and torch.equal(out[:, :, n:], tail)
+        decoders.append(store._decoder[1])
+    assert all(d is decoders[0] for d in decoders)
+    store.encode(x[:, :, 32:])
+    store.n = 64
+    assert torch.equal(store.decode_into(torch.empty(1, 2, 64, 32), torch.empty(1, 2, 0, 32)), codec.decode(store.payload))
+    assert store._decoder[0] is store.payload and store._decoder[1] is not decoders[0]
+
+
 def test_nf_codec_settings_are_checked_at_the_spec():
     with pytest.raises(ValueError, match="a NormalFloat codebook has 2 to 8 bits, got 1"):
         TensorPolicy(codec="nf", bits=1)
@@ -546,6 +568,41 @@ def test_ternary_by_hand():
     assert pack_trits(codes).shape == (3, 4, 8) and torch.equal(unpack_trits(pack_trits(codes), 37), codes)
     with pytest.raises(ValueError, match="8 bytes cannot hold exactly 41 ternary codes"):
         unpack_trits(pack_trits(codes), 41)
+
+
+def test_mixed_channels_by_hand():
+    """One group of 4 tokens (rows) and 4 channels (columns), half the channels high. Ranges 3, 0, 6, 3:
+    channels 2 and 0 (the tie with channel 3 goes to the lower index) get 2 bits, min-max: scales 1 and 2,
+    zeros 0, codes [0, 1, 2, 3] and [0, 3, 0, 3], exact. Channels 1 and 3 get 1 bit around their mean:
+    channel 1 is constant (zero 1, s 0: exact), channel 3 = [0, 1, 2, -1] has zero 0.5 and s = mean
+    |x - 0.5| = 1, codes x > 0.5 = [0, 1, 1, 0], decoded [-0.5, 1.5, 1.5, -0.5]. Stored high channels
+    first: mask 0b0101, high codes token by token [0, 0, 1, 3, 2, 0, 3, 3] at 2 bits, low codes
+    [0, 0, 0, 1, 0, 1, 0, 0] at 1 bit, parameters in the order 0, 2, 1, 3."""
+    codec = TensorPolicy(codec="mixed", bits=2, granularity="per_channel(4)", scale_dtype="float32").codec_at(0)
+    x = torch.tensor([[0.0, 1, 0, 0], [1, 1, 6, 1], [2, 1, 0, 2], [3, 1, 6, -1]]).view(1, 1, 4, 4)
+    payload = codec.encode(x)
+    t = payload.tensors
+    assert t["channels"].flatten().tolist() == [0b0101]
+    assert t["codes_high"].flatten().tolist() == [0 | 0 << 2 | 1 << 4 | 3 << 6, 2 | 0 << 2 | 3 << 4 | 3 << 6]
+    assert t["codes_low"].flatten().tolist() == [1 << 3 | 1 << 5]
+    assert t["scale"].flatten().tolist() == [1.0, 2.0, 0.0, 1.0] and t["zero"].flatten().tolist() == [0.0, 0.0, 1.0, 0.5]
+    expected = x.clone()
+    expected[..., 3] = torch.tensor([-0.5, 1.5, 1.5, -0.5])
+    assert torch.equal(codec.decode(payload), expected)
+    assert payload.nbytes() == 1 + 2 + 1 + 16 + 16
+
+
+def test_mixed_channels_go_below_two_bits_per_entry_and_refuse_what_they_cannot_rank():
+    """head_dim 32 in groups of 64 tokens, half the channels at 2 bits: 1.5 bits of codes, 0.5 of fp16
+    scales and zeros, 1/64 of channel mask: 2.016 bits per entry; a quarter high: 1.77."""
+    x = torch.randn(1, 2, 128, 32)
+    for fraction, bits_per_entry in ((0.5, 1.5 + 0.5 + 1 / 64), (0.25, 1.25 + 0.5 + 1 / 64)):
+        codec = TensorPolicy(codec="mixed", bits=2, granularity="per_channel(64)", high_fraction=fraction).codec_at(0)
+        assert codec.encode(x).nbytes() * 8 / x.numel() == pytest.approx(bits_per_entry)
+    with pytest.raises(ValueError, match="the mixed codec ranks channels within groups of tokens"):
+        TensorPolicy(codec="mixed", bits=2, granularity="per_token(32)")
+    with pytest.raises(ValueError, match=r"high_fraction must be a number in \[0, 1\], got 1.5"):
+        TensorPolicy(codec="mixed", bits=2, high_fraction=1.5)
 
 
 def test_ternary_stores_under_two_bits_per_entry_and_refuses_other_widths():

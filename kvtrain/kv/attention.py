@@ -20,10 +20,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -33,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvtrain.kv.cache import QuantizedKVCache
 from kvtrain.kv.codecs import Codec
 from kvtrain.kv.placement import PreRope, pre_rope_of
-from kvtrain.kv.spec import Spec, resolve_spec
+from kvtrain.kv.spec import Spec, codec_state_file, resolve_spec
 from kvtrain.kv.view import compressed_view
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
 
@@ -362,12 +364,17 @@ def _capture_cache(state: AttachState):
     return hook
 
 
-def attach(model: nn.Module, spec: Spec | str) -> Spec:
+def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = None) -> Spec:
     """Make `model`'s attention see K/V as a cache compressed by `spec` would hand them back.
 
-    Re-attaching replaces the previous spec. Returns the resolved spec.
+    Re-attaching replaces the previous spec. Returns the resolved spec. `codec_state`: a
+    kv_codec_state.safetensors to load into the spec's learnable codec state (`kvtrain calibrate`
+    and exports write one), by default the one beside `spec` when it names a folder or spec file.
+    Without one, a spec given as an object re-attaches the state this model learned under it (kept
+    by `detach`), while a spec named by a string starts where its codecs start: a saved spec means
+    what its folder holds, whatever the model attached before.
     """
-    spec = resolve_spec(spec)
+    source, spec = spec, resolve_spec(spec)
     target = hf_model(model)
     if getattr(target, "kvtrain_state", None) is not None:
         detach(target)
@@ -384,8 +391,8 @@ def attach(model: nn.Module, spec: Spec | str) -> Spec:
     mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
-    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods,
-                        states=_codec_states(target, mods, spec, _head_dim(config)))
+    states = _codec_states(target, mods, spec, _head_dim(config), reuse=not isinstance(source, str))
+    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods, states=states)
     try:
         target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:
@@ -394,18 +401,22 @@ def attach(model: nn.Module, spec: Spec | str) -> Spec:
         m.kvtrain_state = state
     state.hook = target.register_forward_pre_hook(_capture_cache(state), with_kwargs=True)
     target.kvtrain_state = state
+    codec_state = codec_state or codec_state_file(source)
+    if codec_state is not None:
+        load_codec_state(target, load_file(str(codec_state)), source=codec_state)
     return spec
 
 
 CODEC_STATE = "kv_codec_state"  # the attribute of an attention module holding its learnable codec state
 
 
-def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, head_dim: int) -> dict[int, nn.ModuleDict]:
+def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, head_dim: int, reuse: bool = True
+                  ) -> dict[int, nn.ModuleDict]:
     """Each attention layer's learnable codec state (`Codec.make_state`), registered on its module as
-    `kv_codec_state`, so it trains, checkpoints and shards with the weights; what an earlier attach of
-    the same spec learned on this model (detach keeps it aside) is attached again."""
+    `kv_codec_state`, so it trains, checkpoints and shards with the weights; with `reuse`, what an
+    earlier attach of the same spec learned on this model (detach keeps it aside) is attached again."""
     kept = getattr(target, "_kvtrain_codec_states", None)
-    if kept is not None and kept[0] == spec:
+    if reuse and kept is not None and kept[0] == spec:
         states = kept[1]
     else:
         states = {}
@@ -448,14 +459,14 @@ def codec_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for layer, module in states.items() for name, t in module.state_dict().items()}
 
 
-def load_codec_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load what `codec_state_dict` gave into the codec state of the spec attached to `model`."""
+def load_codec_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: object = "the codec state") -> None:
+    """Load what `codec_state_dict` gave (read from `source`) into the codec state of the spec attached to `model`."""
     state: AttachState | None = getattr(hf_model(model), "kvtrain_state", None)
     if state is None:
         raise ValueError("attach the spec the codec state was trained with before loading it")
     expected = codec_state_dict(model)
     if set(tensors) != set(expected):
-        raise ValueError(f"the codec state holds {sorted(tensors)}, the attached spec {state.spec} learns {sorted(expected)}")
+        raise ValueError(f"{source} holds {sorted(tensors)}, the attached spec {state.spec} learns {sorted(expected)}")
     for layer, module in state.states.items():
         module.load_state_dict({name: tensors[f"{layer}.{name}"] for name in module.state_dict()})
 

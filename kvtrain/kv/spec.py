@@ -245,7 +245,8 @@ class TensorPolicy:
 
     Args:
         codec: a registered codec name (`kvtrain.kv.codecs.CODECS`): "affine" (KIVI-style min-max),
-            "nf" (KVQuant's NormalFloat codebook), "ternary" (VidKV's -s/0/+s), vLLM's
+            "nf" (KVQuant's NormalFloat codebook), "ternary" (VidKV's -s/0/+s), "mixed" (VidKV's
+            b-bit widest channels and 1-bit others), vLLM's
             "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8".
         bits: bits per element.
         granularity: which elements share a scale: "per_channel(G)" (G tokens per group along each
@@ -260,6 +261,8 @@ class TensorPolicy:
             dense-and-sparse, `kvtrain.kv.codecs.outliers`); 0 keeps none.
         learnable: the codec's state (nf: its levels) trains with the model; `attach` registers it in
             each attention layer.
+        high_fraction: the mixed codec's share of each head's channels (the widest in each group of
+            tokens) kept at `bits`; the rest get 1 bit (VidKV's mixed-precision keys).
     """
 
     codec: str = "affine"
@@ -273,6 +276,7 @@ class TensorPolicy:
     rotation_seed: int = 0
     outliers: int = 0
     learnable: bool = False
+    high_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         self.granularity = str(parse_granularity(self.granularity))
@@ -282,6 +286,9 @@ class TensorPolicy:
                              f"{sorted(n for n, c in CODECS.items() if c.learnable_state)}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if isinstance(self.high_fraction, bool) or not isinstance(self.high_fraction, (int, float)) or not (
+                0 <= self.high_fraction <= 1):
+            raise ValueError(f"high_fraction must be a number in [0, 1], got {self.high_fraction!r}")
         for name in ("rotation_seed", "outliers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or (name == "outliers" and value < 0):
@@ -387,6 +394,16 @@ def resolve_spec(spec: "Spec | str") -> Spec:
         return load_spec(path)
     raise ValueError(f"unknown KV spec {spec!r}: use a preset {PRESETS + SERVING_PRESETS}, a spec JSON file, or a "
                      f"folder with {SPEC_FILE}")
+
+
+def codec_state_file(spec: "Spec | str") -> Path | None:
+    """The kv_codec_state.safetensors beside a spec given as a folder or a JSON file (`kvtrain
+    calibrate` and exports write one next to kv_spec.json), if there is one."""
+    if not isinstance(spec, str) or spec in PRESETS or spec in SERVING_PRESETS:
+        return None
+    path = Path(spec).expanduser()
+    found = (path if path.is_dir() else path.parent) / CODEC_STATE_FILE
+    return found if found.is_file() else None
 
 
 def serving_spec(name: str) -> KVSpec:

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -213,34 +213,56 @@ def affine_decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     """Decode the first tokens of a store of `stored` tokens per head (default: all of out's, less
     then's) into `out` (B, H, T, D), followed by `then` (B, H, m, D) when given, if the kernel applies;
     False if the caller must decode in torch. With `levels` (2^bits values in out's dtype, a codebook
-    codec's), a value is levels[code] * scale + zero instead of code * scale + zero. (It runs every
-    decode step, for K and V of every layer: its checks are kept to a few attribute reads.)
+    codec's), a value is levels[code] * scale + zero instead of code * scale + zero.
 
     codes: (B, H, ..., bytes) token-major rows, contiguous; scale, zero: contiguous, in out's dtype,
     float16 or bfloat16; per-channel: (B, H, stored / group, 1, D), per-token: (B, H, stored, D / group, 1).
     out: CPU float32 or float64, rows contiguous (any stride between the (B, H) planes' rows); then:
     out's dtype, laid out the same way."""
-    fn = _functions().get((out.dtype, bits))
-    kind = 0 if scale.dtype == out.dtype else PARAM_KINDS.get(scale.dtype)
-    if (fn is None or kind is None or not out.is_cpu or codes.dtype != torch.uint8 or scale.dtype != zero.dtype
+    tokens = out.shape[2] - (0 if then is None else then.shape[2])
+    shape = (*codes.shape[:2], tokens if stored is None else stored, out.shape[3])  # the store's
+    decode = affine_decoder(codes, scale, zero, bits, group, per_channel, symmetric, shape, out.dtype, levels)
+    return decode is not None and decode(out, then)
+
+
+def affine_decoder(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                   per_channel: bool, symmetric: bool, shape: tuple[int, ...], dtype: torch.dtype,
+                   levels: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor | None], bool] | None:
+    """`affine_decode` bound to one store of `shape` (B, H, stored, D) decoded into `dtype`: the store
+    checked once, then `decode(out, then) -> bool` for any number of calls; None where the kernel does
+    not apply. (The cache keeps it while its payload does not change: a decode step, which runs it for
+    K and V of every layer, pays only for a few checks of out and then.)"""
+    fn = _functions().get((dtype, bits))
+    kind = 0 if scale.dtype == dtype else PARAM_KINDS.get(scale.dtype)
+    if (fn is None or kind is None or not codes.is_cpu or codes.dtype != torch.uint8 or scale.dtype != zero.dtype
             or not (codes.is_contiguous() and scale.is_contiguous() and zero.is_contiguous())
-            or not _rows(out) or (then is not None and not (then.dtype == out.dtype and _rows(then)))
             or (not per_channel and group * bits % 8)  # per-token groups must start a byte: one bit stream per row
-            or (levels is not None and not (levels.dtype == out.dtype and levels.is_contiguous()))):
-        return False
+            or (levels is not None and not (levels.dtype == dtype and levels.is_contiguous()))):
+        return None
     if levels is not None and levels.numel() != 1 << bits:
         raise ValueError(f"affine_decode: {levels.numel()} levels for {bits}-bit codes (needs {1 << bits})")
-    if out.numel() > SINGLE_THREAD_LIMIT and torch.get_num_threads() > 1:
-        return False  # the kernel runs on one thread; torch's ops spread a large store over its threads
-    batch, heads, total, dim = out.shape
-    tokens = total if then is None else total - then.shape[2]
-    stored = tokens if stored is None else stored
-    _check_store(codes, scale, zero, bits, group, per_channel, (batch, heads, stored, dim), tokens, then, out)
-    fn(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), kind, out.data_ptr(), batch * heads, tokens, stored,
-       dim, group, per_channel, symmetric, None if levels is None else levels.data_ptr(), out.stride(1),
-       *((None, 0, 0) if then is None else (
-           then.data_ptr(), then.shape[2], then.stride(1))))
-    return True
+    batch, heads, stored, dim = shape
+    if not _holds(codes, scale, zero, bits, group, per_channel, shape):
+        raise ValueError(_mismatch(codes, scale, bits, group, shape))
+    store = (codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), kind)
+    table = None if levels is None else levels.data_ptr()
+
+    def decode(out: torch.Tensor, then: torch.Tensor | None = None) -> bool:
+        if (out.dtype != dtype or not out.is_cpu or not _rows(out)
+                or (then is not None and not (then.dtype == dtype and _rows(then)))):
+            return False
+        if out.numel() > SINGLE_THREAD_LIMIT and torch.get_num_threads() > 1:
+            return False  # the kernel runs on one thread; torch's ops spread a large store over its threads
+        tokens = out.shape[2] - (0 if then is None else then.shape[2])
+        if (out.shape[:2] != (batch, heads) or out.shape[3] != dim or not 0 <= tokens <= stored
+                or (then is not None and then.shape[:2] + then.shape[3:] != out.shape[:2] + out.shape[3:])):
+            raise ValueError(_mismatch(codes, scale, bits, group, shape, out, then))
+        fn(*store, out.data_ptr(), batch * heads, tokens, stored, dim, group, per_channel, symmetric, table,
+           out.stride(1), *((None, 0, 0) if then is None else (then.data_ptr(), then.shape[2], then.stride(1))))
+        return True
+
+    decode.store = (codes, scale, zero, levels)  # the pointers it reads stay alive with it
+    return decode
 
 
 def _rows(t: torch.Tensor) -> bool:
@@ -249,14 +271,18 @@ def _rows(t: torch.Tensor) -> bool:
     return one == 1 and row == t.shape[3] and plane == t.shape[1] * head
 
 
-def _check_store(codes, scale, zero, bits, group, per_channel, shape, tokens, then, out) -> None:
-    """The kernel reads and writes where the shapes say: refuse what would take it out of bounds."""
+def _holds(codes, scale, zero, bits, group, per_channel, shape) -> bool:
+    """The store's tensors hold `shape` (B, H, stored, D) values in whole groups: the kernel reads
+    no further than the shapes say."""
     batch, heads, stored, dim = shape
     params = batch * heads * (stored // group * dim if per_channel else stored * (dim // group))
     whole = stored % group == 0 if per_channel else dim % group == 0
-    if (not whole or not 0 <= tokens <= stored or codes.numel() != batch * heads * stored * ((dim * bits + 7) // 8)
-            or not scale.numel() == params == zero.numel()
-            or (then is not None and then.shape[:2] + then.shape[3:] != out.shape[:2] + out.shape[3:])):
-        raise ValueError(f"affine_decode: codes {tuple(codes.shape)} and parameters {tuple(scale.shape)} do not "
-                         f"hold {tuple(shape)} values at {bits} bits in groups of {group} for {tuple(out.shape)}"
-                         + ("" if then is None else f" followed by {tuple(then.shape)}"))
+    return (whole and codes.numel() == batch * heads * stored * ((dim * bits + 7) // 8)
+            and scale.numel() == params == zero.numel())
+
+
+def _mismatch(codes, scale, bits, group, shape, out=None, then=None) -> str:
+    return (f"affine_decode: codes {tuple(codes.shape)} and parameters {tuple(scale.shape)} do not hold "
+            f"{tuple(shape)} values at {bits} bits in groups of {group}"
+            + ("" if out is None else f" for {tuple(out.shape)}")
+            + ("" if then is None else f" followed by {tuple(then.shape)}"))

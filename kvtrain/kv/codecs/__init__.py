@@ -15,6 +15,7 @@ and `build_codec` makes it for a layer. Adding one is a file here and one import
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
@@ -99,6 +100,11 @@ class Codec(ABC):
         if then is not None:
             out.narrow(-2, tokens, then.shape[-2]).copy_(then)
         return out
+
+    def decoder(self, payload: Payload) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """`decode_into` bound to one payload: the cache makes it once per payload and calls it every
+        decode step (a codec with a kernel checks the payload and prepares the kernel here, once)."""
+        return functools.partial(self.decode_into, payload)
 
     def _decode_into(self, payload: Payload, out: torch.Tensor) -> None:
         """decode(payload) written into `out`; override to decode in place without the intermediate tensor."""
@@ -189,6 +195,6 @@ def build_codec(policy: Any, bits: int) -> Codec:
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
-from kvtrain.kv.codecs import affine, codebook, ternary, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs import affine, codebook, mixed, ternary, vllm  # noqa: E402,F401  (registers them)
 from kvtrain.kv.codecs.outliers import Outliers  # noqa: E402
 from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -81,6 +82,18 @@ class GroupedCodec(Codec):
         return QuantizedTensor(codes, scale, zero, self.bits, self._dim, torch.Size(payload.shape), symmetric,
                                payload.dtype)
 
+    def _kernel_decoder(self, payload: Payload, symmetric: bool, levels: torch.Tensor | None = None
+                        ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """`decoder`: the CPU kernel (`kvtrain.quant.native`) bound to the payload where it applies,
+        with torch's decode_into where a call's output does not suit it (or it never applies)."""
+        t = payload.tensors
+        in_torch = functools.partial(Codec.decode_into, self, payload)
+        kernel = native.affine_decoder(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
+                                       self.axis == "channel", symmetric, payload.shape, payload.dtype, levels)
+        if kernel is None:
+            return in_torch
+        return lambda out, then=None: out if kernel(out, then) else in_torch(out, then)
+
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
         if self.axis == "token" and head_dim % self.group_size:
             raise ValueError(f"{where}={self.group_size} does not divide head_dim={head_dim} of {model_name}; per-token groups split "
@@ -124,14 +137,11 @@ class TensorQuant(GroupedCodec):
     def decode(self, payload: Payload) -> torch.Tensor:
         return dequantize(self._stored(payload, unpack, self.symmetric))
 
+    def decoder(self, payload: Payload) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        return self._kernel_decoder(payload, self.symmetric)
+
     def decode_into(self, payload: Payload, out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
-        """Codec.decode_into (the cache runs it for its whole store every step), by the CPU kernel
-        where it applies (`kvtrain.quant.native`)."""
-        t = payload.tensors
-        if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
-                                self.axis == "channel", self.symmetric, out, payload.n, then):
-            return out
-        return super().decode_into(payload, out, then)
+        return self.decoder(payload)(out, then)
 
     def _decode_into(self, payload: Payload, out: torch.Tensor) -> None:
         """In torch, with the codes unpacked as int32 words where they fill them."""

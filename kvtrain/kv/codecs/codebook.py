@@ -8,24 +8,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from kvtrain.kv.codecs import Payload, register
 from kvtrain.kv.codecs.affine import GroupedCodec, ScaleDtype
-from kvtrain.quant import native
-from kvtrain.quant.codebook import codebook_dequantize, codebook_quantize, normal_float_levels
+from kvtrain.quant.codebook import codebook_dequantize, codebook_quantize, codebook_samples, normal_float_levels
 from kvtrain.quant.packing import unpack
 
 
 class CodebookLevels(nn.Module):
-    """A codec's learnable codebook in one attention layer: its levels, trained like any weight."""
+    """A codec's learnable codebook in one attention layer: its levels, trained like any weight, and
+    fitted to the model by `kvtrain calibrate` (`kvtrain.kv.calibrate`) while `observed` is a list."""
 
     def __init__(self, levels: torch.Tensor):
         super().__init__()
         self.levels = nn.Parameter(levels.float().clone())
+        self.observed: list[list[torch.Tensor | None]] | None = None
+
+    def observe(self, x: torch.Tensor, samples: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+                ) -> torch.Tensor:
+        """x passed on unchanged (calibration sees the full-precision model, as KVQuant's does) as a
+        leaf whose gradient, after backward, gives `samples(x, grad)`: the normalized values and their
+        squared gradients, appended to `observed`."""
+        leaf = x.detach().requires_grad_()
+        record: list[torch.Tensor | None] = [None, None]
+        self.observed.append(record)
+        leaf.register_hook(lambda grad: record.__setitem__(slice(None), samples(leaf.detach(), grad)))
+        return leaf
 
 
 @register("nf")
@@ -77,17 +89,23 @@ class NormalFloat(GroupedCodec):
     def decode(self, payload: Payload) -> torch.Tensor:
         return codebook_dequantize(self._stored(payload, unpack), self.levels)
 
+    def _samples(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What calibration fits the levels to: x's values normalized as encode normalizes them, and
+        each one's weight, its squared gradient (KVQuant's Fisher weighting), both flat and in float32."""
+        return codebook_samples(x, grad, self.group_size, self._dim, self.param_dtype)
+
+    def decoder(self, payload: Payload) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """The kernel's byte table holds the levels as the decoder is made (a cache makes one per payload;
+        levels train between decodes, not during one)."""
+        return self._kernel_decoder(payload, False, self.levels.detach().to(payload.dtype).contiguous())
+
     def decode_into(self, payload: Payload, out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
-        """Codec.decode_into, by the CPU kernel where it applies (its table holds the levels)."""
-        t = payload.tensors
-        levels = self.levels.detach().to(out.dtype)
-        if native.affine_decode(t["codes"], t["scale"], t["zero"], self.bits, self.group_size,
-                                self.axis == "channel", False, out, payload.n, then, levels):
-            return out
-        return super().decode_into(payload, out, then)
+        return self.decoder(payload)(out, then)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)); learnable levels get the gradient of the values they decode to."""
+        if self.state is not None and self.state.observed is not None:
+            return self.state.observe(x, self._samples)
         if not self.learnable:
             return super().simulate(x)
         q = codebook_quantize(x.detach(), self.levels.detach(), self.group_size, self._dim, self.param_dtype)
