@@ -224,6 +224,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_rl_length": partial(rl_length, folder="smollm2/"),
     # issue 12: a calibrated codebook's QAT against kivi2's, at the same bytes
     "qat_nuq2": partial(qat_versus, folder="qat_nuq2"),
+    "qat_sub2bit_15": partial(qat_versus, folder="qat_sub2bit_15"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),

@@ -26,8 +26,8 @@ def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
-            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml", "qat_nuq2.yaml",
-            "qat_sub2bit.yaml"} <= names
+            "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
+            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -112,7 +112,8 @@ def test_qat_recipe_runs_tiny_with_the_spec_and_exports_it(tmp_path, corpus_file
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,state", [("qat_kvquant2", True), ("qat_rotate2", False), ("qat_sub2bit", False)])
+@pytest.mark.parametrize("recipe,state", [("qat_kvquant2", True), ("qat_rotate2", False), ("qat_sub2bit", False),
+                                          ("qat_sub2bit_15", False)])
 def test_issue12_qat_recipes_run_tiny_and_export_what_they_trained(recipe, state, tmp_path, corpus_file):
     """KVQuant (pre-RoPE, learnable NormalFloat levels, outliers, sinks), rotation and sub-2-bit QAT on a
     tiny random model: the loss falls and the export carries the spec (and the learned levels)."""
