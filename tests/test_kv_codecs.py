@@ -13,7 +13,7 @@ import torch
 from test_kv_families import tiny_lfm2, tiny_qwen2_vl, tiny_windowed
 from test_kv_parity import ARCHS, TOL, build, decode, training_views
 
-from kvtrain import KVQuantSpec, QuantizedKVCache, attach, detach
+from kvtrain import KVQuantSpec, QuantizedKVCache, attach, attached, detach
 from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
 from kvtrain.kv.codecs import Codec, register
 from kvtrain.kv.cache import ENCODE_AHEAD, PayloadStore
@@ -28,10 +28,10 @@ REFUSED_PRE_ROPE = {"qwen2_vl": r"multimodal RoPE \(mrope_section\)", "gemma3": 
 EXAMPLES = {f"{name}-{i}": fields for name, cls in CODECS.items() for i, fields in enumerate(cls.examples)}
 
 
-def example_codec(name: str) -> Codec:
+def example_codec(name: str, head_dim: int = 32) -> Codec:
     """The example's codec, bound to fresh state if it learns some (as attach binds it)."""
     codec = TensorPolicy(codec=name.rsplit("-", 1)[0], **EXAMPLES[name]).codec_at(0)
-    state = codec.make_state(32)
+    state = codec.make_state(head_dim)
     return codec if state is None else codec.bound(state)
 
 
@@ -62,7 +62,7 @@ def test_simulate_is_decode_of_encode_bit_for_bit(name, dtype):
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_payloads_concatenate_and_select_rows(name):
-    codec = example_codec(name)
+    codec = example_codec(name, head_dim=16)
     a, b = torch.randn(2, 3, 2, 2 * codec.unit, 16, generator=torch.Generator().manual_seed(1))
     joined = Payload.cat([codec.encode(a), codec.encode(b)])
     assert joined.n == 4 * codec.unit and joined.nbytes() == codec.encode(a).nbytes() * 2
@@ -420,7 +420,7 @@ def test_rotation_spreads_an_outlier_channel_before_per_token_quantization():
 
 
 def test_rotation_settings_are_checked_and_saved(tmp_path):
-    with pytest.raises(ValueError, match=r"rotation must be one of \('none', 'hadamard', 'random_hadamard'\), got 'givens'"):
+    with pytest.raises(ValueError, match=r"rotation must be one of \('none', 'hadamard', 'random_hadamard', 'learned'\), got 'givens'"):
         TensorPolicy(rotation="givens")
     with pytest.raises(ValueError, match="rotation_seed must be an integer, got 1.5"):
         TensorPolicy(rotation="random_hadamard", rotation_seed=1.5)
@@ -614,3 +614,52 @@ def test_ternary_stores_under_two_bits_per_entry_and_refuses_other_widths():
     assert ternary.encode(x).nbytes() * 8 / x.numel() == 2.25 and affine.encode(x).nbytes() * 8 / x.numel() == 3
     with pytest.raises(ValueError, match=r"ternary codec's codes are -1, 0, \+1.*got bits=3"):
         TensorPolicy(codec="ternary", bits=3, granularity="per_token(32)")
+
+
+def test_cayley_is_orthogonal_and_hand_computed():
+    """W = [[0, 1], [0, 0]]: A = [[0, 1], [-1, 0]], (I - A)^-1 (I + A) = [[0, 1], [-1, 0]] (a quarter turn);
+    W = 0 gives the identity exactly; any W gives an orthogonal matrix."""
+    from kvtrain.quant.hadamard import cayley
+
+    assert cayley(torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)).tolist() == [[0.0, 1.0], [-1.0, 0.0]]
+    assert torch.equal(cayley(torch.zeros(8, 8)), torch.eye(8))
+    r = cayley(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(r @ r.T, torch.eye(32, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("inner", [dict(bits=2), dict(codec="nf", bits=2, learnable=True)], ids=["affine", "nf"])
+def test_a_learned_rotation_trains_and_the_cache_decodes_with_it(inner):
+    """rotation: learned registers W (head_dim x head_dim) per layer and tensor, the inner codec's state
+    beside it; at W = 0 it is the random Hadamard exactly; the LM loss reaches W; after a step the cache
+    decodes with the rotation as trained (float64 parity), and a cache without the model's state refuses."""
+    policy = dict(inner, rotation="learned")
+    spec = KVSpec(key=dict(policy, granularity="per_channel(16)"), value=dict(policy, granularity="per_token(16)"),
+                  residual=8)
+    hadamard = spec_from_dict({**spec.to_dict(), "key": dict(spec.to_dict()["key"], rotation="random_hadamard"),
+                               "value": dict(spec.to_dict()["value"], rotation="random_hadamard")})
+    model = build("llama")
+    ids = torch.randint(0, 250, (2, 45), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), attached(model, hadamard):
+        random_hadamard = model(ids, use_cache=False).logits
+    attach(model, spec)
+    state = {n: p for n, p in model.named_parameters() if "kv_codec_state" in n}
+    rotations = [p for n, p in state.items() if n.endswith(".weight")]
+    layers = model.config.num_hidden_layers
+    assert len(rotations) == 2 * layers and all(p.shape == (32, 32) for p in rotations)
+    assert len(state) - len(rotations) == (2 * layers if inner.get("learnable") else 0)  # the nf levels
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, random_hadamard)
+    model.train()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rotations)
+    with torch.no_grad():
+        for p in rotations:
+            p.sub_(0.05 * p.grad.sign())
+        trained_view = model(ids, use_cache=False).logits
+    assert not torch.allclose(trained_view, random_hadamard)
+    model.eval()
+    decoded, _ = decode(model, ids, spec, [20])
+    torch.testing.assert_close(decoded, trained_view, **TOL)
+    with pytest.raises(ValueError, match="a learned rotation reads its parameter from the model"):
+        QuantizedKVCache(spec).update(torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32), 0)
+    detach(model)

@@ -59,8 +59,9 @@ def codebooks(model: nn.Module) -> dict[tuple[int, str], CodebookLevels]:
     """The attached spec's codebooks by (layer, "key" or "value")."""
     found = {}
     for module in attention_modules(hf_model(model)):
-        states = getattr(module, CODEC_STATE, {})
-        found.update({(module.layer_idx, name): s for name, s in states.items() if isinstance(s, CodebookLevels)})
+        states = getattr(module, CODEC_STATE, {})  # (a stage's state holds its inner codec's)
+        found.update({(module.layer_idx, name): m for name, s in states.items() for m in s.modules()
+                      if isinstance(m, CodebookLevels)})
     return found
 
 

@@ -253,9 +253,10 @@ class TensorPolicy:
             channel), "per_token(G)" (G channels per group within a token), "per_token_head", "per_tensor".
         symmetric / clip_ratio / scale_dtype: the affine codec's options (see KVQuantSpec).
         layer_bits: per-layer bits {layer: bits} for this tensor only (e.g. K at 4 bits in layer 0).
-        rotation: "none", "hadamard" or "random_hadamard": an orthogonal rotation of each head before
-            the codec, undone after decoding (`kvtrain.kv.codecs.rotation`, QuaRot / RotateKV).
-        rotation_seed: the random signs of "random_hadamard".
+        rotation: "none", "hadamard", "random_hadamard" or "learned": an orthogonal rotation of each head
+            before the codec, undone after decoding (`kvtrain.kv.codecs.rotation`, QuaRot / RotateKV;
+            "learned": the random Hadamard times a trained Cayley rotation per layer, SpinQuant's R2).
+        rotation_seed: the random signs of "random_hadamard" and "learned".
         outliers: per token and head, this many entries (the largest and smallest) kept aside in
             `scale_dtype` with their indices, the rest quantized without them (KVQuant's
             dense-and-sparse, `kvtrain.kv.codecs.outliers`); 0 keeps none.

@@ -66,3 +66,12 @@ def rotate(x: torch.Tensor, seed: int | None = None, inverse: bool = False) -> t
     if signs is not None and inverse:
         y = y * signs
     return y.reshape(x.shape)
+
+
+def cayley(weight: torch.Tensor) -> torch.Tensor:
+    """The orthogonal matrix (I - A)^-1 (I + A) of the skew-symmetric A = W - W^T (the identity at W = 0),
+    differentiable in W: a rotation that trains by unconstrained steps on W (SpinQuant's learned R2
+    is one; its Cayley SGD updates R directly)."""
+    a = weight - weight.T
+    eye = torch.eye(weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    return torch.linalg.solve(eye - a, eye + a)

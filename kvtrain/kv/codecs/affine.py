@@ -112,6 +112,7 @@ class TensorQuant(GroupedCodec):
         dict(bits=2, granularity="per_channel(16)"), dict(bits=3, granularity="per_token(16)", symmetric=True),
         dict(bits=2, granularity="per_token(16)", rotation="random_hadamard"),  # behind the rotation stage
         dict(bits=2, granularity="per_channel(16)", outliers=2),  # behind the outliers stage
+        dict(bits=2, granularity="per_token(16)", rotation="learned"),  # a trained rotation's state
     )
 
     symmetric: bool = False

@@ -9,20 +9,36 @@ instead rotates the query with the same R and folds R into v_proj and o_proj, wh
 decode; the stored codes are the same). R is the orthonormal Hadamard transform in blocks of the
 largest power of two dividing head_dim (`kvtrain.quant.hadamard.rotate`), after seeded random signs
 for "random_hadamard". It stores nothing per token, so bytes are the inner codec's.
+
+"learned" (SpinQuant's trained R2, per layer and tensor): R = C H, with H the random Hadamard above and
+C = (I - A)^-1 (I + A) the Cayley transform of a skew-symmetric A = W - W^T, W a trained parameter
+(`LearnedRotation`, zero at the start, so training starts from the random Hadamard): orthogonal for any
+W, so the rotation stays exactly undoable while the gradient through the inner codec's simulation moves it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from kvtrain.kv.codecs import Payload, Stage, build_codec
-from kvtrain.quant.hadamard import rotate
+from kvtrain.quant.hadamard import cayley, rotate
 
-Rotation = Literal["none", "hadamard", "random_hadamard"]
-ROTATIONS = ("none", "hadamard", "random_hadamard")
+Rotation = Literal["none", "hadamard", "random_hadamard", "learned"]
+ROTATIONS = ("none", "hadamard", "random_hadamard", "learned")
+
+
+class LearnedRotation(nn.Module):
+    """A learned rotation's parameter in one attention layer (W, its Cayley transform's generator),
+    and the inner codec's own state when it has one."""
+
+    def __init__(self, head_dim: int, inner: nn.Module | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(head_dim, head_dim))
+        self.inner = inner
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,7 @@ class Rotated(Stage):
 
     rotation: Rotation
     seed: int = 0
+    state: LearnedRotation | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_policy(cls, policy: Any, bits: int) -> "Rotated":
@@ -38,8 +55,26 @@ class Rotated(Stage):
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
         return cls(build_codec(replace(policy, rotation="none"), bits), policy.rotation, policy.rotation_seed)
 
+    def make_state(self, head_dim: int) -> nn.Module | None:
+        if self.rotation != "learned":
+            return super().make_state(head_dim)
+        return LearnedRotation(head_dim, self.inner.make_state(head_dim))
+
+    def bound(self, state: nn.Module) -> "Rotated":
+        if self.rotation != "learned":
+            return super().bound(state)
+        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        return rotate(x, self.seed if self.rotation == "random_hadamard" else None, inverse)
+        if self.rotation != "learned":
+            return rotate(x, self.seed if self.rotation == "random_hadamard" else None, inverse)
+        if self.state is None:
+            raise ValueError("a learned rotation reads its parameter from the model it is attached to: use the cache "
+                             "through the attached model's forward (attach(model, spec) registers it)")
+        c = cayley(self.state.weight.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+        if inverse:  # (C H)^T y = H^T C^T y: with row vectors, y C, then H^T
+            return rotate(x @ c, self.seed, inverse=True)
+        return rotate(x, self.seed) @ c.T
 
     def encode(self, x: torch.Tensor) -> Payload:
         return self.inner.encode(self._rotate(x))
