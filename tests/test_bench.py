@@ -77,6 +77,28 @@ def test_kv_quality_peer_axes_option():
         kv_quality.parse_args(["--peer_axes", "12"])  # not an axis pair transformers documents
 
 
+def test_decode_ratios_are_the_median_of_ratios_within_a_round():
+    """Rounds 1-3 with a slow minute in round 2 (every cache 3x slower): within-round ratios 2, 2, 2.5
+    give 2, where the ratio of the medians (4 s vs 1.5 s, 2.67) would count the slow round against ours."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import kv_speed
+
+    runs = {"fp": [{"decode_s": s} for s in (1.0, 3.0, 1.0)], "kivi2": [{"decode_s": s} for s in (2.0, 6.0, 2.5)],
+            "hqq2": [{"decode_s": s} for s in (4.0, 12.0, 5.0)]}
+    assert kv_speed.decode_ratios(runs) == {"kivi2/fp": 0.5, "kivi2/hqq2": 2.0}
+
+
+def test_qat_measures_without_the_control_arm_give_the_gap_left_only():
+    sys.path.insert(0, str(REPO / "bench"))
+    import qat_recovery
+
+    rows = [{"model": "qat-seed1", "kv": kv, "split": "val", "ppl": ppl} for kv, ppl in (("full precision", 80.0), ("kivi2", 84.0))]
+    assert qat_recovery.measures(rows, "val", 1) == {"gap_left": pytest.approx(0.05)}
+    rows += [{"model": "control-seed1", "kv": kv, "split": "val", "ppl": ppl}
+             for kv, ppl in (("full precision", 82.0), ("kivi2", 92.0))]
+    assert qat_recovery.measures(rows, "val", 1) == {"recovered": pytest.approx(0.8), "gap_left": pytest.approx(0.05)}
+
+
 @pytest.mark.slow
 def test_kv_speed_smoke(tmp_path, reference):
     run_bench("kv_speed.py", tmp_path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kvtrain.quant.uniform import _stored
+from kvtrain.quant.uniform import _codes, _dequant_grouped, _stored
 
 
 def grouped_tokens(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ def mixed_quantize(x: torch.Tensor, group_size: int, high: int, bits: int, param
     g, lo, hi = (t.gather(-1, order.unsqueeze(-2).expand(*t.shape[:-1], -1)) for t in (g, lo, hi))
     scale_high = _stored((hi[..., :high] - lo[..., :high]) / (2**bits - 1), param_dtype)
     zero_high = _stored(lo[..., :high], param_dtype)
-    codes_high = ((g[..., :high] - zero_high) / scale_high.masked_fill(scale_high == 0, 1)).round().clamp(0, 2**bits - 1)
+    codes_high = _codes(g[..., :high], scale_high, zero_high, bits, symmetric=False)
     zero_low = _stored(g[..., high:].mean(-2, keepdim=True), param_dtype)
     codes_low = g[..., high:] > zero_low
     scale_low = _stored((g[..., high:] - zero_low).abs().mean(-2, keepdim=True), param_dtype)
@@ -59,7 +59,7 @@ def mixed_dequantize(mask: torch.Tensor, codes_high: torch.Tensor, codes_low: to
     """The inverse layout of `mixed_quantize`: (B, H, n * G, D) in `dtype`, computed in it."""
     high = codes_high.shape[-1]
     scale, zero = scale.to(dtype), zero.to(dtype)
-    values = torch.cat([codes_high.to(dtype) * scale[..., :high] + zero[..., :high],
+    values = torch.cat([_dequant_grouped(codes_high.to(dtype), scale[..., :high], zero[..., :high], 0, False),
                         zero[..., high:] + (2 * codes_low.to(dtype) - 1) * scale[..., high:]], dim=-1)
     order = channel_order(mask).unsqueeze(-2).expand_as(values)
     return torch.empty_like(values).scatter_(-1, order, values).flatten(-3, -2)
