@@ -16,9 +16,10 @@ from test_kv_parity import ARCHS, TOL, build, decode, training_views
 from kvtrain import KVQuantSpec, QuantizedKVCache, attach, attached, detach
 from kvtrain.kv import CODECS, KVSpec, Payload, TensorPolicy, load_spec, spec_from_dict
 from kvtrain.kv.codecs import Codec, register
-from kvtrain.kv.cache import ENCODE_AHEAD, PayloadStore
+from kvtrain.kv.cache import ENCODE_AHEAD, CompressedTensor, PayloadStore, QuantizedKVLayer
 from kvtrain.kv.codecs.vllm import Fp8PerTokenHead
 from kvtrain.quant import native
+from kvtrain.quant.uniform import quantize
 
 # the parity suite's seven decoders, a hybrid (convolution + attention layers), a VLM's text decoder, and
 # sliding-window attention (Mistral with a window; Gemma 3, all sliding with RoPE per layer type)
@@ -320,6 +321,34 @@ def test_native_kernel_decodes_every_affine_setting_bit_for_bit(bits, granularit
                                     False, out[:, :, 3:67])  # 3-bit codes straddle bytes: decoded in torch
 
 
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (8, True)])
+@pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(32)", "per_token(8)"])
+def test_native_kernel_encodes_every_affine_setting_bit_for_bit(bits, granularity, symmetric):
+    """The C encoder against quantize + packing: codes, scales and zero points equal bit for bit for
+    parameters stored in float16 (subnormal and clamped ones too), bfloat16 and float32, clipped or
+    not, constant groups (scale 0), from a strided view of a window; what it does not take (float64,
+    3 bits) is encoded in torch."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(bits)
+    magnitude = torch.logspace(-7, 6, 80)[torch.randperm(80, generator=gen)]  # fp16 subnormal scales; beyond 65504
+    window = torch.randn(2, 3, 80, 32, generator=gen) * magnitude[:, None]
+    window[0, 1, :32] = 1.5  # constant groups either way
+    x = window[:, :, 8:72]
+    for scale_dtype in ("float16", "bfloat16", "float32"):
+        for clip in (1.0, 0.9):
+            codec = TensorPolicy(bits=bits, granularity=granularity, symmetric=symmetric, scale_dtype=scale_dtype,
+                                 clip_ratio=clip).codec_at(0)
+            assert native.affine_encode(x, bits, codec.group_size, codec.axis == "channel", symmetric, clip,
+                                        codec.param_dtype) is not None
+            ours = codec.encode(x).tensors
+            reference = codec._payload(quantize(x, bits, codec.group_size, codec._dim, symmetric, clip, codec.param_dtype), x)
+            for name, t in reference.tensors.items():
+                assert ours[name].shape == t.shape and torch.equal(ours[name], t), (scale_dtype, clip, name)
+    assert native.affine_encode(x.double(), bits, 16, True, symmetric, 1.0, torch.float16) is None
+    assert native.affine_encode(x, 3, 16, True, False, 1.0, torch.float16) is None
+
+
 @pytest.mark.parametrize("dim", [32, 48, 64, 128])
 @pytest.mark.parametrize("granularity", ["per_channel(16)", "per_token(16)"])
 def test_native_kernel_takes_every_head_size(dim, granularity):
@@ -368,6 +397,67 @@ def test_a_payloads_decoder_serves_every_step_until_the_payload_changes(policy):
     store.n = 64
     assert torch.equal(store.decode_into(torch.empty(1, 2, 64, 32), torch.empty(1, 2, 0, 32)), codec.decode(store.payload))
     assert store._decoder[0] is store.payload and store._decoder[1] is not decoders[0]
+
+
+@pytest.mark.parametrize("spec", ["kivi2", KVSpec(
+    key=dict(codec="nf", bits=2, granularity="per_channel(16)"), value=dict(bits=4, granularity="per_token(16)"),
+    residual=8, sinks=3)], ids=["kivi2", "nf-k4v-sinks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_kernel_decode_step_is_the_general_update_bit_for_bit(spec, dtype, monkeypatch):
+    """Most decode steps go through the kernel in one pass (`CompressedTensor.stepped`: the view and
+    the new window, no copies of the tail); token by token, every view and every stored tensor equals
+    the general path's, and the steps that encode (a group completes, or tokens are encoded ahead)
+    still take it."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn(2, 2, 300, 32, generator=gen, dtype=dtype) for _ in range(2))
+    runs = []
+    for stepping in (True, False):
+        if not stepping:
+            monkeypatch.setattr(CompressedTensor, "stepped", lambda self, new: None)
+        cache = QuantizedKVCache(spec)
+        views = [cache.update(keys[:, :, :150], values[:, :, :150], 0)]
+        views += [cache.update(keys[:, :, t:t + 1], values[:, :, t:t + 1], 0) for t in range(150, 300)]
+        runs.append((views, cache.layers[0]))
+    (fast, layer), (general, reference) = runs
+    assert all(torch.equal(a, b) for pair in zip(fast, general) for a, b in zip(*pair))
+    for mine, theirs in ((layer.k, reference.k), (layer.v, reference.v)):
+        assert mine.packed.n == theirs.packed.n and torch.equal(mine.tail, theirs.tail)
+        assert all(torch.equal(mine.packed.payload.tensors[n], t) for n, t in theirs.packed.payload.tensors.items())
+        assert layer.nbytes() == reference.nbytes()
+
+
+def test_the_kernel_takes_the_decode_steps(monkeypatch):
+    """The kernel takes every decode step whose leaving tokens are in the tail (encoding them first
+    where they were not encoded ahead); a block of tokens to encode that reaches the new token takes
+    the general path. A non-finite token is refused before anything
+    changes, with the layer and position named."""
+    if not native.available():
+        pytest.skip("no C compiler")
+    calls = []
+    original = QuantizedKVLayer._decode_step
+    monkeypatch.setattr(QuantizedKVLayer, "_decode_step", lambda self, k, v: calls.append(r := original(self, k, v)) or r)
+    cache = QuantizedKVCache("kivi2")
+    gen = torch.Generator().manual_seed(0)
+    cache.update(torch.randn(1, 2, 160, 32, generator=gen), torch.randn(1, 2, 160, 32, generator=gen), 0)
+    for _ in range(256):
+        cache.update(torch.randn(1, 2, 1, 32, generator=gen), torch.randn(1, 2, 1, 32, generator=gen), 0)
+    assert all(c is not None for c in calls[1:])  # the steps that encode a group or a block too
+    narrow = QuantizedKVCache(KVSpec(residual=8))  # values encoded 9 ahead: a block reaches the new token
+    narrow.update(torch.randn(1, 2, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen), 0)
+    calls.clear()
+    for _ in range(90):
+        narrow.update(torch.randn(1, 2, 1, 32, generator=gen), torch.randn(1, 2, 1, 32, generator=gen), 0)
+    assert sum(c is None for c in calls) == 10  # one step in 9 takes the general path
+    layer = cache.layers[0]
+    state = (layer.length, id(layer.k.tail), id(layer.v.tail), layer.v.packed.n)
+    bad = torch.randn(1, 2, 1, 32)
+    bad[0, 1, 0, 5] = float("inf")
+    for k, v, name in ((bad, torch.zeros(1, 2, 1, 32), "keys"), (torch.zeros(1, 2, 1, 32), bad * float("nan"), "values")):
+        with pytest.raises(ValueError, match=f"layer 0 got non-finite {name} \\(NaN or inf\\) for cache positions 416..416"):
+            cache.update(k, v, 0)
+        assert (layer.length, id(layer.k.tail), id(layer.v.tail), layer.v.packed.n) == state
 
 
 def test_nf_codec_settings_are_checked_at_the_spec():

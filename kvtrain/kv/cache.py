@@ -27,6 +27,7 @@ from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.placement import PreRope
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
+from kvtrain.quant.native import run_steps
 
 
 def _finite(key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -77,9 +78,20 @@ class PayloadStore:
 
     def decode_into(self, out: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
         """The tier's tokens decoded into `out`, followed by `then` (the tail)."""
+        return self._current_decoder()(out, then)
+
+    def prepare_step(self, window: torch.Tensor, skip: int, new: torch.Tensor, room: int) -> tuple | None:
+        """A decode step through the codec's kernel (`decoder(...).prepare_step`), to run with
+        `native.run_steps`: (out, tail, kernel arguments), where `out` gets, after `room` rows left to
+        the caller, the tier's tokens decoded, then window[skip:] and `new`, and `tail` (the new
+        window) those last two. None where the codec has no kernel for it."""
+        prepare = getattr(self._current_decoder(), "prepare_step", None)
+        return None if prepare is None else prepare(self.n, window, skip, new, room)
+
+    def _current_decoder(self) -> Callable:
         if self._decoder[0] is not self.payload:
             self._decoder = (self.payload, self.codec.decoder(self.payload))
-        return self._decoder[1](out, then)
+        return self._decoder[1]
 
     def __getattr__(self, name: str) -> torch.Tensor:
         """The tier's payload tensors by name (`store.codes`, `store.scale`, ...)."""
@@ -129,6 +141,45 @@ class CompressedTensor:
         if self.codec is not None and self._compress(start + tail.shape[-2]) and keep_arrived:
             self.arrived = (start, tail)
         return self._assembled()
+
+    def stepped(self, new: torch.Tensor) -> tuple | None:
+        """A decode step's one token, prepared for the codec's kernel when the tokens the rule moves are
+        all in the tail already (every step but a prefill's): (view, new tail, tokens moved, kernel
+        arguments); the kernel writes the view and the new tail in one pass (`native.run_steps`),
+        without the general path's copies. Tokens leaving the tail are encoded here if they were not
+        ahead; nothing else changes until `commit`. None: take `update` (it computes the same)."""
+        if (self.packed is None or self.packed.payload is None or self.rope is not None or self.tail is None
+                or new.dtype != self.tail.dtype):
+            return None
+        sinks, window = (0 if self.sinks is None else self.sinks.shape[-2]), self.tail.shape[-2]
+        total = sinks + self.packed.n + window + 1
+        move = self.rule.end(total) - sinks - self.packed.n
+        if self.rule.start(total) != sinks or move > window:
+            return None
+        ready = self.packed.encoded - self.packed.n
+        if move > ready:  # the tail's oldest tokens are encoded now (and ahead), as `_encode` would
+            take = self._ahead(self.packed.n + move, window + 1) - self.packed.encoded
+            if ready + take > window:  # the block reaches the new token
+                return None
+            self.packed.encode(self.tail[..., ready:ready + take, :])
+        self.packed.n += move  # (the tier the kernel decodes; `commit` keeps it)
+        try:
+            made = self.packed.prepare_step(self.tail, move, new, room=sinks)
+        finally:
+            self.packed.n -= move
+        if made is None:
+            return None
+        if sinks:
+            made[0].narrow(-2, 0, sinks).copy_(self.sinks)
+        out, tail, kernel = made
+        return out, tail, move, kernel
+
+    def commit(self, stepped: tuple) -> None:
+        """Hold what `stepped` prepared, once the kernel ran: no tokens arrive compressed (a single
+        query sees every token as stored)."""
+        _, self.tail, move, _ = stepped
+        self.packed.n += move
+        self.arrived = None
 
     def _assembled(self) -> torch.Tensor:
         """Every token as stored, in one new tensor: the sinks, the compressed tier decoded into its
@@ -191,17 +242,17 @@ class CompressedTensor:
             moved, self.tail_positions = self.tail_positions[:, :move], self.tail_positions[:, move:].clone()
             self.positions = moved if self.positions is None else torch.cat([self.positions, moved], 1)
 
-    def _ahead(self, tier: int) -> int:
+    def _ahead(self, tier: int, tail: int | None = None) -> int:
         """How many tokens to have encoded for a tier of `tier` tokens: the tier rounded up to a block
         of up to ENCODE_AHEAD tokens (its next tokens all leave the window in turn) when the window
         moves fewer at a time. A block is at most what the tail holds when a unit leaves it (the
         window and that unit), so what is held is a function of the number of tokens, however they
-        arrived (one prefill or token by token)."""
+        arrived (one prefill or token by token). `tail`: the tail's length (default: as held)."""
         unit = self.codec.unit
         block = min(ENCODE_AHEAD, self.rule.residual + unit) // unit * unit
         if self.rule.flush or block <= self.rule.step:
             return tier
-        reach = self.packed.n + self.tail.shape[-2] // unit * unit  # (never binds: see the docstring)
+        reach = self.packed.n + (self.tail.shape[-2] if tail is None else tail) // unit * unit  # (never binds: see the docstring)
         return max(tier, min(-(-tier // block) * block, reach))
 
     def forget_arrived(self) -> None:
@@ -289,17 +340,40 @@ class QuantizedKVLayer(CacheLayerMixin):
                positions: torch.Tensor | None = None, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        stepped = self._decode_step(key_states, value_states)
+        if stepped is not None:
+            return stepped
         # here, not when the token is quantized 100 steps later; one host sync per layer and step
         if not _finite(key_states, value_states):
-            name = "values" if bool(torch.isfinite(key_states).all()) else "keys"
-            raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
-                             f"{self.length}..{self.length + key_states.shape[-2] - 1}; the model's activations overflowed")
+            raise self._non_finite("values" if bool(torch.isfinite(key_states).all()) else "keys", key_states.shape[-2])
         if self.length == 0 and keep_arrived:  # a model's prefill: left-padded rows get their own windows
             pads = left_pads(positions, 0, key_states.shape[-2])
             if pads is not None:
                 self.k, self.v = PaddedRows(self.k, pads.tolist()), PaddedRows(self.v, pads.tolist())
         self.length += key_states.shape[-2]
         return self.k.update(key_states, keep_arrived, positions), self.v.update(value_states, keep_arrived)
+
+    def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K's and V's views after one token, where both step through their codec's kernel
+        (`CompressedTensor.stepped`), in one call that first checks the new K and V finite; None otherwise."""
+        if key_states.shape[-2] != 1 or type(self.k) is not CompressedTensor or type(self.v) is not CompressedTensor:
+            return None
+        keys = self.k.stepped(key_states)
+        values = keys and self.v.stepped(value_states)
+        if values is None:
+            return None
+        refused = run_steps(keys[3], values[3])
+        if refused:  # nothing was written or committed
+            raise self._non_finite("keys" if refused == 1 else "values", 1)
+        self.k.commit(keys)
+        self.v.commit(values)
+        self.length += 1
+        return keys[0], values[0]
+
+    def _non_finite(self, name: str, tokens: int) -> ValueError:
+        return ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache positions "
+                          f"{self.length}..{self.length + tokens - 1}; the model's activations overflowed")
 
     def forget_arrived(self) -> None:
         self.k.forget_arrived()
@@ -361,6 +435,7 @@ class QuantizedKVCache(Cache):
     def __init__(self, spec: Spec | str = "kivi2", config: PretrainedConfig | None = None):
         self.spec = resolve_spec(spec)
         self.unviewed: int | None = None  # the layer whose K/V were handed out and not yet seen by the view
+        self.checked: Spec | None = None  # the model spec `viewed` last found equal to this cache's
         self.layer_types: list[str] | None = None
         self.rope: PreRope | None = None
         self.codecs: Callable[[int], tuple[Codec | None, Codec | None]] | None = None  # the attached model's, per layer
@@ -419,9 +494,10 @@ class QuantizedKVCache(Cache):
 
     def viewed(self, layer: int, spec: Spec) -> None:
         """Called by the attached attention with the model's spec: the cache must hold that spec."""
-        if spec != self.spec:
+        if spec is not self.checked and spec != self.spec:
             raise ValueError(f"the model is attached with {spec} but decodes with a QuantizedKVCache of {self.spec}: "
                              "use QuantizedKVCache(attached_spec(model))")
+        self.checked = spec  # (comparing nested specs costs ~2 us, at every layer of every step)
         if layer == self.unviewed:
             self.unviewed = None
 

@@ -103,7 +103,8 @@ class Codec(ABC):
 
     def decoder(self, payload: Payload) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
         """`decode_into` bound to one payload: the cache makes it once per payload and calls it every
-        decode step (a codec with a kernel checks the payload and prepares the kernel here, once)."""
+        decode step (a codec with a kernel checks the payload and prepares the kernel here, once, and
+        the decoder may offer `prepare_step`, the cache's one-pass decode step: see `kvtrain.quant.native`)."""
         return functools.partial(self.decode_into, payload)
 
     def _decode_into(self, payload: Payload, out: torch.Tensor) -> None:

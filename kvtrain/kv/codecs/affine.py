@@ -92,7 +92,12 @@ class GroupedCodec(Codec):
                                        self.axis == "channel", symmetric, payload.shape, payload.dtype, levels)
         if kernel is None:
             return in_torch
-        return lambda out, then=None: out if kernel(out, then) else in_torch(out, then)
+
+        def decode(out: torch.Tensor, then: torch.Tensor | None = None) -> torch.Tensor:
+            return out if kernel(out, then) else in_torch(out, then)
+
+        decode.prepare_step = kernel.prepare_step  # the cache's decode step in one pass (`PayloadStore.prepare_step`)
+        return decode
 
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
         if self.axis == "token" and head_dim % self.group_size:
@@ -132,6 +137,11 @@ class TensorQuant(GroupedCodec):
         return WindowRule(self.unit, residual).end(total)
 
     def encode(self, x: torch.Tensor) -> Payload:
+        made = native.affine_encode(x, self.bits, self.group_size, self.axis == "channel", self.symmetric,
+                                    self.clip_ratio, self.param_dtype)
+        if made is not None:  # the same payload, ~10x faster on CPU
+            tensors = dict(zip(("codes", "scale", "zero"), made))
+            return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
         return self._payload(quantize(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio,
                                       self.param_dtype, check_finite=False), x)
 
