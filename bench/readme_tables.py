@@ -211,6 +211,16 @@ def smollm2_eval(results: Path) -> str:
                       f"({r['rows'][0]['tokens']:,} predicted tokens), Python {r['python']}."])
 
 
+def kv_lowrank(results: Path, stem: str = "kv_lowrank") -> str:
+    r = load(f"lowrank/{stem}.json", results)
+    columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in r["args"]["splits"]]]
+    rows = [[row[c] if isinstance(row[c], str) else fmt(row[c]) for c in columns] for row in r["table"]]
+    ranks = "; ".join(f"{name}: key {k}, value {v}, {'float16' if bits == 16 else f'{bits}-bit'} latents"
+                      for name, (k, v, bits) in r["points"].items())
+    return "\n".join([table(rows, columns), "", f"Points (ranks of the key and value latents, each over all of a layer's KV heads): {ranks}.",
+                      f"Python {r['env']['python']}, {r['env']['threads']} thread(s)."])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
     "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
@@ -228,6 +238,10 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),
+    # issue 13: low-rank latents against their bytes
+    "kv_lowrank": kv_lowrank,
+    "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),
+    "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
 }
 
 

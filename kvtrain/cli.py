@@ -298,12 +298,13 @@ def calibrate(
     iterations: int = 100,
     overwrite: bool = False,
 ) -> str:
-    """Fit a KV spec's codebooks to a model (KVQuant's sensitivity-weighted k-means: each layer's
-    levels for K and V over the values as the codec normalizes them, weighted by their squared LM-loss
-    gradients), and write the spec with its fitted state to a folder.
+    """Fit a KV spec's codebooks and low-rank factors to a model (KVQuant's sensitivity-weighted
+    k-means: each layer's levels for K and V over the values as the codec normalizes them, weighted by
+    their squared LM-loss gradients; a low-rank stage's factors: the principal directions of the K or V
+    it compresses), and write the spec with its fitted state to a folder.
 
     Args:
-        spec: whose codebooks to fit (codec nf, learnable: true): a spec JSON file or folder, or a recipe
+        spec: whose state to fit (codec nf with learnable: true, or rank: r): a spec JSON file or folder, or a recipe
             (its KVQuantCallback's spec; a recipe whose callback names a codec_state reads it from `to`).
         to: the output folder: kv_spec.json, kv_codec_state.safetensors and calibration.json. Give it as
             the spec to KVQuantCallback (`kvtrain fit`), `kvtrain eval --kv` or `attach`: the codec
@@ -328,7 +329,7 @@ def calibrate(
     ids = torch.stack([dataset[i]["input_ids"] for i in picks]).to(next(hf_model.parameters()).device)
     start = time.time()
     rows = fit(hf_model, recipe_spec(spec)[0] if spec.endswith((".yaml", ".yml")) else spec, ids.split(batch_size))
-    print(format_table(rows, ["layer", "tensor", "values", "error_before", "error_after"]))
+    print(format_table(rows, ["layer", "tensor", "fit", "values", "error_before", "error_after"]))
     report = {"model": model, "data": data or "stdlib", "split": "train", "seq_len": seq_len, "windows": len(picks),
               "seconds": round(time.time() - start, 2), "rows": rows}
     codec_state = codec_state_dict(hf_model)

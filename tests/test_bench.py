@@ -114,6 +114,30 @@ def test_kv_speed_smoke(tmp_path, reference):
 
 
 @pytest.mark.slow
+def test_kv_lowrank_smoke(tmp_path, reference):
+    """Every kind of row for two points: quantization alone, the SVD start, the calibration, a (2-step)
+    trained seed with its own full-precision-KV row, the references read from their results; bytes
+    from real caches."""
+    run_bench("kv_lowrank.py", tmp_path, "--threads=1")
+    result = json.loads((tmp_path / "kv_lowrank_smoke.json").read_text())
+    kinds = [(r["point"], r["kind"]) for r in result["table"]]
+    assert kinds[:7] == [("full precision", "-"), ("kivi2", "post-training"), ("kivi4", "post-training"), ("raw25", "svd"),
+                         ("raw25", "calibrated"), ("int2_25", "svd"), ("int2_25", "calibrated")]
+    assert ("raw25", "trained, its cache") in kinds and ("int2_25", "trained, full-precision KV") in kinds
+    assert ("kivi2 QAT", "reference, its cache") in kinds
+    nbytes = result["bytes"]
+    # bf16, decoding at 1024: a DynamicCache holds 4 layers x 2 x 64 x 2 bytes per token; raw25's latents
+    # are 24 float16 numbers per layer and token, plus a 32-token window, pre-RoPE positions and the
+    # latents encoded ahead of the window; 2-bit latents hold fewer again
+    assert nbytes["full precision"] == 1024 and 4 * 24 * 2 < nbytes["raw25"] < 0.3 * 1024
+    assert nbytes["int2_25"] < nbytes["raw25"] and nbytes["kivi2 QAT"] == nbytes["kivi2"] == pytest.approx(311.3, abs=0.5)
+    svd, calibrated = (next(r["ppl"] for r in result["post_training"] if (r["point"], r["init"]) == ("raw25", init))
+                       for init in ("svd", "calibrated"))
+    assert svd != calibrated  # the calibration moved the factors
+    assert (tmp_path / "kv_lowrank_smoke.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_qat_recovery_smoke(tmp_path, reference):
     run_bench("qat_recovery.py", tmp_path, "--threads=1")
     result = json.loads((tmp_path / "results.json").read_text())

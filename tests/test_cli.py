@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import REPO, TINY, run_kvtrain
-from kvtrain.cli import main
+from kvtrain.cli import main, recipe_spec
 from kvtrain.home import is_complete
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -27,7 +27,7 @@ def test_recipes_exist():
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
-            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml"} <= names
+            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -162,6 +162,49 @@ def test_qat_nuq2_recipe_calibrates_then_trains_from_the_calibration(tmp_path, c
     moved = [float((trained[k] - calibrated[k]).abs().max()) for k in calibrated]
     assert 0 < max(moved) and max(moved) < 0.05, moved
     rows = list(csv.DictReader((tmp_path / "runs" / "qat_nuq2" / "version_0" / "metrics.csv").open()))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert loss[-1] < loss[0] - 0.6, loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["lowrank_cskv", "lowrank_cskv_kivi"])
+def test_lowrank_recipes_calibrate_then_train_from_the_calibration(recipe, tmp_path, corpus_file):
+    """`kvtrain calibrate` then `kvtrain fit` of the low-rank recipes on a tiny model (2 KV heads of 32,
+    as kvtrain-ref): calibration moves the factors off their SVD start (the principal directions of
+    the model's K and V: a smaller reconstruction error on every layer), the fit starts there, trains
+    them on, and the loss falls."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kvtrain.kv import attach, codec_state_dict
+    from kvtrain.models import load_model, load_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    model = load_model("kvtrain-ref", init="random", config_overrides={**TINY, "num_attention_heads": 2})
+    model.save_pretrained(model_dir)
+    load_tokenizer("kvtrain-ref").save_pretrained(str(model_dir))
+    path = str(REPO / "recipes" / f"{recipe}.yaml")
+    attach(model, recipe_spec(path)[0])
+    start = codec_state_dict(model)  # the SVD of the projections
+    result = run_kvtrain(["calibrate", path, f"runs/{recipe}/calibrated", f"--model={model_dir}", f"--data={corpus_file}",
+                          "--seq_len=256", "--windows=4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / recipe / "calibrated" / "calibration.json").read_text())
+    assert {r["fit"] for r in report["rows"]} == {"low-rank"} and len(report["rows"]) == 4
+    assert all(r["error_after"] < r["error_before"] for r in report["rows"])
+    calibrated = load_file(tmp_path / "runs" / recipe / "calibrated" / "kv_codec_state.safetensors")
+    assert sorted(calibrated) == sorted(start)
+    assert all(float((calibrated[k] - start[k]).abs().max()) > 0.05 for k in start if k.endswith(("down", "up")))
+    args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
+                                                   "--model.init_args.lr=3e-3", f"--model.init_args.model={model_dir}"]
+    result = run_kvtrain(["fit", "--config", path, *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(tmp_path / "runs" / recipe / "model" / "kv_codec_state.safetensors")
+    assert sorted(trained) == sorted(calibrated)
+    moved = [float((trained[k] - calibrated[k]).abs().max()) for k in calibrated]
+    assert 0 < max(moved) and max(moved) < 0.05, moved  # trained on from the calibration, not from the start
+    rows = list(csv.DictReader((tmp_path / "runs" / recipe / "version_0" / "metrics.csv").open()))
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert loss[-1] < loss[0] - 0.6, loss
 

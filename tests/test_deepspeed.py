@@ -40,7 +40,7 @@ trainer:
   logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: logs, name: run}}}}
   callbacks:
     - class_path: kvtrain.callbacks.KVQuantCallback
-      init_args: {{spec: kivi2, overrides: {spec}}}
+      init_args: {kv}
     - class_path: kvtrain.callbacks.TrainingStateMemory
       init_args: {{path: memory.json}}
     - class_path: kvtrain.callbacks.ExportPretrained
@@ -67,11 +67,12 @@ class Run(types.SimpleNamespace):
         return json.loads((self.folder / "memory.json").read_text())["ranks"]
 
 
-def fit(folder, corpus, strategy="auto", devices=1, accumulate=1, extra=()):
+def fit(folder, corpus, strategy="auto", devices=1, accumulate=1, extra=(), kv=None):
     folder.mkdir(parents=True, exist_ok=True)
     batch = GLOBAL_BATCH // (devices * accumulate)
-    recipe = RECIPE.format(devices=devices, strategy=strategy, accumulate=accumulate, batch=batch,
-                           spec=json.dumps(SPEC), tiny=json.dumps(TINY), corpus=corpus)
+    kv = kv or f"{{spec: kivi2, overrides: {json.dumps(SPEC)}}}"
+    recipe = RECIPE.format(devices=devices, strategy=strategy, accumulate=accumulate, batch=batch, kv=kv,
+                           tiny=json.dumps(TINY), corpus=corpus)
     (folder / "recipe.yaml").write_text(recipe)
     result = run_kvtrain(["fit", "--config", "recipe.yaml", *extra], cwd=folder)
     return Run(folder=folder, result=result)
@@ -137,6 +138,23 @@ def test_zero2_with_gradient_accumulation_ends_with_the_single_process_weights(r
     # Adam turns reduction-order noise in near-zero gradients into up to ~2e-5 (observed 1.6e-5);
     # DeepSpeed dividing the already-divided loss by the accumulation steps again gave 5e-4.
     assert_same_weights(weights(runs.single.folder / "checkpoints" / "last.ckpt"), zero2, rtol=1e-3, atol=5e-5)
+
+
+@pytest.mark.slow
+def test_low_rank_factors_train_under_zero2_as_in_one_process(tmp_path, corpus_file, home):
+    """A low-rank spec's factors (issue 13) are weights like any other: two ZeRO-2 processes follow
+    one process's loss curve and end with its factors."""
+    kv = ("{spec: {version: 2, key: {codec: raw, bits: 16, rank: 24}, value: {codec: affine, bits: 4, "
+          "granularity: per_token(8), rank: 16}, residual: 16, placement: pre_rope}}")
+    single = fitted(tmp_path / "single", corpus_file, kv=kv)
+    zero2 = fitted(tmp_path / "zero2", corpus_file, strategy="zero2", devices=2, kv=kv)
+    assert zero2.losses() == pytest.approx(single.losses(), rel=1e-5)
+    a, b = (weights(run.folder / "checkpoints" / "last.ckpt") for run in (single, zero2))
+    factors = {name for name in a if ".kv_codec_state." in name}
+    assert len(factors) == 2 * 4  # layers x (key, value) x (down, up)
+    start = weights(single.folder / "checkpoints" / "epoch=0-step=3.ckpt")
+    assert all(not torch.equal(a[name], start[name]) for name in factors)  # they trained between steps 3 and 6
+    assert_same_weights({n: a[n] for n in factors}, {n: b[n] for n in factors}, rtol=1e-3, atol=5e-5)
 
 
 @pytest.mark.slow

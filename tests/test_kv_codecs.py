@@ -32,7 +32,8 @@ EXAMPLES = {f"{name}-{i}": fields for name, cls in CODECS.items() for i, fields 
 def example_codec(name: str, head_dim: int = 32) -> Codec:
     """The example's codec, bound to fresh state if it learns some (as attach binds it)."""
     codec = TensorPolicy(codec=name.rsplit("-", 1)[0], **EXAMPLES[name]).codec_at(0)
-    state = codec.make_state(head_dim)
+    weight = torch.randn(2 * head_dim, 48, generator=torch.Generator().manual_seed(head_dim))  # a k_proj (low-rank stage)
+    state = codec.make_state(head_dim, kv_heads=2, weight=weight)  # (the tests' tensors have two heads)
     return codec if state is None else codec.bound(state)
 
 
@@ -51,7 +52,9 @@ def test_simulate_is_decode_of_encode_bit_for_bit(name, dtype):
     x = torch.randn(2, 2, 3 * codec.unit, 32, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 3
     payload = codec.encode(x)
     stored = codec.decode(payload)
-    assert stored.dtype == dtype and stored.shape == x.shape and 0 < (stored - x).abs().max() < x.abs().max()
+    assert stored.dtype == dtype and stored.shape == x.shape and 0 < (stored - x).abs().max()
+    if not EXAMPLES[name].get("rank"):  # (a low-rank latent approximates data near its subspace, not noise)
+        assert (stored - x).abs().max() < x.abs().max()
     x.requires_grad_(True)
     simulated = codec.simulate(x)
     assert torch.equal(simulated.detach(), stored)

@@ -35,8 +35,12 @@ def test_finetune_then_evaluate_notebook_runs(tmp_path, home, monkeypatch):
               "assert all(r['ppl'] > 1 for r in before + after)\n"
               "assert after[1]['kv bits'] == before[1]['kv bits'] == 2\n"
               "assert after[1]['ppl'] < before[1]['ppl']  # the QAT row beats the post-training row under kivi2")
+    checks += ("\nassert [r['model'] for r in low_rank] == ['kvtrain-ref, SVD start', 'kvtrain-ref, calibrated', 'low-rank QAT']\n"
+               "assert all(r['bytes/token'] == low_rank[0]['bytes/token'] < after[1]['bytes/token'] * 2 for r in low_rank)\n"
+               "assert low_rank[1]['ppl'] != low_rank[0]['ppl'] and low_rank[2]['ppl'] < low_rank[1]['ppl']")
     nb = run_notebook("finetune_then_evaluate.ipynb", checks, tmp_path, home, monkeypatch)
     assert (tmp_path / "kv_bits_vs_ppl.png").stat().st_size > 10_000
+    assert (tmp_path / "kv_lowrank_vs_ppl.png").stat().st_size > 10_000
     assert any("| QAT (kivi2) | 2 |" in table for table in markdown_outputs(nb))
 
 

@@ -20,7 +20,7 @@ trainer:
   logger: false
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: checkpoints, every_n_train_steps: 3, save_last: true, save_top_k: -1}}
+      init_args: {{dirpath: checkpoints, every_n_train_steps: 3, save_last: true, save_top_k: -1}}{kv}
 model:
   class_path: kvtrain.modules.CausalLMModule
   init_args: {{model: kvtrain-ref, init: random, config_overrides: {tiny}, lr: 3.0e-3, warmup_steps: 4}}
@@ -30,9 +30,16 @@ data:
 """
 
 
-def fit(folder, corpus_file, *extra):
+# a low-rank K/V spec (issue 13): its factors are trained state that resume must restore as well
+LOW_RANK = """
+    - class_path: kvtrain.callbacks.KVQuantCallback
+      init_args: {spec: {version: 2, key: {codec: raw, bits: 16, rank: 24}, value: {codec: raw, bits: 16, rank: 16},
+                         residual: 8, placement: pre_rope}}"""
+
+
+def fit(folder, corpus_file, *extra, kv=""):
     folder.mkdir()
-    (folder / "recipe.yaml").write_text(RECIPE.format(tiny=json.dumps(TINY), corpus=corpus_file))
+    (folder / "recipe.yaml").write_text(RECIPE.format(tiny=json.dumps(TINY), corpus=corpus_file, kv=kv))
     return run_kvtrain(["fit", "--config", "recipe.yaml", *extra], cwd=folder)
 
 
@@ -41,11 +48,13 @@ def final_weights(folder):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus_file):
-    clean = fit(tmp_path / "clean", corpus_file)
+@pytest.mark.parametrize("kv", ["", LOW_RANK], ids=["plain", "low-rank"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus_file, kv):
+    clean = fit(tmp_path / "clean", corpus_file, kv=kv)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
-    killed = fit(tmp_path / "killed", corpus_file, "--trainer.callbacks+=killer.SigkillAtStep", "--trainer.callbacks.step=8")
+    killed = fit(tmp_path / "killed", corpus_file, "--trainer.callbacks+=killer.SigkillAtStep", "--trainer.callbacks.step=8",
+                 kv=kv)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert final_weights(tmp_path / "killed")["global_step"] == 6  # the step-8 checkpoint never got written
 
@@ -56,6 +65,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus_file):
     a, b = final_weights(tmp_path / "clean"), final_weights(tmp_path / "killed")
     assert a["global_step"] == b["global_step"] == 12
     assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert sum(".kv_codec_state." in name for name in a["state_dict"]) == (8 if kv else 0)
     for name, tensor in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     # The runs did train: the weights moved away from the step-6 state.

@@ -422,7 +422,7 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
         states = {}
         for m in mods:
             made = {name: s for name, codec in (("key", spec.keys(m.layer_idx)), ("value", spec.values(m.layer_idx)))
-                    if codec is not None and (s := codec.make_state(head_dim)) is not None}
+                    if codec is not None and (s := _state(codec, m, name, head_dim)) is not None}
             if made:
                 weight = next(m.parameters(), None)
                 states[m.layer_idx] = nn.ModuleDict(made).to(weight.device if weight is not None else "cpu")
@@ -430,6 +430,25 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
         if m.layer_idx in states:
             m.add_module(CODEC_STATE, states[m.layer_idx])
     return states
+
+
+def _state(codec: Codec, module: nn.Module, tensor: str, head_dim: int) -> nn.Module | None:
+    """`codec.make_state` for the key or value tensor of an attention layer, given its projection."""
+    kv_heads = module.config.num_attention_heads // module.num_key_value_groups
+    return codec.make_state(head_dim, kv_heads, projection(module, tensor, head_dim, kv_heads))
+
+
+def projection(module: nn.Module, tensor: str, head_dim: int, kv_heads: int) -> torch.Tensor | None:
+    """The weight whose output is a layer's keys or values (kv_heads * head_dim rows): k_proj / v_proj,
+    or their rows of Phi-3's fused qkv_proj (queries, keys, values stacked); None for other layouts."""
+    own = getattr(module, "k_proj" if tensor == "key" else "v_proj", None)
+    if isinstance(own, nn.Linear):
+        return own.weight
+    fused = getattr(module, "qkv_proj", None)
+    if not isinstance(fused, nn.Linear):
+        return None
+    start = module.config.num_attention_heads * head_dim + (0 if tensor == "key" else kv_heads * head_dim)
+    return fused.weight[start:start + kv_heads * head_dim]
 
 
 def detach(model: nn.Module) -> None:

@@ -246,7 +246,7 @@ class TensorPolicy:
     Args:
         codec: a registered codec name (`kvtrain.kv.codecs.CODECS`): "affine" (KIVI-style min-max),
             "nf" (KVQuant's NormalFloat codebook), "ternary" (VidKV's -s/0/+s), "mixed" (VidKV's
-            b-bit widest channels and 1-bit others), vLLM's
+            b-bit widest channels and 1-bit others), "raw" (as it arrives: a low-rank latent), vLLM's
             "int8_per_token_head", "fp8_per_token_head", "int4_per_token_head", "fp8".
         bits: bits per element.
         granularity: which elements share a scale: "per_channel(G)" (G tokens per group along each
@@ -264,6 +264,11 @@ class TensorPolicy:
             each attention layer.
         high_fraction: the mixed codec's share of each head's channels (the widest in each group of
             tokens) kept at `bits`; the rest get 1 bit (VidKV's mixed-precision keys).
+        rank: a low-rank stage (`kvtrain.kv.codecs.lowrank`, CSKV / Palu): each token's group of heads
+            stored as a latent of `rank` numbers, projected and reconstructed by learned factors
+            (initialized from the SVD of k_proj / v_proj, refitted by `kvtrain calibrate`), the latent
+            encoded by `codec` ("raw": in the cache's dtype, bits 16; "affine": quantized); 0: off.
+        latent_heads: KV heads per latent (0: all of a layer's, as CSKV; Palu groups 4).
     """
 
     codec: str = "affine"
@@ -278,6 +283,8 @@ class TensorPolicy:
     outliers: int = 0
     learnable: bool = False
     high_fraction: float = 0.5
+    rank: int = 0
+    latent_heads: int = 0
 
     def __post_init__(self) -> None:
         self.granularity = str(parse_granularity(self.granularity))
@@ -290,13 +297,16 @@ class TensorPolicy:
         if isinstance(self.high_fraction, bool) or not isinstance(self.high_fraction, (int, float)) or not (
                 0 <= self.high_fraction <= 1):
             raise ValueError(f"high_fraction must be a number in [0, 1], got {self.high_fraction!r}")
-        for name in ("rotation_seed", "outliers"):
+        for name in ("rotation_seed", "outliers", "rank", "latent_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or (name == "outliers" and value < 0):
-                raise ValueError(f"{name} must be {'a non-negative' if name == 'outliers' else 'an'} integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or (name != "rotation_seed" and value < 0):
+                raise ValueError(f"{name} must be {'an' if name == 'rotation_seed' else 'a non-negative'} integer, got {value!r}")
+        if self.latent_heads and not self.rank:
+            raise ValueError(f"latent_heads={self.latent_heads} groups the heads of a low-rank latent: set rank too")
         _check_switch("symmetric", self.symmetric)
         _check_affine(self.clip_ratio, self.scale_dtype)
-        check_bits(self.bits, self.symmetric)
+        if self.bits != getattr(CODECS.get(self.codec), "bits_stored", None):  # (raw: 16, the cache's dtype)
+            check_bits(self.bits, self.symmetric)
         self.layer_bits = _layer_table(self.layer_bits, self.symmetric, "layer_bits")
         for bits in {self.bits, *self.layer_bits.values()}:
             build_codec(self, bits)  # the codec's own errors (bit range, granularity), here and not in a forward

@@ -119,8 +119,10 @@ class Codec(ABC):
         """Errors that need the model's head size (e.g. a group that does not divide it); `where`
         names the setting in the message."""
 
-    def make_state(self, head_dim: int) -> nn.Module | None:
-        """The codec's learnable state for one attention layer, initialized (None: it has none).
+    def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> nn.Module | None:
+        """The codec's learnable state for one attention layer, initialized (None: it has none), for
+        `kv_heads` heads of `head_dim`; `weight`: the projection that makes this tensor (k_proj's or
+        v_proj's, kv_heads * head_dim rows) where the state starts from it (the low-rank stage).
         `attach` registers it in the model, so it trains, checkpoints and shards with the weights;
         the view and the cache both read it through `bound`."""
         return None
@@ -148,8 +150,8 @@ class Stage(Codec):
     def unit(self) -> int:
         return self.inner.unit
 
-    def make_state(self, head_dim: int) -> nn.Module | None:
-        return self.inner.make_state(head_dim)
+    def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> nn.Module | None:
+        return self.inner.make_state(head_dim, kv_heads, weight)
 
     def bound(self, state: nn.Module) -> "Stage":
         return replace(self, inner=self.inner.bound(state))
@@ -186,9 +188,12 @@ def register(name: str) -> Callable[[type[Codec]], type[Codec]]:
 
 def build_codec(policy: Any, bits: int) -> Codec:
     """The registered codec `policy.codec` for one layer at `bits`, behind the policy's stages: a
-    rotation, then the outliers kept aside (each stage builds what follows it without itself)."""
+    low-rank latent, a rotation, then the outliers kept aside (each stage builds what follows it
+    without itself, so the rotation and the outliers act on the latent)."""
     if policy.codec not in CODECS:
         raise ValueError(f"unknown codec {policy.codec!r}; registered: {sorted(CODECS)}")
+    if getattr(policy, "rank", 0):
+        return LowRank.from_policy(policy, bits)
     if getattr(policy, "rotation", "none") != "none":
         return Rotated.from_policy(policy, bits)
     if getattr(policy, "outliers", 0):
@@ -196,6 +201,7 @@ def build_codec(policy: Any, bits: int) -> Codec:
     return CODECS[policy.codec].from_policy(policy, bits)
 
 
-from kvtrain.kv.codecs import affine, codebook, mixed, ternary, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs import affine, codebook, mixed, raw, ternary, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs.lowrank import LowRank  # noqa: E402
 from kvtrain.kv.codecs.outliers import Outliers  # noqa: E402
 from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402

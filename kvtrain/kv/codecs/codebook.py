@@ -70,7 +70,7 @@ class NormalFloat(GroupedCodec):
         normal_float_levels(bits)  # its bit range, here
         return cls(bits, group, axis, policy.scale_dtype, policy.learnable)
 
-    def make_state(self, head_dim: int) -> CodebookLevels | None:
+    def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> CodebookLevels | None:
         return CodebookLevels(normal_float_levels(self.bits)) if self.learnable else None
 
     @property

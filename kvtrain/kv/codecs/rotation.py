@@ -55,10 +55,10 @@ class Rotated(Stage):
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
         return cls(build_codec(replace(policy, rotation="none"), bits), policy.rotation, policy.rotation_seed)
 
-    def make_state(self, head_dim: int) -> nn.Module | None:
+    def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> nn.Module | None:
         if self.rotation != "learned":
-            return super().make_state(head_dim)
-        return LearnedRotation(head_dim, self.inner.make_state(head_dim))
+            return super().make_state(head_dim, kv_heads, weight)
+        return LearnedRotation(head_dim, self.inner.make_state(head_dim, kv_heads, weight))
 
     def bound(self, state: nn.Module) -> "Rotated":
         if self.rotation != "learned":
