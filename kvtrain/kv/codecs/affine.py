@@ -32,6 +32,11 @@ def _grouped_layout(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 4, 2, 3)  # the inverse view
 
 
+def _packed_payload(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor) -> Payload:
+    tensors = {"codes": codes, "scale": scale, "zero": zero}
+    return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
+
+
 @dataclass(frozen=True)
 class GroupedCodec(Codec):
     """What codecs that scale groups of elements share (affine, codebooks): per_channel(G) groups of G
@@ -70,8 +75,7 @@ class GroupedCodec(Codec):
         """q (`quantize`'s grouped layout) as stored: codes packed, per-channel groups token-major."""
         codes, scale, zero = (_token_major(t) for t in (q.codes, q.scale, q.zero)) if self.axis == "channel" else (
             q.codes, q.scale, q.zero)
-        tensors = {"codes": pack(codes, self.bits), "scale": scale.contiguous(), "zero": zero.contiguous()}
-        return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
+        return _packed_payload(pack(codes, self.bits), scale.contiguous(), zero.contiguous(), x)
 
     def _stored(self, payload: Payload, unpacker, symmetric: bool = False) -> QuantizedTensor:
         """The payload as `quantize` laid it out: views in its grouped layout."""
@@ -142,9 +146,8 @@ class TensorQuant(GroupedCodec):
     def encode(self, x: torch.Tensor) -> Payload:
         made = native.affine_encode(x, self.bits, self.group_size, self.axis == "channel", self.symmetric,
                                     self.clip_ratio, self.param_dtype)
-        if made is not None:  # the same payload, ~10x faster on CPU
-            tensors = dict(zip(("codes", "scale", "zero"), made))
-            return Payload(tensors, dict.fromkeys(tensors, 2), tuple(x.shape), x.dtype)
+        if made is not None:  # the same payload, ~5x faster on CPU
+            return _packed_payload(*made, x)
         return self._payload(quantize(x, self.bits, self.group_size, self._dim, self.symmetric, self.clip_ratio,
                                       self.param_dtype, check_finite=False), x)
 
