@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from transformers import PreTrainedModel
 
 from kvtrain.kv import KVQuantSpec, KVSpec, Spec, attach, attached_spec, detach, resolve_spec, spec_from_dict
 from kvtrain.kv.spec import codec_state_file
-from kvtrain.kv.attention import hf_model
+from kvtrain.kv.attention import hf_model, set_prompt_lengths
 
 
 def find_hf_model(pl_module: L.LightningModule, attribute: str | None = None) -> nn.Module:
@@ -102,6 +103,27 @@ class KVQuantCallback(L.Callback):
                                     f"`kvtrain calibrate` (the spec, or this recipe, and its folder) before the run")
         attach(self._model, self.spec, self.codec_state)
         self.codec_state = None  # the run starts from it once; later stages keep what the model learned
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._read_prompts(batch)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._read_prompts(batch)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._read_prompts(batch)
+
+    def _read_prompts(self, batch: Any) -> None:
+        """Under eviction at the end of the prompt (interval 0), each row's prompt length: where its
+        loss_mask starts (prompt/completion batches); a row with no targets decides nothing."""
+        if self.spec.eviction is None or self.spec.eviction.interval or not isinstance(batch, dict) or (
+                "loss_mask" not in batch):
+            return
+        targets = batch["loss_mask"].bool()
+        lengths = torch.where(targets.any(-1), targets.int().argmax(-1), targets.shape[-1])
+        set_prompt_lengths(self._model, lengths.tolist())
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._model is not None:

@@ -95,6 +95,32 @@ def answer_accuracy(
     return result
 
 
+def completion_match(model: PreTrainedModel, batches, desc: str = "completions") -> dict[str, object]:
+    """Exact match of each completion under greedy decoding, from one teacher-forced forward per
+    batch (prompt + completion with a loss_mask on the completion, as TaskDataModule's sft format):
+    a completion is right when every target token is the argmax after the ones before it, which is
+    what greedy decoding produces token by token. Under an attached spec the forward is the view,
+    equal to decoding with its cache (an eviction spec deciding at the end of the prompt reads each
+    row's prompt from the loss_mask)."""
+    from kvtrain.kv.attention import attached_spec, set_prompt_lengths
+
+    spec, was_training, correct = attached_spec(model), model.training, []
+    model.eval()
+    for batch in tqdm(batches, desc=desc, unit="batch", file=sys.stderr):
+        targets = batch["loss_mask"].bool()
+        if getattr(spec, "eviction", None) is not None and not spec.eviction.interval:
+            set_prompt_lengths(model, targets.int().argmax(-1).tolist())
+        ids = batch["input_ids"].to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device), use_cache=False).logits
+        right = (logits[:, :-1].argmax(-1) == ids[:, 1:]) | ~targets[:, 1:].to(ids.device)
+        correct += right.all(-1).tolist()
+    model.train(was_training)
+    if not correct:
+        raise ValueError("no completions to evaluate")
+    return {"accuracy": sum(correct) / len(correct), "completions": len(correct), "correct": correct}
+
+
 def _tensor_bytes(obj: object) -> int:
     """Bytes of every tensor inside obj (a tensor, or tuples / lists / dicts of them)."""
     if isinstance(obj, torch.Tensor):

@@ -8,6 +8,7 @@ folders, `Trainer(devices=N, num_nodes=M)` launches the ranks.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import sys
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+from lightning.fabric.utilities.distributed import _destroy_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies.ddp import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -113,6 +115,10 @@ class KVDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()  # as Lightning's, minus its check of CUDA device indices (CPU devices have none)
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+        # Lightning destroys only NCCL groups at exit; a gloo group left to interpreter shutdown can abort
+        # a rank after its fit has finished ("terminate called without an active exception").
+        atexit.unregister(_destroy_dist_connection)  # once, however many times the trainer sets up
+        atexit.register(_destroy_dist_connection)
 
     def setup(self, trainer) -> None:
         check_zero3_features(self.lightning_module, self.preset)

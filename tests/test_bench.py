@@ -154,3 +154,22 @@ def test_qat_recovery_smoke(tmp_path, reference):
             assert m["gap_left"] == pytest.approx(qat_q / qat_fp - 1)
     table = (tmp_path / "table.md").read_text()
     assert "mean ± sd over 2 seeds" in table and "gap left" in table
+
+
+@pytest.mark.slow
+def test_kv_eviction_smoke(tmp_path, reference):
+    """The base fine-tune, every selector at every kept fraction with bytes measured from real caches
+    (falling with the budget), a trained point and its control measured both ways, and the plot."""
+    run_bench("kv_eviction.py", tmp_path, "--threads=1")
+    result = json.loads((tmp_path / "kv_eviction_smoke.json").read_text())
+    rows = result["training_free"]
+    assert [(r["selector"], r["interval"], r["kept"]) for r in rows[:3]] == [
+        ("full cache", "-", 1.0), ("streaming_llm", 0, 0.5), ("streaming_llm", 0, 0.25)]
+    assert len(rows) == 25 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    for selector in ("streaming_llm", "snapkv", "h2o", "tova"):
+        for interval in (0, 16):
+            ratios = [r["bytes_ratio"] for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
+            assert 1 > ratios[0] > ratios[1] > ratios[2] > 0.1
+    assert {r["point"]: r["seeds"] for r in result["trained"]} == {"snapkv25@16": 1, "control": 1}
+    assert (tmp_path / "trained" / "control-0.json").is_file()
+    assert (tmp_path / "kv_eviction_smoke.png").stat().st_size > 10_000

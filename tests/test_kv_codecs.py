@@ -235,7 +235,7 @@ def test_the_flat_spec_and_its_v2_form_are_the_same_spec():
     (dict(key=dict(codec="int8_per_token_head", bits=8, granularity="per_token_head", layer_bits={0: 4})),
      "got bits=4"),
     (dict(version=3), "KVSpec version must be 2, got 3"),
-    (dict(key="kivi2"), "key must be a TensorPolicy or a dict of its fields"),
+    (dict(key="kivi2"), "key must be a TensorPolicy, a dict of its fields or None"),
     (dict(flush=True, residual=24), r"residual=24 .* positive multiple of key.granularity group=32"),
 ])
 def test_spec_v2_errors_name_the_setting(fields, message):

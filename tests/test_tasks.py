@@ -217,3 +217,34 @@ def test_jsonl_validation_set_must_not_repeat_training_prompts(tmp_path):
     data = TaskDataModule(task=str(tmp_path / "train.jsonl"), val_task=str(tmp_path / "val.jsonl"))
     with pytest.raises(ValueError, match="2 of the 3 prompts of val_task"):
         data.dataset("val")
+
+
+def test_recall_prompts_are_deterministic_disjoint_and_three_tokens_a_line(home):
+    from kvtrain.data.corpus import split_of
+    from kvtrain.data.tasks.arithmetic import HELD_OUT_PERCENT
+    from kvtrain.data.tasks.recall import NAMES, NEEDLE, NEEDLE_WORDS, WORDS, recall_problems
+    from kvtrain.models import load_tokenizer
+
+    assert len(set(NAMES)) == len(NAMES) == 127 and not set(NAMES) & set(WORDS)
+    problems = recall_problems(50, seed=2, pairs=16)
+    assert problems == recall_problems(50, seed=2, pairs=16) != recall_problems(50, seed=3, pairs=16)
+    tokenizer = load_tokenizer("kvtrain-ref")
+    for p in problems:
+        *lines, asked = p.prompt.split("\n")
+        table = dict(line.split(" ") for line in lines)
+        assert len(table) == 16 and table[asked] == p.answer and p.solution == f" {p.answer}"
+        assert len(tokenizer(p.prompt, add_special_tokens=False)["input_ids"]) == 3 * 16 + 1
+        assert tokenizer(p.solution, add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("Ġ" + p.answer)]
+    draws = {split: {p.prompt for p in recall_problems(200, seed=1, split=split)} for split in ("train", "val", "test")}
+    assert all(split_of(prompt, HELD_OUT_PERCENT) == split for split, prompts in draws.items() for prompt in prompts)
+    assert not draws["train"] & draws["val"] and not draws["train"] & draws["test"] and not draws["val"] & draws["test"]
+    with pytest.raises(ValueError, match=r"pairs must be in 1..127 \(the distinct names\), got 128"):
+        recall_problems(1, pairs=128)
+    assert not set(NEEDLE_WORDS) & (set(WORDS) | set(NAMES)) and NEEDLE not in NAMES
+    for p in recall_problems(20, seed=4, pairs=16, needle=True):
+        *lines, end = p.prompt.split("\n")
+        table = dict(line.split(" ") for line in lines)
+        assert end == "" and p.solution == f"{NEEDLE} {p.answer}" and table[NEEDLE] == p.answer in NEEDLE_WORDS
+        assert sum(word in NEEDLE_WORDS for word in table.values()) == 1  # the needle's word is in no other line
+    train = recall_problems(4, seed=5, pairs=6, queries=3)
+    assert all(p.solution.count("\n") == 2 and p.solution.startswith(f" {p.answer}\n") for p in train)

@@ -6,7 +6,8 @@ the model to it; no model code is copied. Per layer, the function builds the vie
 prefill), runs attention over the window rule's tiers (`kvtrain.kv.window`), each query reading each
 token from the tier the cache held it in when that query was decoded. When all queries see the same
 view (single-token decode), it runs the model's usual SDPA on the mixed tensors. Gradients flow
-through the codecs' `simulate` (straight-through, or the codec's own).
+through the codecs' `simulate` (straight-through, or the codec's own). Under a spec with eviction,
+attention goes through `kvtrain.kv.eviction.attend` instead, in training and over the evicting cache.
 
 A forward pre-hook records the `past_key_values` of each call, so the function knows whether the
 tokens it receives are already as stored (a `QuantizedKVCache` hands back the decoded payloads of
@@ -34,7 +35,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvtrain.kv.cache import QuantizedKVCache
 from kvtrain.kv.codecs import Codec
+from kvtrain.kv.eviction import Survivors, attend
 from kvtrain.kv.placement import PreRope, pre_rope_of
+from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, codec_state_file, resolve_spec
 from kvtrain.kv.view import compressed_view
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
@@ -56,6 +59,8 @@ class AttachState:
     modules: list[nn.Module] = field(default_factory=list)
     layers: dict[int, tuple] = field(default_factory=dict)  # per layer: codec and window rule of K, of V
     states: dict[int, nn.ModuleDict] = field(default_factory=dict)  # per layer: learnable codec state
+    selector: Selector | None = None  # the spec's eviction selector
+    prompts: list[int] | None = None  # each row's prompt length, for eviction at the prompt's end (training)
 
     def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
         """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward;
@@ -138,6 +143,9 @@ def kv_attention(
     state: AttachState = module.kvtrain_state
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which kvtrain's KV view does not support")
+    if state.selector is not None:
+        return _evicting_attention(module, state, query, key, value, module.scaling if scaling is None else scaling,
+                                   dropout, **kwargs)
     spec, layer = state.spec, module.layer_idx
     q_len, total = query.shape[-2], key.shape[-2]
     stored = None
@@ -155,6 +163,55 @@ def kv_attention(
     if stored is not None:
         stored.forget_arrived()  # attention has its view: the cache holds only its tiers again
     return _zero_padding_queries(out, _dead_queries(state, attention_mask, total)), probs
+
+
+def _evicting_attention(module, state: AttachState, query, key, value, scaling, dropout, **kwargs
+                        ) -> tuple[torch.Tensor, None]:
+    """Attention under token eviction (`kvtrain.kv.eviction.attend`): over what an evicting cache
+    holds and the forward's new tokens, or, in training, over the whole sequence with the decisions
+    that cache would make."""
+    name, q_len, layer = type(module).__name__, query.shape[-2], None
+    if isinstance(state.cache, QuantizedKVCache):
+        state.cache.viewed(module.layer_idx, state.spec)  # the cache's spec is the attached one: its layers evict
+        layer = state.cache.layers[module.layer_idx]
+    past = key.shape[-2] - q_len if layer is None else layer.seen - q_len
+    if left_pads(kwargs.get("position_ids"), past, q_len) is not None:
+        raise ValueError(f"{name}: eviction of left-padded batches is not supported yet; decode the rows one by one")
+    window = kwargs.get("sliding_window")
+    if window is not None and past + q_len > window:
+        raise ValueError(f"{name} layer {module.layer_idx} attends within a sliding window of {window} tokens, which "
+                         f"eviction does not apply yet (this sequence has {past + q_len})")
+    dropout = dropout if module.training else 0.0
+    if layer is not None:
+        return layer.attend(query, state.selector, scaling, kwargs.get("softcap")), None
+    if past:
+        raise ValueError(f"{name}: eviction decides from the attention of the queries as they arrive, so a "
+                         f"{type(state.cache).__name__} holding {past} tokens cannot replay it: decode with "
+                         "QuantizedKVCache(spec) of the attached spec")
+    policy, softcap = state.spec.eviction, kwargs.get("softcap")
+    if policy.interval:
+        held = Survivors.empty(key, value, state.selector)
+        return attend(query, key, value, held, policy, state.selector, scaling, softcap, dropout)[0], None
+    if state.prompts is None or len(state.prompts) != query.shape[0]:
+        raise ValueError(f"{name}: eviction at the end of the prompt (interval 0) needs each row's prompt length in "
+                         f"training: batches with a loss_mask (KVQuantCallback reads it) or set_prompt_lengths(model, "
+                         f"lengths); got {state.prompts} for {query.shape[0]} rows")
+    if len(set(state.prompts)) == 1:  # one call for the batch (a task's prompts often share a length)
+        rows = [(query, key, value, state.prompts[0])]
+    else:
+        rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p) for b, p in enumerate(state.prompts)]
+    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector), policy, state.selector, scaling, softcap,
+                             dropout, prompt)[0] for q, k, v, prompt in rows]), None
+
+
+def set_prompt_lengths(model: nn.Module, lengths: list[int] | torch.Tensor | None) -> None:
+    """Each row's prompt length for the training forwards that follow, under an eviction spec that
+    decides at the end of the prompt (interval 0): the cache decides after the prompt's forward, the
+    training view at these positions (KVQuantCallback sets them from each batch's loss_mask)."""
+    state: AttachState | None = getattr(hf_model(model), "kvtrain_state", None)
+    if state is None:
+        raise ValueError("attach an eviction spec before setting prompt lengths")
+    state.prompts = None if lengths is None else [int(n) for n in lengths]
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -392,7 +449,8 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
     states = _codec_states(target, mods, spec, _head_dim(config), reuse=not isinstance(source, str))
-    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods, states=states)
+    state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods, states=states,
+                        selector=None if spec.eviction is None else spec.eviction.build())
     try:
         target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,9 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer, get_layer_types_and_kwargs
 
 from kvtrain.kv.codecs import Codec, Payload
+from kvtrain.kv.eviction import Survivors, attend
 from kvtrain.kv.placement import PreRope
+from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
 from kvtrain.quant.native import run_steps
@@ -425,11 +428,99 @@ class QuantizedKVLayer(CacheLayerMixin):
         return self.k.nbytes() + self.v.nbytes()
 
 
+class EvictingKVLayer(CacheLayerMixin):
+    """K/V of one layer under token eviction (`kvtrain.kv.eviction`): per KV head, the tokens that
+    survived every decision so far, as they arrived; what a decision drops is freed. `update` takes a
+    forward's new tokens, the attached attention then attends to them (`attend`), making the decisions
+    the schedule puts among them from the attention their queries pay."""
+
+    is_sliding = False
+
+    def __init__(self, spec: Spec, layer: int):
+        super().__init__()
+        self.spec, self.layer = spec, layer
+        self.held: Survivors | None = None
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None  # the tokens of the forward in flight
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not _finite(key_states, value_states):
+            name = "values" if bool(torch.isfinite(key_states).all()) else "keys"
+            raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache "
+                             f"positions {self.seen}..{self.seen + key_states.shape[-2] - 1}; the model's activations overflowed")
+        self.new = (key_states, value_states)
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, selector: Selector, scaling: float, softcap: float | None = None) -> torch.Tensor:
+        """The output (B, n, Hq, D) of the queries of the new tokens; keeps what survives."""
+        keys, values = self.new
+        first = self.held is None  # the prompt comes in the first forward: its end is decided under interval 0
+        held = Survivors.empty(keys, values, selector) if first else self.held
+        out, self.held = attend(query, keys, values, held, self.spec.eviction, selector, scaling, softcap,
+                                prompt=keys.shape[-2] if first else None)
+        self.new = None
+        return out
+
+    @property
+    def seen(self) -> int:
+        return (0 if self.held is None else self.held.total) + (0 if self.new is None else self.new[0].shape[-2])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0  # (the attached attention masks by the held tokens' positions)
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx.long().cpu())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.held is not None:
+            self._select_rows(torch.arange(self.held.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.held is not None:
+            self._select_rows(torch.arange(self.held.keys.shape[0])[indices.cpu()])
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if self.held is not None:
+            self.held = self.held.rows(index)
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.held is not None:
+            self.held = replace(self.held, **{name: fn(t) for name in ("keys", "values", "positions", "attention")
+                                              if (t := getattr(self.held, name)) is not None})
+
+    def reset(self) -> None:
+        self.__init__(self.spec, self.layer)
+
+    def nbytes(self) -> int:
+        return 0 if self.held is None else self.held.nbytes()
+
+
+KV_LAYERS = (QuantizedKVLayer, EvictingKVLayer)
+
+
 class QuantizedKVCache(Cache):
     """A KV cache compressed by `spec` (a KVQuantSpec or preset name); layers are created lazily.
+    Under a spec with `eviction`, its layers keep the tokens that survive (`EvictingKVLayer`).
 
     `nbytes()` is the real storage of every tensor it holds: packed codes, scales, zero points and
-    the full-precision tails.
+    the full-precision tails; under eviction, the held tokens with their positions and scores.
     """
 
     def __init__(self, spec: Spec | str = "kivi2", config: PretrainedConfig | None = None):
@@ -469,7 +560,9 @@ class QuantizedKVCache(Cache):
         self.layers = [self._layer(i) if t in ATTENTION_LAYERS else STATE_LAYERS[t](**kw)
                        for i, (t, kw) in enumerate(zip(types, kwargs))]
 
-    def _layer(self, idx: int) -> QuantizedKVLayer:
+    def _layer(self, idx: int) -> QuantizedKVLayer | EvictingKVLayer:
+        if self.spec.eviction is not None:
+            return EvictingKVLayer(self.spec, idx)
         if self.spec.placement == "pre_rope" and self.rope is None:
             raise ValueError("a QuantizedKVCache of a pre_rope spec rotates keys with the model's rotary embedding: "
                              "decode through the attached model (it binds the cache), not by calling update by hand")
@@ -483,7 +576,7 @@ class QuantizedKVCache(Cache):
                 "before decoding with it")
         while len(self.layers) <= layer_idx:
             self.layers.append(self._layer(len(self.layers)))
-        if not isinstance(self.layers[layer_idx], QuantizedKVLayer):
+        if not isinstance(self.layers[layer_idx], KV_LAYERS):
             raise ValueError(f"layer {layer_idx} is a {self.layer_types[layer_idx]} layer: it holds no keys and values")
         by_model = bool(args or kwargs)  # a model's attention passes its cache kwargs; filling it by hand does not
         if by_model:
@@ -503,7 +596,7 @@ class QuantizedKVCache(Cache):
 
     def nbytes(self) -> int:
         """Every tensor held: the compressed layers' tiers and the other layers' own states."""
-        return sum(layer.nbytes() if isinstance(layer, QuantizedKVLayer) else _state_nbytes(layer) for layer in self.layers)
+        return sum(layer.nbytes() if isinstance(layer, KV_LAYERS) else _state_nbytes(layer) for layer in self.layers)
 
 
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention")

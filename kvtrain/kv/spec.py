@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kvtrain.kv.codecs import CODECS, Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
 from kvtrain.kv.codecs.rotation import ROTATIONS, Rotation
+from kvtrain.kv.eviction import EvictionPolicy
 from kvtrain.kv.placement import PLACEMENTS, Placement
 from kvtrain.kv.window import WindowRule
 from kvtrain.quant.granularity import parse_granularity
@@ -50,6 +51,7 @@ class _LayerPlan(ABC):
     flush: bool
     placement: Placement
     full_precision_layers: list[int]
+    eviction: EvictionPolicy | None = None  # which tokens survive (KVSpec's; KVQuantSpec evicts none)
 
     def keys(self, layer: int) -> Codec | None:
         return None if layer in self.full_precision_layers else self._codec("key", layer)
@@ -66,7 +68,7 @@ class _LayerPlan(ABC):
     def check_model(self, num_layers: int, head_dim: int, model_name: str = "model") -> None:
         """Errors that need the model's shape: groups against head_dim, layer indices."""
         for name in ("key", "value"):
-            for layer, codec in self._distinct_codecs(name).items():
+            for codec in self._distinct_codecs(name).values():
                 codec.check_model(head_dim, self._granularity_name(name), model_name)
         bad = sorted(i for i in [*self._layer_indices(), *self.full_precision_layers] if i >= num_layers)
         if bad:
@@ -98,12 +100,13 @@ class _LayerPlan(ABC):
                                      f"it must be a positive multiple of {self._granularity_name(name)}={codec.unit}")
 
     def _distinct_codecs(self, name: str) -> dict[int, Codec]:
-        """The codec of every distinct bit width (layer -1: the default)."""
-        return {layer: self._codec(name, layer) for layer in (-1, *self._layer_indices())}
+        """The codec of every distinct bit width (layer -1: the default); none for a full-precision tensor."""
+        codecs = {layer: self._codec(name, layer) for layer in (-1, *self._layer_indices())}
+        return {layer: codec for layer, codec in codecs.items() if codec is not None}
 
     @abstractmethod
-    def _codec(self, name: str, layer: int) -> Codec:
-        """The codec of K (name "key") or V at a layer that is compressed."""
+    def _codec(self, name: str, layer: int) -> Codec | None:
+        """The codec of K (name "key") or V at a layer that is compressed (None: kept in full precision)."""
 
     @abstractmethod
     def _layer_indices(self) -> list[int]:
@@ -330,18 +333,24 @@ class KVSpec(_LayerPlan):
           residual: 128
 
     Args:
-        key / value: a TensorPolicy (or a dict of its fields) for K / V.
+        key / value: a TensorPolicy (or a dict of its fields) for K / V; None keeps it in full precision.
         residual / sinks / flush / placement / full_precision_layers: as in KVQuantSpec.
+        eviction: which tokens survive (an `EvictionPolicy` or a dict of its fields; None: all of them).
+            For now with full-precision K and V (key: null, value: null) and post-RoPE keys.
         version: 2 (written into kv_spec.json, so a file says which form it holds).
+
+    Token eviction (SnapKV keeping a quarter of the tokens, a decision every 64):
+        kv_spec: {version: 2, key: null, value: null, eviction: {selector: snapkv, budget: 0.25, interval: 64}}
     """
 
-    key: TensorPolicy = field(default_factory=lambda: TensorPolicy(granularity="per_channel(32)"))
-    value: TensorPolicy = field(default_factory=lambda: TensorPolicy(granularity="per_token(32)"))
+    key: TensorPolicy | None = field(default_factory=lambda: TensorPolicy(granularity="per_channel(32)"))
+    value: TensorPolicy | None = field(default_factory=lambda: TensorPolicy(granularity="per_token(32)"))
     residual: int = 128
     sinks: int = 0
     flush: bool = False
     placement: Placement = "post_rope"
     full_precision_layers: list[int] = field(default_factory=list)
+    eviction: EvictionPolicy | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -351,19 +360,36 @@ class KVSpec(_LayerPlan):
             policy = getattr(self, name)
             if isinstance(policy, dict):
                 setattr(self, name, TensorPolicy(**policy))
-            elif not isinstance(policy, TensorPolicy):
-                raise ValueError(f"{name} must be a TensorPolicy or a dict of its fields, got {policy!r}")
+            elif policy is not None and not isinstance(policy, TensorPolicy):
+                raise ValueError(f"{name} must be a TensorPolicy, a dict of its fields or None, got {policy!r}")
+        if isinstance(self.eviction, dict):
+            unknown = sorted(set(self.eviction) - {f.name for f in fields(EvictionPolicy)})
+            if unknown:
+                raise ValueError(f"eviction has no field(s) {unknown}; its fields: {[f.name for f in fields(EvictionPolicy)]}")
+            self.eviction = EvictionPolicy(**self.eviction)
+        elif self.eviction is not None and not isinstance(self.eviction, EvictionPolicy):
+            raise ValueError(f"eviction must be an EvictionPolicy, a dict of its fields or None, got {self.eviction!r}")
+        if self.eviction is not None and (self.key is not None or self.value is not None):
+            raise ValueError("eviction with compressed K/V is not supported yet: set key: null and value: null "
+                             f"(got key={self.key}, value={self.value})")
+        if self.eviction is not None and self.placement != "post_rope":
+            raise ValueError(f"eviction keeps keys as attention receives them: placement must be 'post_rope', "
+                             f"got {self.placement!r}")
         self._check_window()
 
     def with_bits(self, bits: int) -> "KVSpec":
         """The same spec with K and V at `bits` (per-layer bits kept)."""
+        if self.key is None or self.value is None:
+            raise ValueError(f"bits={bits} sets the bits of K and V, but this spec keeps "
+                             f"{'K' if self.key is None else 'V'} in full precision")
         return self.with_(key=replace(self.key, bits=bits), value=replace(self.value, bits=bits))
 
-    def _codec(self, name: str, layer: int) -> Codec:
-        return getattr(self, name).codec_at(layer)
+    def _codec(self, name: str, layer: int) -> Codec | None:
+        policy = getattr(self, name)
+        return None if policy is None else policy.codec_at(layer)
 
     def _layer_indices(self) -> list[int]:
-        return sorted({*self.key.layer_bits, *self.value.layer_bits})
+        return sorted({layer for policy in (self.key, self.value) if policy is not None for layer in policy.layer_bits})
 
     def _granularity_name(self, name: str) -> str:
         return f"{name}.granularity group"

@@ -14,6 +14,7 @@ from kvtrain.data.lm import ResumableLoader, resumable_loader
 
 from .arithmetic import Problem, arithmetic_problems
 from .jsonl import load_jsonl
+from .recall import recall_problems
 
 
 class ProblemDataset(Dataset):
@@ -68,7 +69,8 @@ class TaskDataModule(L.LightningDataModule):
     prompt + chain of thought with the loss on the chain only, for supervised warm starts ("sft").
 
     Args:
-        task: "arithmetic" (the embedded task), or a JSONL file of {"prompt", "answer"} lines.
+        task: "arithmetic" or "recall" (the embedded tasks: `kvtrain.data.tasks.recall` is key-value
+            recall over `pairs` lines), or a JSONL file of {"prompt", "answer"} lines.
         val_task: held-out JSONL for a JSONL task (the embedded task draws its own).
         train_size, val_size: problems drawn for the embedded task (its train and val problems are disjoint
             by construction: a hash of each problem decides its split).
@@ -79,19 +81,23 @@ class TaskDataModule(L.LightningDataModule):
         max_len: for "sft": tokens per example at most.
         operations: (least, most) operations per problem of the embedded task.
         chat: ask in the tokenizer's chat template (instruct models), `instruction` after the question.
+        pairs: lines of a recall prompt; recall_queries: names a training prompt's solution answers;
+            needle: the asked name is always the same (a needle in a haystack).
     """
 
     def __init__(self, task: str = "arithmetic", val_task: str | None = None, train_size: int = 2000,
                  val_size: int = 100, batch_size: int = 8, eval_batch_size: int | None = None, seed: int = 1234,
                  format: Literal["rl", "sft"] = "rl", tokenizer: str | None = None, max_len: int = 256,
-                 operations: tuple[int, int] = (2, 4), chat: bool = False, instruction: str = ""):
+                 operations: tuple[int, int] = (2, 4), chat: bool = False, instruction: str = "", pairs: int = 48,
+                 recall_queries: int = 1, needle: bool = False):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.task, self.val_task, self.train_size, self.val_size = task, val_task, train_size, val_size
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size or batch_size, seed
         self.format, self.tokenizer_name, self.max_len = format, tokenizer, max_len
-        self.operations, self.chat, self.instruction = tuple(operations), chat, instruction
+        self.operations, self.chat, self.instruction, self.pairs = tuple(operations), chat, instruction, pairs
+        self.recall_queries, self.needle = recall_queries, needle
         if instruction and not chat:
             raise ValueError("instruction is said inside the chat template: set chat=True to use it")
         self.datasets: dict[str, ProblemDataset] = {}
@@ -111,9 +117,13 @@ class TaskDataModule(L.LightningDataModule):
         return load_tokenizer(self.tokenizer_name or getattr(module, "tokenizer_name", REFERENCE))
 
     def _problems(self, split: str) -> list[Problem]:
+        size = self.train_size if split == "train" else self.val_size
         if self.task == "arithmetic":  # the splits are disjoint by construction
-            size = self.train_size if split == "train" else self.val_size
             return arithmetic_problems(size, seed=self.seed, split=split, operations=self.operations)
+        if self.task == "recall":
+            # training answers `recall_queries` names per prompt (more signal), held-out prompts one
+            return recall_problems(size, seed=self.seed, split=split, pairs=self.pairs,
+                                   queries=self.recall_queries if split == "train" else 1, needle=self.needle)
         if split == "train":
             return load_jsonl(self.task)
         if self.val_task is None:

@@ -23,6 +23,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from kvtrain.kv.registry import registrar
+
 
 @dataclass
 class Payload:
@@ -173,17 +175,7 @@ class _StraightThrough(torch.autograd.Function):
 CODECS: dict[str, type[Codec]] = {}
 
 
-def register(name: str) -> Callable[[type[Codec]], type[Codec]]:
-    def add(cls: type[Codec]) -> type[Codec]:
-        if name in CODECS:
-            raise ValueError(f"a codec named {name!r} is registered already ({CODECS[name].__name__})")
-        if not getattr(cls, "examples", None):
-            raise ValueError(f"codec {name!r} needs `examples` (TensorPolicy fields) for the registry-driven tests")
-        cls.name = name
-        CODECS[name] = cls
-        return cls
-
-    return add
+register = registrar(CODECS, "codec", "TensorPolicy fields")
 
 
 def build_codec(policy: Any, bits: int) -> Codec:

@@ -1,0 +1,197 @@
+"""Token eviction: which tokens of K/V a layer keeps, decided once for the training view and the cache.
+
+The schedule: a decision every `interval` tokens, when the layer has seen a multiple of it, whether
+those tokens came in a prefill or one by one (a prefill longer than the interval is attended in
+segments with a decision between them, as a chunked prefill would be); or (interval 0) one decision
+when the prompt ends, as SnapKV compresses a prompt: the cache decides after its first forward (the
+prompt comes in one), training at each row's prompt length (`set_prompt_lengths`). At a decision
+with `total` tokens seen, each KV head keeps
+
+    the sinks (positions < sinks) and the newest `recent` tokens, always,
+    then the best-scored of the rest (the selector's score), up to kept(total) tokens in all:
+    budget tokens (an int), or ceil(budget * total) (a float in (0, 1]).
+
+Evicted tokens never come back. A query at position p attends to the survivors of the last decision
+before it and every token since, itself included. `attend` computes exactly that for a run of new
+tokens after the survivors held so far; the training view calls it with nothing held and the whole
+sequence, the cache with what it holds and the tokens of each forward, so both make the same
+decisions from the same attention (tests/test_kv_eviction.py confirms it on every selector).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from kvtrain.kv.selectors import Selector, build_selector, check_count
+
+
+@dataclass
+class EvictionPolicy:
+    """Which tokens survive (a spec's `eviction`, `KVSpec(eviction=...)`).
+
+    Args:
+        selector: a registered selector (`kvtrain.kv.selectors.SELECTORS`): "streaming_llm", "snapkv",
+            "h2o", "tova".
+        budget: tokens each KV head keeps at a decision: a count (int >= 1) or a fraction of the
+            tokens seen (float in (0, 1]); the sinks and the recent window count in it.
+        interval: a decision every `interval` tokens seen (1: at every token, as H2O and TOVA decode);
+            0: one decision, at the end of the prompt (SnapKV's schedule).
+        sinks: the first `sinks` tokens always survive (attention sinks).
+        recent: the newest `recent` tokens at a decision always survive.
+        options: the selector's own settings (snapkv: window, kernel).
+    """
+
+    selector: str = "snapkv"
+    budget: int | float = 0.25
+    interval: int = 64
+    sinks: int = 0
+    recent: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        budget = self.budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or (
+                isinstance(budget, int) and budget < 1) or (isinstance(budget, float) and not 0 < budget <= 1):
+            raise ValueError(f"budget must be a token count (int >= 1) or a kept fraction (float in (0, 1]), got {budget!r}")
+        check_count("interval (tokens between eviction decisions; 0: once, at the end of the prompt)", self.interval, 0)
+        check_count("sinks (tokens that always survive)", self.sinks, 0)
+        check_count("recent (newest tokens that always survive)", self.recent, 0)
+        if isinstance(budget, int) and budget < self.sinks + self.recent:
+            raise ValueError(f"a budget of {budget} tokens cannot hold sinks={self.sinks} and recent={self.recent}")
+        self.build().check(self.interval)
+
+    def build(self) -> Selector:
+        return build_selector(self.selector, self.options)
+
+    def kept(self, total: int) -> int:
+        """Tokens a head keeps at a decision with `total` seen (at least the sinks and recent window)."""
+        budget = self.budget if isinstance(self.budget, int) else math.ceil(round(self.budget * total, 9))
+        return min(total, max(budget, min(total, self.sinks + self.recent)))
+
+    def segments(self, past: int, n: int, prompt: int | None = None) -> list[tuple[int, int]]:
+        """The n new tokens after `past`, cut after every decision: [(start, end)) offsets into them
+        (`prompt`: the prompt's length, for interval 0; None once it has been decided)."""
+        if self.interval:
+            cuts = list(range((past // self.interval + 1) * self.interval - past, n, self.interval))
+        else:
+            cuts = [prompt - past] if prompt is not None and 0 < prompt - past < n else []
+        bounds = [0, *cuts, n]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def decides(self, total: int, prompt: int | None = None) -> bool:
+        """Whether a decision follows the token that makes `total` seen."""
+        return total % self.interval == 0 if self.interval else total == prompt
+
+    def observes(self, positions: torch.Tensor, selector: Selector, prompt: int | None = None) -> torch.Tensor:
+        """Which queries at `positions` the selector's score reads: the last `observed` before the
+        decision that follows each (a query at p is decoded with p + 1 tokens seen)."""
+        if selector.observed is None:
+            return torch.ones_like(positions, dtype=torch.bool)
+        if self.interval:
+            upcoming = (positions // self.interval + 1) * self.interval  # the decision after p + 1 tokens
+        else:
+            upcoming = torch.full_like(positions, -1 if prompt is None else prompt)
+        return (positions >= upcoming - selector.observed) & (positions < upcoming)
+
+    def survivors(self, scores: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+        """Indices (B, H, kept) into the held tokens, in position order, of those that survive a
+        decision with `total` seen."""
+        protected = (positions < self.sinks) | (positions >= total - self.recent)
+        n = min(self.kept(total), scores.shape[-1])
+        ranked = scores.masked_fill(protected, math.inf)
+        return ranked.topk(n, dim=-1, sorted=False).indices.sort(-1).values
+
+
+@dataclass
+class Survivors:
+    """What a layer holds under eviction: per KV head, the tokens that survived (in position order)
+    with their positions and the attention the selector has observed them get, and the count seen."""
+
+    keys: torch.Tensor  # (B, H, L, D)
+    values: torch.Tensor
+    positions: torch.Tensor  # (B, H, L) int32
+    attention: torch.Tensor | None  # (B, H, L), None for selectors that observe no queries
+    total: int = 0
+
+    @classmethod
+    def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector) -> "Survivors":
+        b, h, _, d = keys.shape
+        attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
+        return cls(keys[..., :0, :], values[..., :0, :], torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device),
+                   attention, 0)
+
+    def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
+        b, h, n, _ = keys.shape
+        new = torch.arange(self.total, self.total + n, dtype=torch.int32, device=keys.device).expand(b, h, n)
+        attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
+        return Survivors(torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2),
+                         torch.cat([self.positions, new], -1), attention, self.total + n)
+
+    def kept(self, index: torch.Tensor, reset: bool) -> "Survivors":
+        """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision."""
+        def take(t):
+            return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+
+        attention = None if self.attention is None else self.attention.gather(2, index)
+        return replace(self, keys=take(self.keys), values=take(self.values), positions=self.positions.gather(2, index),
+                       attention=attention.zero_() if reset and attention is not None else attention)
+
+    def rows(self, index: torch.Tensor) -> "Survivors":
+        """Batch rows `index` (beam search, batch selection)."""
+        return replace(self, **{name: getattr(self, name).index_select(0, index.to(self.keys.device))
+                                for name in ("keys", "values", "positions", "attention")
+                                if getattr(self, name) is not None})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.attention)
+                   if t is not None)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, held: Survivors, policy: EvictionPolicy,
+           selector: Selector, scaling: float, softcap: float | None = None, dropout: float = 0.0,
+           prompt: int | None = None) -> tuple[torch.Tensor, Survivors]:
+    """Attention of the queries of n new tokens (B, Hq, n, D) whose K/V (B, H, n, D) follow `held`,
+    segment by segment, with the decisions the schedule makes between them (module docstring;
+    `prompt`: the prompt's length under interval 0, None when it was decided before these tokens).
+    Returns the output (B, n, Hq, D) and what survives after the last of them."""
+    outs = []
+    for s0, s1 in policy.segments(held.total, keys.shape[-2], prompt):
+        held = held.appended(keys[..., s0:s1, :], values[..., s0:s1, :])
+        out, probs = _segment_attention(query[..., s0:s1, :], held, scaling, softcap, dropout)
+        outs.append(out)
+        if held.attention is not None:  # what the queries paid, not a path for gradients
+            positions = torch.arange(held.total - (s1 - s0), held.total, device=query.device)
+            observed = policy.observes(positions, selector, prompt).to(probs.dtype)
+            held.attention += torch.einsum("bhgql,q->bhl", probs.detach(), observed) / probs.shape[2]
+        if policy.decides(held.total, prompt):
+            index = policy.survivors(selector.score(held.attention, held.positions), held.positions, held.total)
+            held = held.kept(index, reset=selector.observed is not None)
+            if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
+                held.attention = None
+    return torch.cat(outs, dim=1), held
+
+
+def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, softcap: float | None,
+                       dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention of a segment's queries (the last of the held tokens) over the held tokens each
+    may see (the earlier ones and itself): output (B, n, Hq, D) and probabilities (B, H, group, n, L)."""
+    b, hq, n, d = query.shape
+    h, length = held.keys.shape[1], held.keys.shape[-2]
+    grouped = query.reshape(b, h, hq // h * n, d)
+    scores = (grouped @ held.keys.transpose(-1, -2)).reshape(b, h, hq // h, n, length) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    first = held.total - n
+    visible = held.positions[:, :, None, None, :] <= torch.arange(first, held.total, device=query.device)[:, None]
+    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1, dtype=_score_dtype(query.dtype))
+    dropped = torch.nn.functional.dropout(probs, dropout) if dropout else probs
+    out = dropped.to(query.dtype).reshape(b, h, hq // h * n, length) @ held.values
+    return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), probs

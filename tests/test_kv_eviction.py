@@ -1,0 +1,254 @@
+"""Token eviction (kvtrain.kv.eviction, kvtrain.kv.selectors): every registered selector makes the
+same decisions in one training forward as the evicting cache makes decoding (float64, every family),
+the scores are the selectors' on crafted attention patterns, bytes fall with the budget as held, and
+misuse is refused by name."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from transformers import DynamicCache
+
+from conftest import TINY
+from kvtrain import QuantizedKVCache, attach, detach
+from kvtrain.callbacks import KVQuantCallback
+from kvtrain.data.lm import LMDataModule
+from kvtrain.kv import KVSpec, spec_from_dict
+from kvtrain.kv.attention import hf_model, set_prompt_lengths
+from kvtrain.kv.eviction import EvictionPolicy, Survivors, attend
+from kvtrain.kv.selectors import SELECTORS, Selector, build_selector, register
+from kvtrain.modules import CausalLMModule
+from test_kv_parity import ARCHS, TOL, build, decode, training_views
+
+
+def evicting(selector="snapkv", options=None, **policy) -> KVSpec:
+    fields = dict(selector=selector, budget=0.5, interval=8, sinks=2, recent=2, options=options or {}) | policy
+    return KVSpec(key=None, value=None, eviction=fields)
+
+
+SELECTOR_EXAMPLES = [(name, options) for name, cls in SELECTORS.items() for options in cls.examples]
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gemma2"])
+@pytest.mark.parametrize("selector,options", SELECTOR_EXAMPLES, ids=[f"{n}{o}" for n, o in SELECTOR_EXAMPLES])
+def test_training_forward_equals_decoding_with_the_evicting_cache(arch, selector, options):
+    spec, length = evicting(selector, options), 45
+    model = build(arch)
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    full_precision, trained_view = training_views(model, ids, spec)
+    assert (trained_view[:, 8:] - full_precision[:, 8:]).abs().max() > 1e-2, "eviction did not change the forward"
+    torch.testing.assert_close(trained_view[:, :8], full_precision[:, :8], **TOL)  # nothing evicted before 8 tokens
+    for splits in ([], [20], [5, 30]):  # a prefill past decisions, or none, then token by token
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
+    held = cache.layers[0].held
+    assert cache.get_seq_length() == length and held.total == length
+    assert held.keys.shape[-2] == 20 + 5  # ceil(0.5 * 40) at the decision after 40 tokens, and 5 since
+    assert (held.positions[..., :2] == torch.tensor([0, 1], dtype=torch.int32)).all()  # the sinks survive
+    assert (held.positions[..., 18:20] == torch.tensor([38, 39], dtype=torch.int32)).all()  # and the recent two
+    detach(model)
+
+
+@pytest.mark.parametrize("selector,options", SELECTOR_EXAMPLES, ids=[f"{n}{o}" for n, o in SELECTOR_EXAMPLES])
+def test_eviction_at_the_end_of_the_prompt_matches_the_cache_row_by_row(selector, options):
+    spec, prompts = evicting(selector, options, interval=0, budget=0.25), [24, 31]
+    model = build("llama")
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(4))
+    attach(model, spec)
+    with pytest.raises(ValueError, match=r"interval 0\) needs each row's prompt length"):
+        model(ids, use_cache=False)
+    set_prompt_lengths(model, prompts)
+    with torch.no_grad():
+        trained_view = model(ids, use_cache=False).logits
+    for row, prompt in enumerate(prompts):  # the prompt in one forward, then token by token
+        decoded, cache = decode(model, ids[row:row + 1], spec, [prompt])
+        torch.testing.assert_close(decoded[0], trained_view[row], **TOL, msg=f"row {row}")
+        assert cache.layers[1].held.keys.shape[-2] == math.ceil(0.25 * prompt) + 40 - prompt  # one decision
+
+
+def test_the_callback_reads_prompt_lengths_from_the_loss_mask():
+    model, spec = build("llama"), evicting("snapkv", interval=0)
+    callback = KVQuantCallback(spec)
+    callback._model = model
+    attach(model, spec)
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]])
+    callback.on_train_batch_start(None, None, {"input_ids": torch.zeros(3, 6), "loss_mask": loss_mask}, 0)
+    assert hf_model(model).kvtrain_state.prompts == [3, 5, 6]  # a row with no targets decides nothing
+
+
+def one_head(keys: list[list[float]], queries: list[list[float]]):
+    """(query, keys, values) of one batch row and one head, D = 2."""
+    k = torch.tensor(keys, dtype=torch.float64)[None, None]
+    return torch.tensor(queries, dtype=torch.float64)[None, None], k, torch.randn_like(k)
+
+
+def decide(selector, keys, queries, budget, interval, **policy):
+    """The survivors of running `queries` over `keys` (one head) under a selector, and what it held."""
+    query, k, v = one_head(keys, queries)
+    rule = EvictionPolicy(selector, budget, interval, **policy)
+    chosen = rule.build()
+    _, held = attend(query, k, v, Survivors.empty(k, v, chosen), rule, chosen, scaling=1.0)
+    return held.positions[0, 0].tolist(), held
+
+
+# A needle: token 2's key lines up with every query (e^10 against e^0), the other keys are orthogonal.
+NEEDLE_KEYS = [[0.0, 1.0], [0.0, 1.0], [10.0, 0.0], [0.0, 1.0]]
+QUERIES = [[1.0, 0.0]] * 4
+
+
+def test_scores_on_a_needle_pattern_by_hand():
+    assert decide("streaming_llm", NEEDLE_KEYS, QUERIES, 1, 4)[0] == [3]  # the newest
+    assert decide("streaming_llm", NEEDLE_KEYS, QUERIES, 2, 4, sinks=1)[0] == [0, 3]
+    assert decide("tova", NEEDLE_KEYS, QUERIES, 1, 4)[0] == [2]  # the last query's favourite
+    assert decide("snapkv", NEEDLE_KEYS, QUERIES, 1, 4, options={"window": 2, "kernel": 1})[0] == [2]
+    # H2O: token 0 has 1 + 1/2 (queries 0 and 1 see only plain keys) + 2/(e^10 + 2) + 3/(e^10 + 3) ...
+    survivors, held = decide("h2o", NEEDLE_KEYS, QUERIES, 2, 4)
+    e = math.exp(10)
+    token0 = 1 + 1 / 2 + 1 / (e + 2) + 1 / (e + 3)
+    needle = e / (e + 2) + e / (e + 3)
+    assert survivors == [0, 2]  # token 1 (1/2 + ...) and 3 (1/(e+3)) go
+    torch.testing.assert_close(held.attention[0, 0], torch.tensor([token0, needle], dtype=torch.float64))
+
+
+def test_h2o_accumulates_uniform_attention_across_decisions():
+    # zero queries: query p spreads 1/(its visible tokens) over them; budget 2, a decision every 4 tokens
+    keys, queries = [[float(i), 1.0] for i in range(8)], [[0.0, 0.0]] * 8
+    survivors, held = decide("h2o", keys, queries, 2, 4)
+    first = [sum(1 / (p + 1) for p in range(j, 4)) for j in (0, 1)]  # tokens 0 and 1 win at 4 tokens
+    later = [1 / 3 + 1 / 4 + 1 / 5 + 1 / 6] * 2  # queries 4..7 see 0, 1 and 1..4 new tokens
+    assert survivors == [0, 1]
+    torch.testing.assert_close(held.attention[0, 0], torch.tensor(first, dtype=torch.float64) + torch.tensor(later, dtype=torch.float64))
+
+
+def test_snapkv_pools_the_window_attention_and_tova_averages_heads():
+    snap = build_selector("snapkv", {"window": 2, "kernel": 3})
+    attention = torch.tensor([[[0.0, 0.0, 3.0, 0.0, 0.0, 6.0]]])
+    torch.testing.assert_close(snap.score(attention, None), torch.tensor([[[0.0, 1.0, 1.0, 1.0, 2.0, 2.0]]]))
+    tova = build_selector("tova", {})
+    heads = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
+    torch.testing.assert_close(tova.score(heads, None), torch.tensor([[[0.5, 1.5], [0.5, 1.5]]]))
+
+
+def test_the_schedule_budget_and_observed_queries():
+    rule = EvictionPolicy("snapkv", 0.25, interval=8, sinks=1, recent=2, options={"window": 3})
+    assert rule.segments(0, 20) == [(0, 8), (8, 16), (16, 20)]
+    assert rule.segments(13, 1) == [(0, 1)] and rule.segments(15, 3) == [(0, 1), (1, 3)]
+    assert [rule.kept(t) for t in (1, 3, 8, 16, 17)] == [1, 3, 3, 4, 5]  # never below sinks + recent
+    assert EvictionPolicy("h2o", 10).kept(8) == 8 and EvictionPolicy("h2o", 10).kept(64) == 10
+    assert EvictionPolicy("h2o", 0.1).kept(30) == 3  # not 4 from 0.1 * 30 = 3.0000000000000004
+    once = EvictionPolicy("snapkv", 0.25, interval=0, options={"window": 3})
+    assert once.segments(0, 20, prompt=12) == [(0, 12), (12, 20)] and once.segments(12, 1) == [(0, 1)]
+    assert once.decides(12, prompt=12) and not once.decides(13) and not once.decides(12)
+    assert once.observes(torch.arange(16), once.build(), 12).nonzero().flatten().tolist() == [9, 10, 11]
+    observed = rule.observes(torch.arange(16), build_selector("snapkv", {"window": 3}))
+    assert observed.nonzero().flatten().tolist() == [5, 6, 7, 13, 14, 15]  # the 3 queries before each decision
+
+
+def test_bytes_fall_with_the_budget_as_held():
+    model, ids = build("llama"), torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(2))
+    measured = {}
+    for budget in (1.0, 0.5, 0.25, 0.125):
+        spec = evicting("h2o", budget=budget, interval=16, sinks=0, recent=0)
+        attach(model, spec)
+        _, cache = decode(model, ids, spec, [64])
+        measured[budget] = cache.nbytes()
+        for layer in cache.layers:  # what nbytes counts is the memory the tensors own, no larger buffer behind them
+            held = layer.held
+            for t in (held.keys, held.values, held.positions, held.attention):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        keys = cache.layers[0].held.keys
+        assert keys.shape[-2] == math.ceil(budget * 128)
+    full = DynamicCache()
+    with torch.no_grad():
+        detach(model)
+        model(ids, past_key_values=full)
+    full_bytes = sum(t.numel() * t.element_size() for layer in full.layers for t in (layer.keys, layer.values))
+    assert measured[1.0] > full_bytes  # all kept, plus each token's position and score
+    assert measured[1.0] > measured[0.5] > measured[0.25] > measured[0.125]
+    assert measured[0.25] / measured[1.0] == pytest.approx(0.25, abs=0.01)
+
+
+def test_generate_with_the_evicting_cache_follows_the_training_view():
+    model, spec = build("qwen2"), evicting("tova", budget=12, interval=1, sinks=1, recent=0)
+    attach(model, spec)
+    prompt = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = model.generate(prompt, past_key_values=QuantizedKVCache(spec), max_new_tokens=20, do_sample=False)
+        logits = model(out, use_cache=False).logits
+    assert out.shape[1] == 30
+    assert torch.equal(logits[0, 9:-1].argmax(-1), out[0, 10:])  # each generated token is the view's argmax
+
+
+def test_training_under_eviction_lowers_the_loss_with_gradients_through_the_kept_tokens(corpus_file):
+    L.seed_everything(0)
+    spec = evicting("snapkv", {"window": 4}, budget=0.25, interval=16, sinks=1, recent=4)
+    module = CausalLMModule("kvtrain-ref", init="random", config_overrides=TINY, lr=3e-3, warmup_steps=5)
+    trainer = L.Trainer(max_steps=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[KVQuantCallback(spec)], accelerator="cpu", limit_val_batches=2, val_check_interval=25)
+    trainer.fit(module, datamodule=LMDataModule(str(corpus_file), seq_len=64, batch_size=8))
+    assert trainer.callback_metrics["val/loss"] < 7.0  # from ln(4096) = 8.32 at init
+
+
+def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
+    assert set(SELECTORS) == {"streaming_llm", "snapkv", "h2o", "tova"}
+    with pytest.raises(ValueError, match="a selector named 'h2o' is registered already"):
+        register("h2o")(SELECTORS["tova"])
+
+    class Untested(Selector):
+        def score(self, attention, positions):
+            return positions.float()
+
+    with pytest.raises(ValueError, match=r"selector 'untested' needs `examples` \(options\) for the registry-driven tests"):
+        register("untested")(Untested)
+    assert "untested" not in SELECTORS
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(budget=0), r"budget must be a token count \(int >= 1\) or a kept fraction \(float in \(0, 1\]\), got 0"),
+    (dict(budget=1.5), r"got 1.5"),
+    (dict(budget=True), r"got True"),
+    (dict(interval=-1), r"interval \(tokens between eviction decisions; 0: once, at the end of the prompt\) must be a "
+                        r"whole number >= 0, got -1"),
+    (dict(budget=3, sinks=2, recent=2), r"a budget of 3 tokens cannot hold sinks=2 and recent=2"),
+    (dict(selector="lru"), r"unknown selector 'lru'; registered: \['h2o', 'snapkv', 'streaming_llm', 'tova'\]"),
+    (dict(options={"windows": 4}), r"selector 'snapkv' has no option\(s\) \['windows'\]; its options: \['window', 'kernel'\]"),
+    (dict(options={"window": 16}), r"snapkv observes the last 16 queries .* \(interval\): give it window <= 8"),
+    (dict(options={"kernel": 4}), r"snapkv kernel must be odd"),
+])
+def test_bad_policies_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        evicting(**fields)
+
+
+def test_spec_errors_and_round_trip(tmp_path):
+    with pytest.raises(ValueError, match="eviction with compressed K/V is not supported yet: set key: null and value: null"):
+        KVSpec(value=None, eviction={"selector": "h2o"})
+    with pytest.raises(ValueError, match="placement must be 'post_rope', got 'pre_rope'"):
+        KVSpec(key=None, value=None, placement="pre_rope", eviction={"selector": "h2o"})
+    with pytest.raises(ValueError, match=r"eviction has no field\(s\) \['keep'\]"):
+        KVSpec(key=None, value=None, eviction={"keep": 0.5})
+    spec = evicting("snapkv", {"window": 4, "kernel": 3}, budget=64)
+    assert spec_from_dict(spec.to_dict()) == spec
+    spec.save(tmp_path)
+    assert QuantizedKVCache(str(tmp_path)).spec == spec
+
+
+def test_misuse_is_refused_by_name():
+    model, spec = build("llama"), evicting("h2o")
+    ids = torch.randint(0, 512, (1, 20))
+    attach(model, spec)
+    with torch.no_grad(), pytest.raises(ValueError, match="a DynamicCache holding 20 tokens cannot replay it"):
+        cache = DynamicCache()
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+    with torch.no_grad(), pytest.raises(ValueError, match="decodes with a QuantizedKVCache of"):
+        model(ids, past_key_values=QuantizedKVCache(evicting("tova")))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="eviction of left-padded batches is not supported yet"):
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    gemma2 = build("gemma2")  # its sliding-window layers attend to 48 tokens
+    attach(gemma2, spec)
+    with torch.no_grad(), pytest.raises(ValueError, match="attends within a sliding window of 48 tokens"):
+        gemma2(torch.randint(0, 512, (1, 60)), use_cache=False)
