@@ -12,7 +12,8 @@ DynamicCache. `--train NAME:SEED` then fine-tunes the base further for `--steps`
 measures it both ways (the control under `--control_under`); the summary gives each trained point's mean and spread over its seeds.
 
     python bench/kv_eviction.py                          # base + training-free table
-    python bench/kv_eviction.py --train snapkv25@16:0 --train control:0 ...
+    python bench/kv_eviction.py --train snapkv25+st:0 --train control:0 ...
+    python bench/kv_eviction.py --summarize              # the table and plot from every trained run
     python bench/kv_eviction.py --smoke
 """
 
@@ -41,24 +42,26 @@ INTERVALS = (0, 16)  # once at the end of the prompt (SnapKV's schedule), or eve
 SINKS = 4
 
 
-def eviction_spec(selector: str, fraction: float, interval: int) -> KVSpec:
+def eviction_spec(selector: str, fraction: float, interval: int, straight_through: float = 0.0) -> KVSpec:
     # SnapKV observes its paper's 32 queries, or all those since the last decision if fewer
     options = {"window": min(32, interval or 32), "kernel": 5} if selector == "snapkv" else {}
     return KVSpec(key=None, value=None, eviction=dict(selector=selector, budget=fraction, interval=interval,
-                                                      sinks=SINKS, options=options))
+                                                      sinks=SINKS, options=options, straight_through=straight_through))
 
 
 def parse_point(name: str) -> KVSpec | None:
-    """"control" (the full cache) or a selector, the percent it keeps and the interval: snapkv25 (at the
-    end of the prompt), snapkv25@16 (every 16 tokens)."""
+    """"control" (the full cache) or a selector, the percent it keeps, the interval and whether the
+    selection trains straight through: snapkv25 (at the end of the prompt), snapkv25@16 (every 16
+    tokens), snapkv25+st (temperature 1). The cache a point decodes with is the same either way."""
     if name == "control":
         return None
-    kept, _, interval = name.partition("@")
+    body, st, rest = name.partition("+st")
+    kept, _, interval = body.partition("@")
     selector = kept.rstrip("0123456789")
-    if selector not in SELECTORS or selector == kept or not (interval or "0").isdigit():
-        raise ValueError(f"unknown point {name!r}: control, or one of {SELECTORS}, a percent and @interval "
-                         f"(snapkv25, snapkv25@16)")
-    return eviction_spec(selector, int(kept[len(selector):]) / 100, int(interval or 0))
+    if selector not in SELECTORS or selector == kept or not (interval or "0").isdigit() or rest:
+        raise ValueError(f"unknown point {name!r}: control, or one of {SELECTORS}, a percent, @interval and +st "
+                         f"(snapkv25, snapkv25@16, snapkv25+st)")
+    return eviction_spec(selector, int(kept[len(selector):]) / 100, int(interval or 0), 1.0 if st else 0.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--val_size", type=int, default=256)
     p.add_argument("--train", action="append", default=[], metavar="NAME:SEED")
-    p.add_argument("--control_under", default="snapkv25@16", help="the eviction a control run is measured under")
+    p.add_argument("--control_under", default="snapkv25,snapkv25@16",
+                   help="the evictions a control run is measured under (comma-separated points)")
+    p.add_argument("--summarize", action="store_true", help="refresh the trained rows and the plot, train nothing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default="bench/results/eviction")
@@ -158,26 +163,27 @@ def trained(args: argparse.Namespace, base: str, point: str, out: Path) -> dict:
     name, seed = point.split(":")
     spec = parse_point(name)
     model = finetune(base, spec, args.steps, int(seed), args)
-    # the control is measured under the eviction of the points it controls (--control_under)
-    measure = spec if spec is not None else parse_point(args.control_under)
-    result = {"point": name, "seed": int(seed), "steps": args.steps, "evicted": str(measure.eviction),
-              "accuracy_evicted": accuracy(model, measure, args), "accuracy_full": accuracy(model, None, args)}
+    under = [name] if spec is not None else args.control_under.split(",")  # a control, under what it controls for
+    result = {"point": name, "seed": int(seed), "steps": args.steps, "accuracy_full": accuracy(model, None, args),
+              "accuracy_under": {u: accuracy(model, parse_point(u), args) for u in under}}
     write_json(out / "trained" / f"{name}-{seed}.json", result)
     return result
 
 
 def summary(out: Path) -> list[dict]:
-    runs: dict[str, list[dict]] = {}
+    """Each trained point (and the control under each eviction it was measured under): mean and
+    sample standard deviation over its seeds, with the same models' full-cache accuracy."""
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for path in sorted((out / "trained").glob("*.json")):
         run = json.loads(path.read_text())
-        runs.setdefault(run["point"], []).append(run)
+        for under, value in run["accuracy_under"].items():  # (+st trains differently, decodes with the same cache)
+            runs.setdefault((run["point"], under.replace("+st", "")), []).append((value, run["accuracy_full"]))
     rows = []
-    for point, group in runs.items():
-        row = {"point": point, "seeds": len(group)}
-        for key in ("accuracy_evicted", "accuracy_full"):
-            values = [r[key] for r in group]
-            row[key] = round(statistics.mean(values), 4)
-            row[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+    for (point, under), values in runs.items():
+        row = {"point": point, "under": under, "seeds": len(values)}
+        for key, column in (("accuracy", 0), ("accuracy_full", 1)):
+            xs = [v[column] for v in values]
+            row[key], row[f"{key}_std"] = round(statistics.mean(xs), 4), round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0
         rows.append(row)
     return rows
 
@@ -188,7 +194,7 @@ def plot(rows: list[dict], trained_rows: list[dict], path: Path, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     full = rows[0]
     ax.axhline(full["accuracy"], color="black", linestyle="--", linewidth=1, label="full cache")
     for interval, style in zip(INTERVALS, ("o-", "s:")):
@@ -196,16 +202,18 @@ def plot(rows: list[dict], trained_rows: list[dict], path: Path, title: str) -> 
             points = [r for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
             ax.plot([r["bytes_ratio"] for r in points], [r["accuracy"] for r in points], style, color=f"C{color}",
                     label=f"{selector}, {'end of prompt' if not interval else f'every {interval}'} (training-free)")
-    for row in (r for r in trained_rows if r["point"] != "control"):
-        policy = parse_point(row["point"]).eviction
+    for row in trained_rows:
+        policy = parse_point(row["under"]).eviction
         ratio = next(r["bytes_ratio"] for r in rows if (r["selector"], r["interval"], r["kept"]) == (
             policy.selector, policy.interval, policy.budget))
-        ax.errorbar([ratio], [row["accuracy_evicted"]], yerr=[row["accuracy_evicted_std"]], fmt="*", markersize=12,
-                    capsize=4, label=f"{row['point']} trained ({row['seeds']} seeds)")
+        control = row["point"] == "control"
+        label = f"full-cache fine-tune under {row['under']}" if control else f"{row['point']} fine-tune"
+        ax.errorbar([ratio], [row["accuracy"]], yerr=[row["accuracy_std"]], fmt="x" if control else "*", markersize=12,
+                    capsize=4, label=f"{label} ({row['seeds']} seeds)")
     ax.set_xlabel("cache bytes kept (measured, vs the full cache)")
     ax.set_ylabel("held-out exact match")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.pairs, args.base_steps, args.steps, args.val_size, args.batch_size = 16, 4, 2, 8, 4
-        args.train = args.train or ["snapkv25@16:0", "control:0"]
+        args.train = args.train or ["snapkv25:0", "control:0"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(args, out)
@@ -225,17 +233,19 @@ def main(argv: list[str] | None = None) -> None:
     trained_rows = summary(out) if (out / "trained").is_dir() else []
     if trained_rows:
         print(format_table(trained_rows, list(trained_rows[0])))
-    if args.train and not args.smoke:
-        return
-    rows = training_free(args, base)
-    table = format_table(rows, ["selector", "interval", "kept", "accuracy", "bytes", "bytes_ratio"])
-    print(table)
     name = "kv_eviction_smoke" if args.smoke else "kv_eviction"
-    write_json(out / f"{name}.json", {"training_free": rows, "trained": trained_rows, "args": vars(args),
-                                      "env": environment()})
+    results = out / f"{name}.json"
+    if (args.train or args.summarize) and results.is_file() and not args.smoke:  # trained points join the table
+        report = {**json.loads(results.read_text()), "trained": trained_rows}
+    else:
+        report = {"training_free": training_free(args, base), "trained": trained_rows, "args": vars(args),
+                  "env": environment()}
+    table = format_table(report["training_free"], ["selector", "interval", "kept", "accuracy", "bytes", "bytes_ratio"])
+    print(table)
+    write_json(results, report)
     (out / f"{name}.md").write_text(table + "\n")
-    plot(rows, trained_rows, out / f"{name}.png", f"kvtrain-ref fine-tuned on recall ({args.pairs} lines"
-         f"{', needle' if args.needle else ''}), held-out exact match, {SINKS} sinks")
+    plot(report["training_free"], trained_rows, out / f"{name}.png", f"kvtrain-ref fine-tuned on recall "
+         f"({args.pairs} lines{', needle' if args.needle else ''}), held-out exact match, {SINKS} sinks")
 
 
 if __name__ == "__main__":

@@ -221,6 +221,40 @@ def kv_lowrank(results: Path, stem: str = "kv_lowrank") -> str:
                       f"Python {r['env']['python']}, {r['env']['threads']} thread(s)."])
 
 
+def kv_eviction(results: Path) -> str:
+    r = load("eviction/kv_eviction.json", results)
+    free, fractions = r["training_free"], (0.5, 0.25, 0.125)
+    rows = [["full cache", "-", fmt(free[0]["accuracy"], 3), "", "", "1"]]
+    for interval in dict.fromkeys(row["interval"] for row in free[1:]):
+        for selector in dict.fromkeys(row["selector"] for row in free[1:]):
+            kept = {row["kept"]: row for row in free if (row["selector"], row["interval"]) == (selector, interval)}
+            rows.append([selector, "end of prompt" if interval == 0 else f"every {interval}",
+                         *[fmt(kept[f]["accuracy"], 3) for f in fractions],
+                         " / ".join(fmt(kept[f]["bytes_ratio"], 3) for f in fractions)])
+    header = ["selector", "decided", "50% kept", "25% kept", "12.5% kept", "bytes vs full (50 / 25 / 12.5%)"]
+    control = {row["under"]: row for row in r["trained"] if row["point"] == "control"}
+
+    def recovered(row: dict) -> str:  # of what the full-cache control loses under the same eviction
+        base = control.get(row["under"])
+        if row["point"] == "control" or base is None:
+            return "-"
+        return f"{(row['accuracy'] - base['accuracy']) / (base['accuracy_full'] - base['accuracy']):.0%}"
+
+    trained = [[row["point"], row["under"], row["seeds"], f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f}",
+                recovered(row), f"{row['accuracy_full']:.3f} ± {row['accuracy_full_std']:.3f}"] for row in r["trained"]]
+    a = r["args"]
+    return "\n".join([
+        table(rows, header), "",
+        table(trained, ["fine-tuned", "measured under", "seeds", "exact match (mean ± sd)", "recovered",
+                        "same models, full cache"]), "",
+        "recovered: the share won back of what the full-cache fine-tune (control, the same steps) loses under "
+        "that eviction; +st: the selection trained straight through (the same cache at decode).", "",
+        f"kvtrain-ref fine-tuned {a['base_steps']} steps on recall ({a['pairs']} lines, needle), then {a['steps']} more "
+        f"steps per trained row (lr {a['lr']}, batch {a['batch_size']}); {a['val_size']} held-out prompts; bytes: "
+        f"`QuantizedKVCache.nbytes()` after the prompt and answer, against a DynamicCache (fp32). "
+        f"Python {r['env']['python']}."])
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "reference": reference, "qat_recovery": qat_recovery, "kv_quality": kv_quality, "kv_bytes": kv_bytes,
     "kv_speed": kv_speed, "rl_length": rl_length, "rl_selection": rl_selection,
@@ -242,6 +276,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kv_lowrank": kv_lowrank,
     "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),
     "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
+    # issue 14: retrieval under token eviction, training-free and trained against
+    "kv_eviction": kv_eviction,
 }
 
 

@@ -170,6 +170,7 @@ def test_kv_eviction_smoke(tmp_path, reference):
         for interval in (0, 16):
             ratios = [r["bytes_ratio"] for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
             assert 1 > ratios[0] > ratios[1] > ratios[2] > 0.1
-    assert {r["point"]: r["seeds"] for r in result["trained"]} == {"snapkv25@16": 1, "control": 1}
+    assert {(r["point"], r["under"]): r["seeds"] for r in result["trained"]} == {
+        ("snapkv25", "snapkv25"): 1, ("control", "snapkv25"): 1, ("control", "snapkv25@16"): 1}
     assert (tmp_path / "trained" / "control-0.json").is_file()
     assert (tmp_path / "kv_eviction_smoke.png").stat().st_size > 10_000

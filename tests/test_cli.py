@@ -307,7 +307,7 @@ def test_sft_reasoning_recipe_runs_tiny_and_learns_the_format(tmp_path):
 def test_evict_snapkv_recipe_runs_tiny_under_eviction_and_learns(tmp_path):
     """The recipe trains with SnapKV evicting 3 in 4 prompt tokens (each row decided at its own prompt
     length, read from the loss_mask) and the loss falls; the export carries the eviction spec."""
-    from kvtrain.kv import KVSpec
+    from kvtrain.kv import resolve_spec
 
     args = ["--trainer.max_steps=30", "--trainer.val_check_interval=30", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1",
@@ -320,5 +320,5 @@ def test_evict_snapkv_recipe_runs_tiny_under_eviction_and_learns(tmp_path):
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert loss[0] == pytest.approx(8.32, abs=0.2)  # random start: ln(4096)
     assert sum(loss[-5:]) / 5 < 4.0, loss  # the answer word and EOS: observed 8.31 -> 3.3 in 30 steps
-    exported = KVSpec.resolve(str(tmp_path / "runs" / "evict_snapkv" / "model"))
+    exported = resolve_spec(str(tmp_path / "runs" / "evict_snapkv" / "model"))
     assert exported.eviction.selector == "snapkv" and exported.eviction.budget == 0.25

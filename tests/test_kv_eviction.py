@@ -67,6 +67,41 @@ def test_eviction_at_the_end_of_the_prompt_matches_the_cache_row_by_row(selector
         assert cache.layers[1].held.keys.shape[-2] == math.ceil(0.25 * prompt) + 40 - prompt  # one decision
 
 
+@pytest.mark.parametrize("interval", [0, 8])
+def test_a_straight_through_selection_computes_the_cache_forward_and_passes_gradients_to_the_scores(interval):
+    """With straight_through, training keeps every token, the evicted weighted 0: the forward is the
+    hard selection's (so the cache's), and an answer-only loss now reaches the queries SnapKV scores
+    with, which the hard top-k leaves without a gradient."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 40, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    k2, v2 = k[:, :2], v[:, :2]  # 2 KV heads, 2 query heads each
+    outs, grads = {}, {}
+    for temperature in (0.0, 0.5):
+        rule = EvictionPolicy("snapkv", 0.25, interval=interval, sinks=2, straight_through=temperature,
+                              options={"window": 4, "kernel": 3})
+        held = Survivors.empty(k2, v2, rule.build(), gated=temperature > 0)
+        out, held = attend(q, k2, v2, held, rule, rule.build(), scaling=0.25, prompt=32 if not interval else None)
+        outs[temperature] = out
+        q.grad = None
+        out[:, -1].sum().backward()  # the last query's answer only
+        grads[temperature] = q.grad[:, :, 28:32].abs().sum()  # the prompt's last queries, which SnapKV observes
+    torch.testing.assert_close(outs[0.5], outs[0.0], rtol=1e-12, atol=1e-12)
+    assert grads[0.0] == 0 and grads[0.5] > 1e-6
+
+
+def test_a_straight_through_training_forward_is_the_evicting_forward_on_a_model():
+    model = build("qwen2")
+    spec = evicting("h2o", interval=8, budget=0.25, straight_through=1.0)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(6))
+    attach(model, spec)
+    with torch.no_grad():
+        hard = model(ids, use_cache=False).logits
+    gated = model(ids, use_cache=False).logits  # with gradients: every token kept, the evicted weighted 0
+    torch.testing.assert_close(gated, hard, **TOL)
+    gated[:, -1].logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_the_callback_reads_prompt_lengths_from_the_loss_mask():
     model, spec = build("llama"), evicting("snapkv", interval=0)
     callback = KVQuantCallback(spec)
@@ -215,6 +250,7 @@ def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
     (dict(options={"windows": 4}), r"selector 'snapkv' has no option\(s\) \['windows'\]; its options: \['window', 'kernel'\]"),
     (dict(options={"window": 16}), r"snapkv observes the last 16 queries .* \(interval\): give it window <= 8"),
     (dict(options={"kernel": 4}), r"snapkv kernel must be odd"),
+    (dict(straight_through=-1.0), r"straight_through must be a temperature >= 0 \(0: off\), got -1.0"),
 ])
 def test_bad_policies_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -252,3 +288,27 @@ def test_misuse_is_refused_by_name():
     attach(gemma2, spec)
     with torch.no_grad(), pytest.raises(ValueError, match="attends within a sliding window of 48 tokens"):
         gemma2(torch.randint(0, 512, (1, 60)), use_cache=False)
+
+
+def test_completion_match_is_greedy_decoding_with_the_evicting_cache():
+    """A completion the cache decodes greedily (the prompt in one forward, then token by token) is
+    exactly what completion_match's one teacher-forced forward scores right; change one token and
+    that row is wrong."""
+    from kvtrain.eval import completion_match
+
+    model, spec = build("llama"), evicting("snapkv", {"window": 4}, budget=0.25, interval=0)
+    attach(model, spec)
+    prompts = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(5))
+    rows = []
+    for prompt in prompts:
+        with torch.no_grad():
+            out = model.generate(prompt[None], past_key_values=QuantizedKVCache(spec), max_new_tokens=4, do_sample=False)
+        rows.append(out[0])
+    ids = torch.stack(rows)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 24:] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": loss_mask}
+    assert completion_match(model, [batch])["correct"] == [True, True, True]
+    wrong = ids.clone()
+    wrong[1, 26] = (wrong[1, 26] + 1) % 512
+    assert completion_match(model, [dict(batch, input_ids=wrong)])["correct"] == [True, False, True]

@@ -43,6 +43,11 @@ class EvictionPolicy:
         sinks: the first `sinks` tokens always survive (attention sinks).
         recent: the newest `recent` tokens at a decision always survive.
         options: the selector's own settings (snapkv: window, kernel).
+        straight_through: in training, a temperature > 0 gives the selection a gradient: the view
+            keeps every token, an evicted one weighted 0 in the forward (exactly the cache's
+            attention) and sigmoid((score - the budget's boundary) / (temperature * the mean score))
+            in the backward, so the loss reaches the attention the selector scores with
+            (which a hard top-k never passes on). 0: off.
     """
 
     selector: str = "snapkv"
@@ -51,6 +56,7 @@ class EvictionPolicy:
     sinks: int = 0
     recent: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    straight_through: float = 0.0
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -60,6 +66,9 @@ class EvictionPolicy:
         check_count("interval (tokens between eviction decisions; 0: once, at the end of the prompt)", self.interval, 0)
         check_count("sinks (tokens that always survive)", self.sinks, 0)
         check_count("recent (newest tokens that always survive)", self.recent, 0)
+        if isinstance(self.straight_through, bool) or not isinstance(self.straight_through, (int, float)) or (
+                self.straight_through < 0):
+            raise ValueError(f"straight_through must be a temperature >= 0 (0: off), got {self.straight_through!r}")
         if isinstance(budget, int) and budget < self.sinks + self.recent:
             raise ValueError(f"a budget of {budget} tokens cannot hold sinks={self.sinks} and recent={self.recent}")
         self.build().check(self.interval)
@@ -100,10 +109,32 @@ class EvictionPolicy:
     def survivors(self, scores: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
         """Indices (B, H, kept) into the held tokens, in position order, of those that survive a
         decision with `total` seen."""
-        protected = (positions < self.sinks) | (positions >= total - self.recent)
         n = min(self.kept(total), scores.shape[-1])
-        ranked = scores.masked_fill(protected, math.inf)
-        return ranked.topk(n, dim=-1, sorted=False).indices.sort(-1).values
+        return self._ranked(scores, positions, total).topk(n, dim=-1, sorted=False).indices.sort(-1).values
+
+    def gate(self, scores: torch.Tensor, positions: torch.Tensor, total: int, alive: torch.Tensor) -> torch.Tensor:
+        """The straight-through form of `survivors` over every token (`alive`: the gate of the decisions
+        before, 1 or 0 in the forward): 1 for the survivors, 0 for the rest in the forward; the
+        gradient of sigmoid((score - boundary) / (temperature * the mean score)), the boundary halfway
+        between the last survivor's score and the next one's."""
+        living = alive.detach() > 0.5
+        ranked = self._ranked(scores, positions, total).masked_fill(~living, -math.inf)
+        n = min(self.kept(total), int(living.sum(-1).min()))
+        top = ranked.topk(min(n + 1, ranked.shape[-1]), dim=-1)
+        hard = torch.zeros_like(alive).scatter(-1, top.indices[..., :n], 1.0)
+        ends = top.values.clamp(min=-1e30, max=1e30)  # (protected tokens rank at inf)
+        boundary = ends[..., n - 1:n + 1].mean(-1, keepdim=True)
+        # in units of the living scores' mean magnitude (their spread can vanish on a head that scores alike)
+        scale = scores.detach().masked_fill(~living, 0).abs().sum(-1, keepdim=True) / living.sum(-1, keepdim=True)
+        soft = torch.sigmoid((scores - boundary) / (scale * self.straight_through + 1e-12))
+        protected = self._protected(positions, total)
+        return alive * torch.where(protected, torch.ones_like(soft), hard + soft - soft.detach())
+
+    def _protected(self, positions: torch.Tensor, total: int) -> torch.Tensor:
+        return (positions < self.sinks) | (positions >= total - self.recent)
+
+    def _ranked(self, scores: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+        return scores.detach().masked_fill(self._protected(positions, total), math.inf)
 
 
 @dataclass
@@ -116,20 +147,23 @@ class Survivors:
     positions: torch.Tensor  # (B, H, L) int32
     attention: torch.Tensor | None  # (B, H, L), None for selectors that observe no queries
     total: int = 0
+    gate: torch.Tensor | None = None  # (B, H, L) with a straight-through selection: every token held, 1 / 0
 
     @classmethod
-    def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector) -> "Survivors":
+    def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector, gated: bool = False) -> "Survivors":
         b, h, _, d = keys.shape
         attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
+        gate = keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype)) if gated else None
         return cls(keys[..., :0, :], values[..., :0, :], torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device),
-                   attention, 0)
+                   attention, 0, gate)
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
         b, h, n, _ = keys.shape
         new = torch.arange(self.total, self.total + n, dtype=torch.int32, device=keys.device).expand(b, h, n)
         attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
+        gate = None if self.gate is None else torch.cat([self.gate, self.gate.new_ones(b, h, n)], -1)
         return Survivors(torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2),
-                         torch.cat([self.positions, new], -1), attention, self.total + n)
+                         torch.cat([self.positions, new], -1), attention, self.total + n, gate)
 
     def kept(self, index: torch.Tensor, reset: bool) -> "Survivors":
         """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision."""
@@ -167,16 +201,39 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, held: 
         held = held.appended(keys[..., s0:s1, :], values[..., s0:s1, :])
         out, probs = _segment_attention(query[..., s0:s1, :], held, scaling, softcap, dropout)
         outs.append(out)
-        if held.attention is not None:  # what the queries paid, not a path for gradients
+        if held.attention is not None:  # what the queries paid: a path for gradients only through a gate
             positions = torch.arange(held.total - (s1 - s0), held.total, device=query.device)
             observed = policy.observes(positions, selector, prompt).to(probs.dtype)
-            held.attention += torch.einsum("bhgql,q->bhl", probs.detach(), observed) / probs.shape[2]
+            paid = probs if held.gate is not None else probs.detach()
+            held.attention = held.attention + torch.einsum("bhgql,q->bhl", paid, observed) / probs.shape[2]
         if policy.decides(held.total, prompt):
-            index = policy.survivors(selector.score(held.attention, held.positions), held.positions, held.total)
-            held = held.kept(index, reset=selector.observed is not None)
-            if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
-                held.attention = None
+            held = _decide(held, policy, selector)
     return torch.cat(outs, dim=1), held
+
+
+def _decide(held: Survivors, policy: EvictionPolicy, selector: Selector) -> Survivors:
+    reset = selector.observed is not None
+    if held.gate is not None:  # straight-through: every token stays, the gate says which survive
+        attention = None if held.attention is None else held.attention * (0 if reset else 1)
+        held = replace(held, gate=policy.gate(_living_scores(held, selector), held.positions, held.total, held.gate),
+                       attention=attention)
+    else:
+        scores = selector.score(held.attention, held.positions)
+        held = held.kept(policy.survivors(scores, held.positions, held.total), reset)
+    if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
+        held.attention = None
+    return held
+
+
+def _living_scores(held: Survivors, selector: Selector) -> torch.Tensor:
+    """The selector's scores of the gated tokens still alive, computed over them alone as the cache
+    holds them (a score may pool neighbours), -inf for the evicted."""
+    living = held.gate.detach() > 0.5
+    index = living.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :int(living.sum(-1).min())]
+    index = index.sort(-1).values  # every head holds as many (one budget for all)
+    attention = None if held.attention is None else held.attention.gather(-1, index)
+    scores = selector.score(attention, held.positions.gather(-1, index))
+    return torch.full(held.gate.shape, -math.inf, dtype=scores.dtype, device=scores.device).scatter(-1, index, scores)
 
 
 def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, softcap: float | None,
@@ -192,6 +249,24 @@ def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, sof
     first = held.total - n
     visible = held.positions[:, :, None, None, :] <= torch.arange(first, held.total, device=query.device)[:, None]
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1, dtype=_score_dtype(query.dtype))
+    every = probs
+    if held.gate is not None:  # the evicted weigh 0 in the forward: the softmax over the survivors
+        probs = probs * held.gate.detach()[:, :, None, None, :]
+        probs = probs / probs.sum(-1, keepdim=True)
     dropped = torch.nn.functional.dropout(probs, dropout) if dropout else probs
     out = dropped.to(query.dtype).reshape(b, h, hq // h * n, length) @ held.values
+    if held.gate is not None and held.gate.requires_grad:
+        out = out + _gate_gradient(every, held, out)
     return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), probs
+
+
+def _gate_gradient(every: torch.Tensor, held: Survivors, out: torch.Tensor) -> torch.Tensor:
+    """Zero, with the gate's gradient: keeping token j moves a query's output by the secant
+    c (v_j - out), c = p_j / (S + p_j) (p_j its attention among all tokens, S the survivors' share), so
+    d out / d gate_j is that, bounded by |v_j - out| where the derivative of the renormalized softmax,
+    p_j (v_j - out) / S, explodes when the survivors hold little of the query's attention."""
+    b, h, g, n, length = every.shape
+    share = (every * held.gate.detach()[:, :, None, None, :]).sum(-1, keepdim=True)
+    secant = (every / (share + every)).detach() * (held.gate - held.gate.detach())[:, :, None, None, :]
+    secant = secant.reshape(b, h, g * n, length).to(out.dtype)
+    return secant @ held.values - secant.sum(-1, keepdim=True) * out.detach()
