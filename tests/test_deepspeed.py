@@ -272,6 +272,9 @@ def test_cpu_process_group_is_destroyed_before_interpreter_shutdown(monkeypatch)
     monkeypatch.setattr(atexit, "unregister", lambda fn: at_exit.remove(fn) if fn in at_exit else None)
     strategy = KVDeepSpeedStrategy("zero2")
     L.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False)
+    # setting up writes RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT into os.environ: left there, every
+    # later `kvtrain fit` this process starts believes its ranks are launched for it and waits for rank 1
+    environment = dict(os.environ)
     try:
         strategy.setup_environment()
         strategy.setup_environment()  # fit, then validate: one handler
@@ -281,6 +284,8 @@ def test_cpu_process_group_is_destroyed_before_interpreter_shutdown(monkeypatch)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def test_unknown_preset_is_named():
