@@ -20,6 +20,7 @@ measures it both ways (the control under `--control_under`); the summary gives e
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -42,11 +43,23 @@ INTERVALS = (0, 16)  # once at the end of the prompt (SnapKV's schedule), or eve
 SINKS = 4
 
 
-def eviction_spec(selector: str, fraction: float, interval: int, straight_through: float = 0.0) -> KVSpec:
+# MiKV: the tokens a selector evicts kept at 2 bits per token (groups of 32 channels, fp16 scale and
+# zero point: 12 of a bf16 head's 64 bytes), as is or after a random Hadamard rotation of each head
+RETAIN = {"int2": dict(bits=2, granularity="per_token(32)"),
+          "int2+hadamard": dict(bits=2, granularity="per_token(32)", rotation="random_hadamard")}
+# quantizers alone at the same bytes, for reference: KIVI's per-channel keys and per-token values, every
+# token quantized (residual 0)
+QUANTIZERS = {f"kivi{b}": KVSpec(key=dict(bits=b, granularity="per_channel(32)"),
+                                 value=dict(bits=b, granularity="per_token(32)"), residual=0) for b in (2, 3)}
+
+
+def eviction_spec(selector: str, fraction: float, interval: int, straight_through: float = 0.0,
+                  retain: str | None = None) -> KVSpec:
     # SnapKV observes its paper's 32 queries, or all those since the last decision if fewer
     options = {"window": min(32, interval or 32), "kernel": 5} if selector == "snapkv" else {}
     return KVSpec(key=None, value=None, eviction=dict(selector=selector, budget=fraction, interval=interval,
-                                                      sinks=SINKS, options=options, straight_through=straight_through))
+                                                      sinks=SINKS, options=options, straight_through=straight_through,
+                                                      retain=RETAIN.get(retain)))
 
 
 def parse_point(name: str) -> KVSpec | None:
@@ -107,15 +120,18 @@ def accuracy(model: torch.nn.Module, spec: KVSpec | None, args: argparse.Namespa
     if spec is not None:
         attach(model, spec)
     try:
-        return completion_match(model, data.val_dataloader(), desc=str(spec and spec.eviction.selector))["accuracy"]
+        desc = "full cache" if spec is None else spec.eviction.selector if spec.eviction else "quantized"
+        return completion_match(model, data.val_dataloader(), desc=desc)["accuracy"]
     finally:
         detach(model)
 
 
 def measured_bytes(model: torch.nn.Module, spec: KVSpec | None, args: argparse.Namespace, prompts: int = 4) -> float:
-    """Mean cache bytes after decoding a held-out prompt (one forward) and its answer (token by token)."""
+    """Mean cache bytes after decoding a held-out prompt (one forward) and its answer (token by token),
+    in the deployment dtype (bfloat16; the accuracy is measured in the fp32 the model trained in)."""
     data, total = task(args, seed=0), 0
     batch = next(iter(data.val_dataloader()))
+    model = copy.deepcopy(model).to(torch.bfloat16)
     if spec is not None:
         attach(model, spec)
     for row in range(prompts):
@@ -159,6 +175,45 @@ def training_free(args: argparse.Namespace, base: str) -> list[dict]:
     return rows
 
 
+def equal_bytes_budget(model: torch.nn.Module, selector: str, retain: str, ceiling: float,
+                       args: argparse.Namespace) -> tuple[float, float]:
+    """The largest kept fraction (in 1/256 steps) whose cache, the rest retained at low precision,
+    measures at most `ceiling` bytes: (fraction, its bytes)."""
+    lo, hi, best = 1, 256, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        held = measured_bytes(model, eviction_spec(selector, mid / 256, 0, retain=retain), args)
+        if held <= ceiling:
+            best, lo = (mid / 256, held), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise ValueError(f"{selector} retaining {retain} exceeds {ceiling:.0f} bytes at any budget")
+    return best
+
+
+def equal_bytes(args: argparse.Namespace, base: str, free: list[dict]) -> list[dict]:
+    """MiKV (SnapKV's and H2O's evicted tokens kept at 2 bits) at the bytes of dropping them at the end
+    of the prompt with 50% and 25% kept, and the quantizers alone, all against the full cache's bytes."""
+    model, full_bytes = load_model(base).eval(), free[0]["bytes"]
+    rows = []
+    for fraction in FRACTIONS[:2]:
+        for selector in ("snapkv", "h2o"):
+            dropped = next(r for r in free if (r["selector"], r["interval"], r["kept"]) == (selector, 0, fraction))
+            for retain in RETAIN:
+                kept, held = equal_bytes_budget(model, selector, retain, dropped["bytes"], args)
+                spec = eviction_spec(selector, kept, 0, retain=retain)
+                rows.append({"method": f"{selector} + {retain} retained", "kept": kept, "vs_dropping": fraction,
+                             "accuracy": accuracy(model, spec, args), "dropping_accuracy": dropped["accuracy"],
+                             "bytes": held, "bytes_ratio": round(held / full_bytes, 4)})
+                print(rows[-1], file=sys.stderr, flush=True)
+    for name, spec in QUANTIZERS.items():
+        held = measured_bytes(model, spec, args)
+        rows.append({"method": name, "kept": 1.0, "vs_dropping": "-", "accuracy": accuracy(model, spec, args),
+                     "dropping_accuracy": "-", "bytes": held, "bytes_ratio": round(held / full_bytes, 4)})
+    return rows
+
+
 def trained(args: argparse.Namespace, base: str, point: str, out: Path) -> dict:
     name, seed = point.split(":")
     spec = parse_point(name)
@@ -188,8 +243,9 @@ def summary(out: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], trained_rows: list[dict], path: Path, title: str) -> None:
-    """Held-out accuracy against the measured bytes kept, one line per selector, trained points on top."""
+def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Path, title: str) -> None:
+    """Held-out accuracy against the measured bytes kept, one line per selector, trained points,
+    MiKV's retention and the quantizers on top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,7 +266,13 @@ def plot(rows: list[dict], trained_rows: list[dict], path: Path, title: str) -> 
         label = f"full-cache fine-tune under {row['under']}" if control else f"{row['point']} fine-tune"
         ax.errorbar([ratio], [row["accuracy"]], yerr=[row["accuracy_std"]], fmt="x" if control else "*", markersize=12,
                     capsize=4, label=f"{label} ({row['seeds']} seeds)")
-    ax.set_xlabel("cache bytes kept (measured, vs the full cache)")
+    for row in equal:  # MiKV in its selector's colour (hollow: with the rotation), the quantizers in black
+        retained = row["vs_dropping"] != "-"
+        color = f"C{SELECTORS.index(row['method'].split()[0])}" if retained else "black"
+        ax.plot([row["bytes_ratio"]], [row["accuracy"]], "D" if retained else ("P" if "2" in row["method"] else "X"),
+                color=color, markersize=8, fillstyle="none" if "hadamard" in row["method"] else "full",
+                label=f"{row['method']}" + (f" ({row['kept']:.0%} kept in full)" if retained else " (no eviction)"))
+    ax.set_xlabel("cache bytes kept (measured in bf16, vs the full cache)")
     ax.set_ylabel("held-out exact match")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -238,13 +300,15 @@ def main(argv: list[str] | None = None) -> None:
     if (args.train or args.summarize) and results.is_file() and not args.smoke:  # trained points join the table
         report = {**json.loads(results.read_text()), "trained": trained_rows}
     else:
-        report = {"training_free": training_free(args, base), "trained": trained_rows, "args": vars(args),
-                  "env": environment()}
+        free = training_free(args, base)
+        report = {"training_free": free, "equal_bytes": equal_bytes(args, base, free), "trained": trained_rows,
+                  "args": vars(args), "env": environment()}
     table = format_table(report["training_free"], ["selector", "interval", "kept", "accuracy", "bytes", "bytes_ratio"])
+    table += "\n\n" + format_table(report["equal_bytes"], list(report["equal_bytes"][0]))
     print(table)
     write_json(results, report)
     (out / f"{name}.md").write_text(table + "\n")
-    plot(report["training_free"], trained_rows, out / f"{name}.png", f"kvtrain-ref fine-tuned on recall "
+    plot(report["training_free"], trained_rows, report["equal_bytes"], out / f"{name}.png", f"kvtrain-ref fine-tuned on recall "
          f"({args.pairs} lines{', needle' if args.needle else ''}), held-out exact match, {SINKS} sinks")
 
 

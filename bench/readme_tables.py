@@ -242,6 +242,10 @@ def kv_eviction(results: Path) -> str:
 
     trained = [[row["point"], row["under"], row["seeds"], f"{row['accuracy']:.3f} ± {row['accuracy_std']:.3f}",
                 recovered(row), f"{row['accuracy_full']:.3f} ± {row['accuracy_full_std']:.3f}"] for row in r["trained"]]
+    equal = [[row["method"], "-" if row["vs_dropping"] == "-" else f"{row['kept']:.1%}",
+              "-" if row["vs_dropping"] == "-" else f"{row['vs_dropping']:.0%} kept",
+              fmt(row["accuracy"], 3), "-" if row["dropping_accuracy"] == "-" else fmt(row["dropping_accuracy"], 3),
+              fmt(row["bytes_ratio"], 3)] for row in r["equal_bytes"]]
     a = r["args"]
     return "\n".join([
         table(rows, header), "",
@@ -249,9 +253,11 @@ def kv_eviction(results: Path) -> str:
                         "same models, full cache"]), "",
         "recovered: the share won back of what the full-cache fine-tune (control, the same steps) loses under "
         "that eviction; +st: the selection trained straight through (the same cache at decode).", "",
+        table(equal, ["evicted tokens kept at 2 bits (MiKV), or a quantizer alone", "kept in full",
+                      "at the bytes of dropping with", "exact match", "dropping them", "bytes vs full"]), "",
         f"kvtrain-ref fine-tuned {a['base_steps']} steps on recall ({a['pairs']} lines, needle), then {a['steps']} more "
-        f"steps per trained row (lr {a['lr']}, batch {a['batch_size']}); {a['val_size']} held-out prompts; bytes: "
-        f"`QuantizedKVCache.nbytes()` after the prompt and answer, against a DynamicCache (fp32). "
+        f"steps per trained row (lr {a['lr']}, batch {a['batch_size']}); {a['val_size']} held-out prompts (accuracy "
+        f"in fp32); bytes: `QuantizedKVCache.nbytes()` after the prompt and answer in bf16, against a DynamicCache. "
         f"Python {r['env']['python']}."])
 
 

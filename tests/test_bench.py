@@ -170,6 +170,14 @@ def test_kv_eviction_smoke(tmp_path, reference):
         for interval in (0, 16):
             ratios = [r["bytes_ratio"] for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
             assert 1 > ratios[0] > ratios[1] > ratios[2] > 0.1
+    equal = [r for r in result["equal_bytes"] if r["vs_dropping"] != "-"]  # MiKV at the bytes of dropping
+    assert len(equal) == 8 and [r["method"] for r in result["equal_bytes"][8:]] == ["kivi2", "kivi3"]
+    for r in equal:
+        dropped = next(d for d in rows if (d["selector"], d["interval"], d["kept"]) == (
+            r["method"].split()[0], 0, r["vs_dropping"]))
+        assert r["bytes"] <= dropped["bytes"] and r["kept"] < r["vs_dropping"]
+    for r in equal:  # the largest that fits: kept + (1 - kept) * 12 / 64 (a retained token's bytes) = the fraction
+        assert r["kept"] == pytest.approx((r["vs_dropping"] - 12 / 64) / (1 - 12 / 64), abs=0.02)
     assert {(r["point"], r["under"]): r["seeds"] for r in result["trained"]} == {
         ("snapkv25", "snapkv25"): 1, ("control", "snapkv25"): 1, ("control", "snapkv25@16"): 1}
     assert (tmp_path / "trained" / "control-0.json").is_file()

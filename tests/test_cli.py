@@ -28,7 +28,7 @@ def test_recipes_exist():
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
             "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
-            "evict_snapkv.yaml"} <= names
+            "evict_snapkv.yaml", "evict_mikv.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -304,9 +304,12 @@ def test_sft_reasoning_recipe_runs_tiny_and_learns_the_format(tmp_path):
 
 
 @pytest.mark.slow
-def test_evict_snapkv_recipe_runs_tiny_under_eviction_and_learns(tmp_path):
-    """The recipe trains with SnapKV evicting 3 in 4 prompt tokens (each row decided at its own prompt
-    length, read from the loss_mask) and the loss falls; the export carries the eviction spec."""
+@pytest.mark.parametrize("recipe,selector,budget,retained_bits", [("evict_snapkv", "snapkv", 0.25, None),
+                                                                  ("evict_mikv", "h2o", 0.08, 2)])
+def test_evict_recipes_run_tiny_under_eviction_and_learn(tmp_path, recipe, selector, budget, retained_bits):
+    """The recipes train with SnapKV evicting 3 in 4 prompt tokens, or H2O keeping 8% in full and the
+    rest at 2 bits (each row decided at its own prompt length, read from the loss_mask), and the loss
+    falls; the export carries the eviction spec."""
     from kvtrain.kv import resolve_spec
 
     args = ["--trainer.max_steps=30", "--trainer.val_check_interval=30", "--trainer.limit_val_batches=1",
@@ -314,11 +317,14 @@ def test_evict_snapkv_recipe_runs_tiny_under_eviction_and_learns(tmp_path):
             "--model.init_args.init=random", "--model.init_args.lr=3e-3", "--model.init_args.warmup_steps=3",
             "--data.init_args.train_size=512", "--data.init_args.val_size=16", "--data.init_args.pairs=8",
             "--data.init_args.max_len=40", *TINY_ARGS]
-    result = run_kvtrain(["fit", "--config", str(REPO / "recipes" / "evict_snapkv.yaml"), *args], cwd=tmp_path)
+    config = tmp_path / f"{recipe}.yaml"  # the tiny model's head_dim is 16: 2-bit groups of 16 channels
+    config.write_text((REPO / "recipes" / f"{recipe}.yaml").read_text().replace("per_token(32)", "per_token(16)"))
+    result = run_kvtrain(["fit", "--config", str(config), *args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "runs" / "evict_snapkv" / "version_0" / "metrics.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "runs" / recipe / "version_0" / "metrics.csv").open()))
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert loss[0] == pytest.approx(8.32, abs=0.2)  # random start: ln(4096)
     assert sum(loss[-5:]) / 5 < 4.0, loss  # the answer word and EOS: observed 8.31 -> 3.3 in 30 steps
-    exported = resolve_spec(str(tmp_path / "runs" / "evict_snapkv" / "model"))
-    assert exported.eviction.selector == "snapkv" and exported.eviction.budget == 0.25
+    exported = resolve_spec(str(tmp_path / "runs" / recipe / "model"))
+    assert exported.eviction.selector == selector and exported.eviction.budget == budget
+    assert (exported.eviction.retain and exported.eviction.retain.bits) == retained_bits

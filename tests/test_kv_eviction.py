@@ -4,6 +4,7 @@ the scores are the selectors' on crafted attention patterns, bytes fall with the
 misuse is refused by name."""
 
 import math
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -251,6 +252,15 @@ def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
     (dict(options={"window": 16}), r"snapkv observes the last 16 queries .* \(interval\): give it window <= 8"),
     (dict(options={"kernel": 4}), r"snapkv kernel must be odd"),
     (dict(straight_through=-1.0), r"straight_through must be a temperature >= 0 \(0: off\), got -1.0"),
+    (dict(selector="h2o", retain=dict(bits=2, granularity="per_channel(16)")), r"retain encodes the tokens a decision evicts, token by "
+                                                               r"token: its granularity must be per_token\(G\) or "
+                                                               r"per_token_head, got per_channel\(16\)"),
+    (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)"), straight_through=1.0),
+     r"straight_through with retain is not supported yet"),
+    (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)", rotation="learned")), r"retain supports codecs without "
+                                                                                 r"learnable state"),
+    (dict(selector="h2o", retain=dict(bits=9, granularity="per_token(16)")), r"supports 1 to 8 bits, got 9"),
+    (dict(selector="h2o", retain="int2"), r"retain must be a TensorPolicy, a dict of its fields or None, got 'int2'"),
 ])
 def test_bad_policies_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -312,3 +322,83 @@ def test_completion_match_is_greedy_decoding_with_the_evicting_cache():
     wrong = ids.clone()
     wrong[1, 26] = (wrong[1, 26] + 1) % 512
     assert completion_match(model, [dict(batch, input_ids=wrong)])["correct"] == [True, False, True]
+
+
+RETAIN_EXAMPLES = {  # the evicted tokens at low precision (MiKV): KIVI's per-token groups, vLLM's format, a rotation
+    "affine2-g16": dict(bits=2, granularity="per_token(16)"),
+    "int8_per_token_head": dict(codec="int8_per_token_head", bits=8, granularity="per_token_head"),
+    "affine3-hadamard": dict(bits=3, granularity="per_token(32)", rotation="random_hadamard"),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("retain", RETAIN_EXAMPLES)
+def test_retained_tokens_decode_as_the_training_view_sees_them(arch, retain):
+    """MiKV: the tokens a decision evicts stay, encoded once by the retain codec; the training view
+    (the codec's simulation) equals decoding with the cache, and keeping them at low precision is
+    closer to the full cache than dropping them."""
+    spec, length = evicting("h2o", retain=RETAIN_EXAMPLES[retain]), 45
+    model = build(arch)
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    _, dropped_view = training_views(model, ids, spec.with_(eviction=replace(spec.eviction, retain=None)))
+    detach(model)
+    full_precision, trained_view = training_views(model, ids, spec)
+    for splits in ([], [20], [5, 30]):
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
+    held, codec = cache.layers[0].held, spec.eviction.retention()
+    assert held.keys.shape[-2] == 25 and held.retained.keys.n == 20  # 45 - 25 evicted, none dropped
+    error, dropped = ((view - full_precision)[:, 8:].abs().mean() for view in (trained_view, dropped_view))
+    assert 0 < error < 0.5 * dropped
+    # the retained keys are the full cache's keys at the positions no survivor holds, each once, as the
+    # codec decodes them (a token-wise codec: each token's code is its own)
+    full = DynamicCache()
+    with torch.no_grad():
+        detach(model)
+        model(ids, past_key_values=full)
+    keys = full.layers[0].keys
+    expected = codec.decode(codec.encode(keys))
+    evicted = torch.ones(keys.shape[:3], dtype=torch.bool).scatter(-1, held.positions.long(), False)
+    retained = codec.decode(held.retained.keys)
+    for b, h in ((b, h) for b in range(keys.shape[0]) for h in range(keys.shape[1])):
+        candidates = expected[b, h][evicted[b, h]]
+        match = torch.cdist(retained[b, h], candidates)
+        assert match.min(-1).values.max() == 0 and match.argmin(-1).unique().numel() == 20
+
+
+def test_retained_bytes_are_the_codes_and_scales_held():
+    model, ids = build("llama"), torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(2))
+    sizes = {}
+    for retain in (None, dict(bits=2, granularity="per_token(16)"), dict(bits=4, granularity="per_token(16)")):
+        spec = evicting("h2o", budget=0.25, interval=16, sinks=0, recent=0, retain=retain)
+        attach(model, spec)
+        _, cache = decode(model, ids, spec, [64])
+        sizes[None if retain is None else retain["bits"]] = cache.nbytes()
+        assert cache.layers[0].held.keys.shape[-2] == 32
+    # 96 evicted tokens x 2 KV heads x 2 layers x (K and V): head_dim 32 at b bits, one fp16 scale and zero
+    # per 16 channels
+    for bits in (2, 4):
+        assert sizes[bits] - sizes[None] == 96 * 2 * 2 * 2 * (32 * bits // 8 + 2 * 2 * 2)
+
+
+def test_retention_at_the_end_of_the_prompt_batches_and_beams():
+    """SnapKV's schedule with the evicted prompt tokens at 2 bits: row-by-row parity with the cache,
+    the cache's rows selected as beam search does, and a head_dim the retain groups do not divide
+    refused at attach."""
+    spec = evicting("snapkv", {"window": 4}, interval=0, budget=0.25, retain=dict(bits=2, granularity="per_token(16)"))
+    model, prompt = build("llama"), 24
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(6))
+    attach(model, spec)
+    set_prompt_lengths(model, [prompt, prompt])
+    with torch.no_grad():
+        trained_view = model(ids, use_cache=False).logits
+    decoded, cache = decode(model, ids, spec, [prompt])
+    torch.testing.assert_close(decoded, trained_view, **TOL)
+    held = cache.layers[1].held
+    assert held.keys.shape[-2] == 6 + 8 and held.retained.keys.n == 18  # ceil(0.25 * 24) kept, 18 at 2 bits
+    flipped = held.retained.tensors()[0].flip(0)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(cache.layers[1].held.retained.tensors()[0], flipped, rtol=0, atol=0)
+    detach(model)
+    with pytest.raises(ValueError, match=r"eviction.retain.granularity group=48 does not divide head_dim=32"):
+        attach(model, evicting("h2o", retain=dict(bits=2, granularity="per_token(48)")))

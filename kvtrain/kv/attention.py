@@ -60,6 +60,7 @@ class AttachState:
     layers: dict[int, tuple] = field(default_factory=dict)  # per layer: codec and window rule of K, of V
     states: dict[int, nn.ModuleDict] = field(default_factory=dict)  # per layer: learnable codec state
     selector: Selector | None = None  # the spec's eviction selector
+    retention: Codec | None = None  # and the codec of the evicted tokens it keeps (None: dropped)
     prompts: list[int] | None = None  # each row's prompt length, for eviction at the prompt's end (training)
 
     def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
@@ -191,7 +192,7 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
     policy, softcap = state.spec.eviction, kwargs.get("softcap")
     gated = policy.straight_through > 0 and torch.is_grad_enabled()  # the selection's gradient, in training
     if policy.interval:
-        held = Survivors.empty(key, value, state.selector, gated)
+        held = Survivors.empty(key, value, state.selector, gated, state.retention)
         return attend(query, key, value, held, policy, state.selector, scaling, softcap, dropout)[0], None
     if state.prompts is None or len(state.prompts) != query.shape[0]:
         raise ValueError(f"{name}: eviction at the end of the prompt (interval 0) needs each row's prompt length in "
@@ -201,7 +202,7 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
         rows = [(query, key, value, state.prompts[0])]
     else:
         rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p) for b, p in enumerate(state.prompts)]
-    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated), policy, state.selector, scaling,
+    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention), policy, state.selector, scaling,
                              softcap, dropout, prompt)[0] for q, k, v, prompt in rows]), None
 
 
@@ -451,7 +452,8 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
     states = _codec_states(target, mods, spec, _head_dim(config), reuse=not isinstance(source, str))
     state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods, states=states,
-                        selector=None if spec.eviction is None else spec.eviction.build())
+                        selector=None if spec.eviction is None else spec.eviction.build(),
+                        retention=None if spec.eviction is None else spec.eviction.retention())
     try:
         target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
     except (ValueError, ImportError) as e:

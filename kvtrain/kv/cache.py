@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -432,13 +431,15 @@ class EvictingKVLayer(CacheLayerMixin):
     """K/V of one layer under token eviction (`kvtrain.kv.eviction`): per KV head, the tokens that
     survived every decision so far, as they arrived; what a decision drops is freed. `update` takes a
     forward's new tokens, the attached attention then attends to them (`attend`), making the decisions
-    the schedule puts among them from the attention their queries pay."""
+    the schedule puts among them from the attention their queries pay. With `retain` (MiKV) the
+    evicted tokens stay, encoded by its codec."""
 
     is_sliding = False
 
     def __init__(self, spec: Spec, layer: int):
         super().__init__()
         self.spec, self.layer = spec, layer
+        self.retain = spec.eviction.retention()  # the evicted tokens' codec (None: dropped)
         self.held: Survivors | None = None
         self.new: tuple[torch.Tensor, torch.Tensor] | None = None  # the tokens of the forward in flight
 
@@ -460,7 +461,7 @@ class EvictingKVLayer(CacheLayerMixin):
         """The output (B, n, Hq, D) of the queries of the new tokens; keeps what survives."""
         keys, values = self.new
         first = self.held is None  # the prompt comes in the first forward: its end is decided under interval 0
-        held = Survivors.empty(keys, values, selector) if first else self.held
+        held = Survivors.empty(keys, values, selector, retain=self.retain, stored=True) if first else self.held
         out, self.held = attend(query, keys, values, held, self.spec.eviction, selector, scaling, softcap,
                                 prompt=keys.shape[-2] if first else None)
         self.new = None
@@ -502,8 +503,7 @@ class EvictingKVLayer(CacheLayerMixin):
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.held is not None:
-            self.held = replace(self.held, **{name: fn(t) for name in ("keys", "values", "positions", "attention")
-                                              if (t := getattr(self.held, name)) is not None})
+            self.held = self.held.map(fn)
 
     def reset(self) -> None:
         self.__init__(self.spec, self.layer)

@@ -11,7 +11,8 @@ with `total` tokens seen, each KV head keeps
     then the best-scored of the rest (the selector's score), up to kept(total) tokens in all:
     budget tokens (an int), or ceil(budget * total) (a float in (0, 1]).
 
-Evicted tokens never come back. A query at position p attends to the survivors of the last decision
+Evicted tokens never come back, or, with `retain` (MiKV), stay at low precision: the codec encodes
+them once, when a decision evicts them, and every later query attends to them as decoded. A query at position p attends to the survivors of the last decision
 before it and every token since, itself included. `attend` computes exactly that for a run of new
 tokens after the survivors held so far; the training view calls it with nothing held and the whole
 sequence, the cache with what it holds and the tokens of each forward, so both make the same
@@ -20,12 +21,14 @@ decisions from the same attention (tests/test_kv_eviction.py confirms it on ever
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.selectors import Selector, build_selector, check_count
 
 
@@ -48,6 +51,10 @@ class EvictionPolicy:
             attention) and sigmoid((score - the budget's boundary) / (temperature * the mean score))
             in the backward, so the loss reaches the attention the selector scores with
             (which a hard top-k never passes on). 0: off.
+        retain: a `TensorPolicy` (or a dict of its fields) for K and V of the tokens a decision
+            evicts, which stay in the cache at its bits instead of being dropped (MiKV: the important
+            tokens in full precision, the rest at 2 bits); a token-wise codec (per_token(G),
+            per_token_head). None: evicted tokens are dropped.
     """
 
     selector: str = "snapkv"
@@ -57,6 +64,7 @@ class EvictionPolicy:
     recent: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     straight_through: float = 0.0
+    retain: Any = None  # TensorPolicy | None (kvtrain.kv.spec imports this module)
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -72,9 +80,33 @@ class EvictionPolicy:
         if isinstance(budget, int) and budget < self.sinks + self.recent:
             raise ValueError(f"a budget of {budget} tokens cannot hold sinks={self.sinks} and recent={self.recent}")
         self.build().check(self.interval)
+        self._check_retain()
 
     def build(self) -> Selector:
         return build_selector(self.selector, self.options)
+
+    def retention(self) -> Codec | None:
+        """The codec of the evicted tokens kept at low precision (None: they are dropped)."""
+        return None if self.retain is None else self.retain.codec_at(-1)
+
+    def _check_retain(self) -> None:
+        from kvtrain.kv.spec import TensorPolicy
+
+        if isinstance(self.retain, dict):
+            self.retain = TensorPolicy(**self.retain)
+        elif self.retain is not None and not isinstance(self.retain, TensorPolicy):
+            raise ValueError(f"retain must be a TensorPolicy, a dict of its fields or None, got {self.retain!r}")
+        if self.retain is None:
+            return
+        if self.retention().unit != 1:  # a decision evicts any number of tokens, scattered over the sequence
+            raise ValueError(f"retain encodes the tokens a decision evicts, token by token: its granularity must be "
+                             f"per_token(G) or per_token_head, got {self.retain.granularity}")
+        if self.retain.learnable or self.retain.rotation == "learned" or self.retain.rank or self.retain.layer_bits:
+            raise ValueError("retain supports codecs without learnable state or per-layer bits (learnable, rotation "
+                             "'learned', rank and layer_bits are not supported there yet)")
+        if self.straight_through:
+            raise ValueError("straight_through with retain is not supported yet: the gate weighs evicted tokens 0, "
+                             "retain keeps them at low precision")
 
     def kept(self, total: int) -> int:
         """Tokens a head keeps at a decision with `total` seen (at least the sinks and recent window)."""
@@ -148,41 +180,91 @@ class Survivors:
     attention: torch.Tensor | None  # (B, H, L), None for selectors that observe no queries
     total: int = 0
     gate: torch.Tensor | None = None  # (B, H, L) with a straight-through selection: every token held, 1 / 0
+    retained: "Retained | None" = None  # the evicted tokens kept at low precision (EvictionPolicy.retain)
 
     @classmethod
-    def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector, gated: bool = False) -> "Survivors":
+    def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector, gated: bool = False,
+              retain: Codec | None = None, stored: bool = False) -> "Survivors":
+        """Nothing held yet; `retain`: the codec of the evicted tokens (`stored`: encoded, in a cache)."""
         b, h, _, d = keys.shape
         attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
         gate = keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype)) if gated else None
         return cls(keys[..., :0, :], values[..., :0, :], torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device),
-                   attention, 0, gate)
+                   attention, 0, gate, None if retain is None else Retained(retain, stored))
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
         b, h, n, _ = keys.shape
         new = torch.arange(self.total, self.total + n, dtype=torch.int32, device=keys.device).expand(b, h, n)
         attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
         gate = None if self.gate is None else torch.cat([self.gate, self.gate.new_ones(b, h, n)], -1)
-        return Survivors(torch.cat([self.keys, keys], -2), torch.cat([self.values, values], -2),
-                         torch.cat([self.positions, new], -1), attention, self.total + n, gate)
+        return replace(self, keys=torch.cat([self.keys, keys], -2), values=torch.cat([self.values, values], -2),
+                       positions=torch.cat([self.positions, new], -1), attention=attention, total=self.total + n, gate=gate)
 
     def kept(self, index: torch.Tensor, reset: bool) -> "Survivors":
         """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision."""
-        def take(t):
-            return t.gather(2, index[..., None].expand(*index.shape, t.shape[-1]))
+        def take(t, at=index):
+            return t.gather(2, at[..., None].expand(*at.shape, t.shape[-1]))
 
         attention = None if self.attention is None else self.attention.gather(2, index)
+        retained, length = self.retained, self.keys.shape[-2]
+        if retained is not None and index.shape[-1] < length:  # the others stay, at low precision
+            others = torch.ones(self.positions.shape, dtype=torch.int8, device=index.device).scatter(-1, index, 0)
+            evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
+            retained = retained.added(take(self.keys, evicted), take(self.values, evicted))
         return replace(self, keys=take(self.keys), values=take(self.values), positions=self.positions.gather(2, index),
-                       attention=attention.zero_() if reset and attention is not None else attention)
+                       attention=attention.zero_() if reset and attention is not None else attention, retained=retained)
 
     def rows(self, index: torch.Tensor) -> "Survivors":
         """Batch rows `index` (beam search, batch selection)."""
-        return replace(self, **{name: getattr(self, name).index_select(0, index.to(self.keys.device))
-                                for name in ("keys", "values", "positions", "attention")
-                                if getattr(self, name) is not None})
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def map(self, fn) -> "Survivors":
+        """`fn` applied to every tensor held (select batch rows, move devices)."""
+        return replace(self, **{name: fn(getattr(self, name)) for name in ("keys", "values", "positions", "attention")
+                                if getattr(self, name) is not None},
+                       retained=None if self.retained is None else self.retained.map(fn))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.attention)
-                   if t is not None)
+                   if t is not None) + (0 if self.retained is None else self.retained.nbytes())
+
+
+@dataclass
+class Retained:
+    """The tokens decisions evicted, kept at low precision instead of dropped (MiKV): per KV head, in
+    the order they were evicted; every later query attends to them (they precede it). The cache holds
+    them encoded (`stored`), the training view as the codec simulates them: equal in the forward."""
+
+    codec: Codec
+    stored: bool
+    keys: Payload | torch.Tensor | None = None
+    values: Payload | torch.Tensor | None = None
+
+    def added(self, keys: torch.Tensor, values: torch.Tensor) -> "Retained":
+        """With the (B, H, m, D) K/V of newly evicted tokens, encoded once."""
+        if self.stored:
+            new, join = [self.codec.encode(keys), self.codec.encode(values)], Payload.cat
+        else:
+            new, join = [self.codec.simulate(keys), self.codec.simulate(values)], functools.partial(torch.cat, dim=-2)
+        if self.keys is not None:
+            new = [join([self.keys, new[0]]), join([self.values, new[1]])]
+        return replace(self, keys=new[0], values=new[1])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K and V as attention reads them (None before the first eviction)."""
+        if self.keys is None or not self.stored:
+            return None if self.keys is None else (self.keys, self.values)
+        return self.codec.decode(self.keys), self.codec.decode(self.values)
+
+    def map(self, fn) -> "Retained":
+        if self.keys is None:
+            return self
+        apply = (lambda p: p.map(fn)) if self.stored else fn
+        return replace(self, keys=apply(self.keys), values=apply(self.values))
+
+    def nbytes(self) -> int:
+        held = [] if self.keys is None else [self.keys, self.values]
+        return sum(t.nbytes() if self.stored else t.numel() * t.element_size() for t in held)
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -239,25 +321,31 @@ def _living_scores(held: Survivors, selector: Selector) -> torch.Tensor:
 def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, softcap: float | None,
                        dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention of a segment's queries (the last of the held tokens) over the held tokens each
-    may see (the earlier ones and itself): output (B, n, Hq, D) and probabilities (B, H, group, n, L)."""
+    may see (the earlier ones and itself) and the retained ones: output (B, n, Hq, D) and the survivors'
+    probabilities (B, H, group, n, L)."""
     b, hq, n, d = query.shape
-    h, length = held.keys.shape[1], held.keys.shape[-2]
-    grouped = query.reshape(b, h, hq // h * n, d)
-    scores = (grouped @ held.keys.transpose(-1, -2)).reshape(b, h, hq // h, n, length) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    keys, values = held.keys, held.values
     first = held.total - n
     visible = held.positions[:, :, None, None, :] <= torch.arange(first, held.total, device=query.device)[:, None]
+    low = None if held.retained is None else held.retained.tensors()
+    if low is not None:  # the evicted tokens at low precision, before every query
+        keys, values = torch.cat([low[0], keys], -2), torch.cat([low[1], values], -2)
+        visible = torch.cat([visible.new_ones(*visible.shape[:-1], low[0].shape[-2]), visible], -1)
+    h, length = keys.shape[1], keys.shape[-2]
+    grouped = query.reshape(b, h, hq // h * n, d)
+    scores = (grouped @ keys.transpose(-1, -2)).reshape(b, h, hq // h, n, length) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1, dtype=_score_dtype(query.dtype))
     every = probs
     if held.gate is not None:  # the evicted weigh 0 in the forward: the softmax over the survivors
         probs = probs * held.gate.detach()[:, :, None, None, :]
         probs = probs / probs.sum(-1, keepdim=True)
     dropped = torch.nn.functional.dropout(probs, dropout) if dropout else probs
-    out = dropped.to(query.dtype).reshape(b, h, hq // h * n, length) @ held.values
+    out = dropped.to(query.dtype).reshape(b, h, hq // h * n, length) @ values
     if held.gate is not None and held.gate.requires_grad:
         out = out + _gate_gradient(every, held, out)
-    return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), probs
+    return out.reshape(b, hq, n, d).transpose(1, 2).contiguous(), probs[..., length - held.keys.shape[-2]:]
 
 
 def _gate_gradient(every: torch.Tensor, held: Survivors, out: torch.Tensor) -> torch.Tensor:

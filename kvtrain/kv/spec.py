@@ -70,6 +70,8 @@ class _LayerPlan(ABC):
         for name in ("key", "value"):
             for codec in self._distinct_codecs(name).values():
                 codec.check_model(head_dim, self._granularity_name(name), model_name)
+        if self.eviction is not None and self.eviction.retain is not None:
+            self.eviction.retention().check_model(head_dim, "eviction.retain.granularity group", model_name)
         bad = sorted(i for i in [*self._layer_indices(), *self.full_precision_layers] if i >= num_layers)
         if bad:
             raise ValueError(f"layer indices {bad} are out of range for {model_name} with {num_layers} layers")
