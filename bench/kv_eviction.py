@@ -4,24 +4,28 @@ kvtrain-ref is fine-tuned on the embedded recall task with its full cache (the b
 then its held-out accuracy (greedy exact match of the answer, read from one teacher-forced forward of
 the view, which equals decoding with the evicting cache) is measured under each selector keeping
 50%, 25% and 12.5% of the prompt, decided once at the end of the prompt (SnapKV's schedule; every
-selector on that schedule, with 4 sinks) and every 16 tokens (the decode-time schedule, decided before
+selector on that schedule, with 4 sinks; SnapKV and H2O also merging what they evict into the nearest
+survivors, EMS-style) and every 16 tokens (the decode-time schedule, decided before
 the question is read), next to the full cache. Bytes are measured from the cache
-after decoding prompt and answer (`QuantizedKVCache.nbytes()`, fp32 as trained here) against a
-DynamicCache. `--train NAME:SEED` then fine-tunes the base further for `--steps`, against eviction
+after decoding prompt and answer (`QuantizedKVCache.nbytes()`, in bf16, the deployment dtype) against a
+DynamicCache; MiKV (the evicted kept at 2 bits) is measured at the bytes of dropping them. `--train NAME:SEED` then fine-tunes the base further for `--steps`, against eviction
 (NAME a selector, a percent and an interval, e.g. snapkv25@16) or with the full cache (control), and
 measures it both ways (the control under `--control_under`); the summary gives each trained point's mean and spread over its seeds.
 
     python bench/kv_eviction.py                          # base + training-free table
     python bench/kv_eviction.py --train snapkv25+st:0 --train control:0 ...
     python bench/kv_eviction.py --summarize              # the table and plot from every trained run
+    python bench/kv_eviction.py --perplexity             # (re)measure the perplexity rows and merge sweep
     python bench/kv_eviction.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -31,13 +35,16 @@ import torch
 
 from bench_utils import environment
 from kvtrain.callbacks import KVQuantCallback
+from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.data.tasks import TaskDataModule
 from kvtrain.eval import cache_nbytes, completion_match, format_table, write_json
-from kvtrain.kv import KVSpec, QuantizedKVCache, attach, detach
+from kvtrain.kv import KVSpec, QuantizedKVCache, attach, attached, detach
+from kvtrain.loss import next_token_nll
 from kvtrain.models import load_model, load_tokenizer
 from kvtrain.modules import CausalLMModule
 
 SELECTORS = ("streaming_llm", "snapkv", "h2o", "tova")
+MERGED = ("snapkv", "h2o")  # also with the evicted merged into their nearest survivors (EMS, D2O)
 FRACTIONS = (0.5, 0.25, 0.125)
 INTERVALS = (0, 16)  # once at the end of the prompt (SnapKV's schedule), or every 16 tokens (decode-time)
 SINKS = 4
@@ -54,12 +61,15 @@ QUANTIZERS = {f"kivi{b}": KVSpec(key=dict(bits=b, granularity="per_channel(32)")
 
 
 def eviction_spec(selector: str, fraction: float, interval: int, straight_through: float = 0.0,
-                  retain: str | None = None) -> KVSpec:
+                  retain: str | None = None, merge_above: float = -1.0) -> KVSpec:
+    """`selector` a registered one, or "<selector> + merge" (the evicted merged into the survivors)."""
+    selector, merge = selector.removesuffix(" + merge"), selector.endswith(" + merge")
     # SnapKV observes its paper's 32 queries, or all those since the last decision if fewer
     options = {"window": min(32, interval or 32), "kernel": 5} if selector == "snapkv" else {}
     return KVSpec(key=None, value=None, eviction=dict(selector=selector, budget=fraction, interval=interval,
                                                       sinks=SINKS, options=options, straight_through=straight_through,
-                                                      retain=RETAIN.get(retain)))
+                                                      retain=RETAIN.get(retain), merge=merge,
+                                                      merge_above=merge_above))
 
 
 def parse_point(name: str) -> KVSpec | None:
@@ -91,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control_under", default="snapkv25,snapkv25@16",
                    help="the evictions a control run is measured under (comma-separated points)")
     p.add_argument("--summarize", action="store_true", help="refresh the trained rows and the plot, train nothing")
+    p.add_argument("--perplexity", action="store_true",
+                   help="(re)measure the perplexity rows and the merge threshold sweep into the results")
+    p.add_argument("--ppl_windows", type=int, default=32, help="val windows of the perplexity rows")
+    p.add_argument("--ppl_len", type=int, default=256, help="tokens per perplexity window (kvtrain-ref's context)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default="bench/results/eviction")
@@ -164,7 +178,7 @@ def training_free(args: argparse.Namespace, base: str) -> list[dict]:
     rows = [{"selector": "full cache", "interval": "-", "kept": 1.0, "accuracy": accuracy(model, None, args),
              "bytes": full_bytes, "bytes_ratio": 1.0}]
     for interval in INTERVALS:
-        for selector in SELECTORS:
+        for selector in (*SELECTORS, *(f"{name} + merge" for name in MERGED)):
             for fraction in FRACTIONS:
                 spec = eviction_spec(selector, fraction, interval)
                 held = measured_bytes(model, spec, args)
@@ -214,6 +228,49 @@ def equal_bytes(args: argparse.Namespace, base: str, free: list[dict]) -> list[d
     return rows
 
 
+MERGE_ABOVE = (-1.0, 0.5, 0.8, 0.9, 0.95)
+
+
+def merge_sweep(args: argparse.Namespace, base: str) -> list[dict]:
+    """SnapKV keeping 25% at the end of the prompt, merging only the evicted tokens whose nearest
+    survivor's key is more cosine-similar than a threshold (D2O's rule; -1: all, EMS's), the rest dropped."""
+    model = load_model(base).eval()
+    return [{"merge_above": above, "accuracy": accuracy(model, eviction_spec("snapkv + merge", 0.25, 0,
+                                                                             merge_above=above), args)}
+            for above in MERGE_ABOVE]
+
+
+def perplexity(args: argparse.Namespace, equal: list[dict]) -> list[dict]:
+    """Next-token perplexity of the pretrained kvtrain-ref over the second half of `--ppl_windows`
+    val windows of the embedded corpus (its pretraining context), the cache deciding every 16 tokens:
+    each selector at each kept fraction, and H2O's MiKV points at the bytes of dropping. One forward
+    per batch of the view, which equals decoding with the evicting cache."""
+    model = load_model("kvtrain-ref").eval()
+    dataset = PackedDataset(token_stream(None, "val", load_tokenizer("kvtrain-ref")), args.ppl_len)
+    ids = torch.stack([dataset[i]["input_ids"] for i in range(min(len(dataset), args.ppl_windows))])
+    scored = torch.zeros_like(ids)
+    scored[:, args.ppl_len // 2:] = 1  # the tokens predicted with half a window or more behind them
+
+    def measure(spec: KVSpec | None) -> float:
+        nll, tokens = 0.0, 0
+        with attached(model, spec) if spec is not None else contextlib.nullcontext(), torch.no_grad():
+            for batch, mask in zip(ids.split(8), scored.split(8)):
+                total, n = next_token_nll(model(input_ids=batch, use_cache=False).logits, batch, loss_mask=mask)
+                nll, tokens = nll + total.item(), tokens + int(n)
+        return round(math.exp(nll / tokens), 4)
+
+    rows = [{"selector": "full cache", "kept": 1.0, "ppl": measure(None)}]
+    for selector in (*SELECTORS, *(f"{name} + merge" for name in MERGED)):
+        for fraction in FRACTIONS:
+            rows.append({"selector": selector, "kept": fraction, "ppl": measure(eviction_spec(selector, fraction, 16))})
+            print(rows[-1], file=sys.stderr, flush=True)
+    for row in equal:
+        if row["method"] == "h2o + int2 retained":
+            rows.append({"selector": row["method"], "kept": row["kept"], "vs_dropping": row["vs_dropping"],
+                         "ppl": measure(eviction_spec("h2o", row["kept"], 16, retain="int2"))})
+    return rows
+
+
 def trained(args: argparse.Namespace, base: str, point: str, out: Path) -> dict:
     name, seed = point.split(":")
     spec = parse_point(name)
@@ -254,9 +311,12 @@ def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Pa
     full = rows[0]
     ax.axhline(full["accuracy"], color="black", linestyle="--", linewidth=1, label="full cache")
     for interval, style in zip(INTERVALS, ("o-", "s:")):
-        for color, selector in enumerate(SELECTORS):
+        for selector in dict.fromkeys(r["selector"] for r in rows[1:]):
             points = [r for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
-            ax.plot([r["bytes_ratio"] for r in points], [r["accuracy"] for r in points], style, color=f"C{color}",
+            merged = selector.endswith(" + merge")  # in the selector's colour, hollow
+            ax.plot([r["bytes_ratio"] for r in points], [r["accuracy"] for r in points], style,
+                    color=f"C{SELECTORS.index(selector.split()[0])}", fillstyle="none" if merged else "full",
+                    linewidth=2.5 if merged else 1.5,
                     label=f"{selector}, {'end of prompt' if not interval else f'every {interval}'} (training-free)")
     for row in trained_rows:
         policy = parse_point(row["under"]).eviction
@@ -286,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.pairs, args.base_steps, args.steps, args.val_size, args.batch_size = 16, 4, 2, 8, 4
+        args.ppl_windows, args.ppl_len = 2, 64
         args.train = args.train or ["snapkv25:0", "control:0"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,14 +358,22 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(trained_rows, list(trained_rows[0])))
     name = "kv_eviction_smoke" if args.smoke else "kv_eviction"
     results = out / f"{name}.json"
-    if (args.train or args.summarize) and results.is_file() and not args.smoke:  # trained points join the table
-        report = {**json.loads(results.read_text()), "trained": trained_rows}
+    if (args.train or args.summarize or args.perplexity) and results.is_file() and not args.smoke:
+        report = {**json.loads(results.read_text()), "trained": trained_rows}  # trained points join the table
     else:
         free = training_free(args, base)
         report = {"training_free": free, "equal_bytes": equal_bytes(args, base, free), "trained": trained_rows,
                   "args": vars(args), "env": environment()}
+        args.perplexity = True
+    if args.perplexity:
+        report["perplexity"] = perplexity(args, report["equal_bytes"])
+        report["merge_sweep"] = merge_sweep(args, base)
+        report["args"].update(ppl_windows=args.ppl_windows, ppl_len=args.ppl_len)
     table = format_table(report["training_free"], ["selector", "interval", "kept", "accuracy", "bytes", "bytes_ratio"])
     table += "\n\n" + format_table(report["equal_bytes"], list(report["equal_bytes"][0]))
+    if "perplexity" in report:
+        table += "\n\n" + format_table(report["perplexity"], ["selector", "kept", "ppl"])
+        table += "\n\n" + format_table(report["merge_sweep"], ["merge_above", "accuracy"])
     print(table)
     write_json(results, report)
     (out / f"{name}.md").write_text(table + "\n")

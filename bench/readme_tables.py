@@ -246,9 +246,26 @@ def kv_eviction(results: Path) -> str:
               "-" if row["vs_dropping"] == "-" else f"{row['vs_dropping']:.0%} kept",
               fmt(row["accuracy"], 3), "-" if row["dropping_accuracy"] == "-" else fmt(row["dropping_accuracy"], 3),
               fmt(row["bytes_ratio"], 3)] for row in r["equal_bytes"]]
+    ppl = {}
+    for row in r["perplexity"]:
+        ppl.setdefault(row["selector"], {})[row["kept"]] = row
+    perplexity = [["full cache", fmt(r["perplexity"][0]["ppl"], 4), "", ""]] + [
+        [selector, *[fmt(kept[f]["ppl"], 4) for f in fractions]] for selector, kept in ppl.items()
+        if selector != "full cache" and "retained" not in selector]
+    for row in r["perplexity"]:  # MiKV under the fraction whose bytes it holds
+        if "retained" in row["selector"]:
+            cells = ["" for _ in fractions]
+            cells[fractions.index(row["vs_dropping"])] = fmt(row["ppl"], 4)
+            perplexity.append([f"{row['selector']} ({row['kept']:.1%} in full, the column's bytes)", *cells])
+    sweep = ", ".join(f"{row['merge_above']:g}: {row['accuracy']:.3f}" for row in r["merge_sweep"])
     a = r["args"]
     return "\n".join([
         table(rows, header), "",
+        f"Merging only the evicted tokens whose nearest survivor's key is more similar than a threshold "
+        f"(snapkv + merge, 25% kept, end of prompt; threshold: exact match): {sweep}.", "",
+        table(perplexity, ["perplexity, every 16 tokens decided", "50% kept", "25% kept", "12.5% kept"]), "",
+        f"Perplexity: the pretrained kvtrain-ref on the second half of {a['ppl_windows']} val windows of "
+        f"{a['ppl_len']} tokens of the embedded corpus.", "",
         table(trained, ["fine-tuned", "measured under", "seeds", "exact match (mean ± sd)", "recovered",
                         "same models, full cache"]), "",
         "recovered: the share won back of what the full-cache fine-tune (control, the same steps) loses under "

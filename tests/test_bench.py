@@ -165,8 +165,8 @@ def test_kv_eviction_smoke(tmp_path, reference):
     rows = result["training_free"]
     assert [(r["selector"], r["interval"], r["kept"]) for r in rows[:3]] == [
         ("full cache", "-", 1.0), ("streaming_llm", 0, 0.5), ("streaming_llm", 0, 0.25)]
-    assert len(rows) == 25 and all(0 <= r["accuracy"] <= 1 for r in rows)
-    for selector in ("streaming_llm", "snapkv", "h2o", "tova"):
+    assert len(rows) == 37 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    for selector in ("streaming_llm", "snapkv", "h2o", "tova", "snapkv + merge", "h2o + merge"):
         for interval in (0, 16):
             ratios = [r["bytes_ratio"] for r in rows if (r["selector"], r["interval"]) == (selector, interval)]
             assert 1 > ratios[0] > ratios[1] > ratios[2] > 0.1
@@ -178,6 +178,10 @@ def test_kv_eviction_smoke(tmp_path, reference):
         assert r["bytes"] <= dropped["bytes"] and r["kept"] < r["vs_dropping"]
     for r in equal:  # the largest that fits: kept + (1 - kept) * 12 / 64 (a retained token's bytes) = the fraction
         assert r["kept"] == pytest.approx((r["vs_dropping"] - 12 / 64) / (1 - 12 / 64), abs=0.02)
+    ppl = result["perplexity"]  # the pretrained model over long windows, every 16 tokens decided
+    assert [r["selector"] for r in ppl[:2]] == ["full cache", "streaming_llm"] and len(ppl) == 1 + 6 * 3 + 2
+    assert all(1 < r["ppl"] < 1e4 for r in ppl) and ppl[3]["ppl"] != ppl[0]["ppl"]  # 12.5% kept changes it
+    assert [r["merge_above"] for r in result["merge_sweep"]] == [-1.0, 0.5, 0.8, 0.9, 0.95]
     assert {(r["point"], r["under"]): r["seeds"] for r in result["trained"]} == {
         ("snapkv25", "snapkv25"): 1, ("control", "snapkv25"): 1, ("control", "snapkv25@16"): 1}
     assert (tmp_path / "trained" / "control-0.json").is_file()

@@ -260,6 +260,11 @@ def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
     (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)", rotation="learned")), r"retain supports codecs without "
                                                                                  r"learnable state"),
     (dict(selector="h2o", retain=dict(bits=9, granularity="per_token(16)")), r"supports 1 to 8 bits, got 9"),
+    (dict(selector="h2o", merge=1), r"merge must be true or false, got 1"),
+    (dict(selector="h2o", merge=True, merge_above=1.5), r"merge_above must be a cosine similarity in \[-1, 1\], got 1.5"),
+    (dict(selector="h2o", merge=True, retain=dict(bits=2, granularity="per_token(16)")),
+     r"merge averages the evicted tokens into the survivors: it does not combine with retain"),
+    (dict(selector="h2o", merge=True, straight_through=1.0), r"or straight_through \(which weighs them 0\)"),
     (dict(selector="h2o", retain="int2"), r"retain must be a TensorPolicy, a dict of its fields or None, got 'int2'"),
 ])
 def test_bad_policies_are_named(fields, message):
@@ -402,3 +407,74 @@ def test_retention_at_the_end_of_the_prompt_batches_and_beams():
     detach(model)
     with pytest.raises(ValueError, match=r"eviction.retain.granularity group=48 does not divide head_dim=32"):
         attach(model, evicting("h2o", retain=dict(bits=2, granularity="per_token(48)")))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma"])
+@pytest.mark.parametrize("selector,interval", [("h2o", 8), ("snapkv", 0)])
+def test_merged_tokens_decode_as_the_training_view_sees_them(arch, selector, interval):
+    """EMS / D2O: evicted tokens averaged into their most similar survivors, the same in one training
+    forward as decoding (float64); merging changes the forward against dropping, and every survivor's
+    mass adds up to the tokens seen."""
+    options = {"window": 4} if selector == "snapkv" else {}
+    spec, length, prompt = evicting(selector, options, interval=interval, merge=True), 45, 30
+    model = build(arch)
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    dropped_view = None
+    for merge in (False, True):
+        attach(model, spec.with_(eviction=replace(spec.eviction, merge=merge)))
+        if not interval:
+            set_prompt_lengths(model, [prompt, prompt])
+        with torch.no_grad():
+            view = model(ids, use_cache=False).logits
+        dropped_view = view if not merge else dropped_view
+    assert (view - dropped_view)[:, 8:].abs().max() > 1e-3
+    for splits in ([], [20], [5, 30]) if interval else ([prompt],):
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, view, **TOL, msg=f"prefill splits {splits}")
+    held = cache.layers[0].held
+    assert (held.mass.sum(-1) == length).all() and (held.mass[..., :2] == 1).all()  # the sinks take no merges
+    detach(model)
+
+
+def test_merge_averages_each_evicted_token_into_its_nearest_survivor_by_hand():
+    """Survivors at positions 0 (a sink), 2 and 3; the evicted 1 and 4 point like 3 and 2; a
+    survivor's mass weighs its average."""
+    keys = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 1.0], [3.0, 3.0]])[None, None]
+    values = torch.arange(5.0)[None, None, :, None].expand(1, 1, 5, 2)
+    held = Survivors(keys, values, torch.arange(5, dtype=torch.int32)[None, None], None, 5,
+                     mass=torch.tensor([[[1, 1, 2, 3, 1]]], dtype=torch.int32))
+    merged = held.kept(torch.tensor([[[0, 2, 3]]]), reset=False, sinks=1)
+    assert merged.mass.tolist() == [[[1, 3, 4]]]
+    torch.testing.assert_close(merged.keys[0, 0], torch.tensor([[1.0, 0.0], [5 / 3, 5 / 3], [0.0, 5 / 4]]))
+    torch.testing.assert_close(merged.values[0, 0, :, 0], torch.tensor([0.0, (2 * 2 + 4) / 3, (3 * 3 + 1) / 4]))
+    # with only the sink left, the evicted are dropped
+    only_sink = held.kept(torch.tensor([[[0]]]), reset=False, sinks=1)
+    assert only_sink.mass.tolist() == [[[1]]] and torch.equal(only_sink.keys, keys[:, :, :1])
+
+
+def test_merge_holds_one_int32_count_per_survivor():
+    model, ids = build("llama"), torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(2))
+    sizes = {}
+    for merge in (False, True):
+        spec = evicting("h2o", budget=0.25, interval=16, sinks=0, recent=0, merge=merge)
+        attach(model, spec)
+        _, cache = decode(model, ids, spec, [64])
+        sizes[merge] = cache.nbytes()
+    assert sizes[True] - sizes[False] == 32 * 2 * 2 * 4  # 32 survivors x 2 KV heads x 2 layers x int32
+
+
+def test_merge_threshold_and_proportional_attention_by_hand():
+    """merge_above drops an evicted token whose nearest survivor is not similar enough; a merged
+    survivor standing for 3 tokens draws 3 times the attention of a single one with the same key."""
+    from kvtrain.kv.eviction import _segment_attention
+
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.2], [1.0, 1.0], [0.0, 1.0]])[None, None]  # 1: cos 0.83 with 2
+    held = Survivors(keys, keys.clone(), torch.arange(4, dtype=torch.int32)[None, None], None, 4,
+                     mass=torch.ones(1, 1, 4, dtype=torch.int32))
+    assert held.kept(torch.tensor([[[0, 2, 3]]]), False, sinks=1, merge_above=0.9).mass.tolist() == [[[1, 1, 1]]]
+    assert held.kept(torch.tensor([[[0, 2, 3]]]), False, sinks=1, merge_above=0.8).mass.tolist() == [[[1, 2, 1]]]
+    same = Survivors(torch.ones(1, 1, 2, 2), torch.tensor([[[[0.0, 0.0], [1.0, 1.0]]]]),
+                     torch.tensor([[[0, 1]]], dtype=torch.int32), None, 2, mass=torch.tensor([[[1, 3]]], dtype=torch.int32))
+    out, probs = _segment_attention(torch.ones(1, 1, 1, 2), same, scaling=1.0, softcap=None)
+    torch.testing.assert_close(probs.flatten(), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.75, 0.75]))

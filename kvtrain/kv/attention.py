@@ -192,7 +192,7 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
     policy, softcap = state.spec.eviction, kwargs.get("softcap")
     gated = policy.straight_through > 0 and torch.is_grad_enabled()  # the selection's gradient, in training
     if policy.interval:
-        held = Survivors.empty(key, value, state.selector, gated, state.retention)
+        held = Survivors.empty(key, value, state.selector, gated, state.retention, merge=policy.merge)
         return attend(query, key, value, held, policy, state.selector, scaling, softcap, dropout)[0], None
     if state.prompts is None or len(state.prompts) != query.shape[0]:
         raise ValueError(f"{name}: eviction at the end of the prompt (interval 0) needs each row's prompt length in "
@@ -202,8 +202,9 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
         rows = [(query, key, value, state.prompts[0])]
     else:
         rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p) for b, p in enumerate(state.prompts)]
-    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention), policy, state.selector, scaling,
-                             softcap, dropout, prompt)[0] for q, k, v, prompt in rows]), None
+    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention, merge=policy.merge),
+                             policy, state.selector, scaling, softcap, dropout, prompt)[0]
+                      for q, k, v, prompt in rows]), None
 
 
 def set_prompt_lengths(model: nn.Module, lengths: list[int] | torch.Tensor | None) -> None:

@@ -461,7 +461,8 @@ class EvictingKVLayer(CacheLayerMixin):
         """The output (B, n, Hq, D) of the queries of the new tokens; keeps what survives."""
         keys, values = self.new
         first = self.held is None  # the prompt comes in the first forward: its end is decided under interval 0
-        held = Survivors.empty(keys, values, selector, retain=self.retain, stored=True) if first else self.held
+        held = Survivors.empty(keys, values, selector, retain=self.retain, stored=True,
+                               merge=self.spec.eviction.merge) if first else self.held
         out, self.held = attend(query, keys, values, held, self.spec.eviction, selector, scaling, softcap,
                                 prompt=keys.shape[-2] if first else None)
         self.new = None

@@ -12,7 +12,8 @@ with `total` tokens seen, each KV head keeps
     budget tokens (an int), or ceil(budget * total) (a float in (0, 1]).
 
 Evicted tokens never come back, or, with `retain` (MiKV), stay at low precision: the codec encodes
-them once, when a decision evicts them, and every later query attends to them as decoded. A query at position p attends to the survivors of the last decision
+them once, when a decision evicts them, and every later query attends to them as decoded; or, with
+`merge` (EMS, D2O), each is averaged into the survivor whose key is most like its own. A query at position p attends to the survivors of the last decision
 before it and every token since, itself included. `attend` computes exactly that for a run of new
 tokens after the survivors held so far; the training view calls it with nothing held and the whole
 sequence, the cache with what it holds and the tokens of each forward, so both make the same
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.selectors import Selector, build_selector, check_count
@@ -55,6 +57,13 @@ class EvictionPolicy:
             evicts, which stay in the cache at its bits instead of being dropped (MiKV: the important
             tokens in full precision, the rest at 2 bits); a token-wise codec (per_token(G),
             per_token_head). None: evicted tokens are dropped.
+        merge: evict-then-merge (EMS, D2O): each evicted token's key and value are averaged into the
+            survivor (not a sink) whose key has the highest cosine similarity to its key, weighted by
+            the tokens each already holds, so a survivor stands for the tokens merged into it, and
+            attention counts it that many times (its logit plus log of its mass, ToMe's proportional
+            attention).
+        merge_above: merge only evicted tokens whose nearest survivor's cosine similarity exceeds
+            this (D2O's threshold; the rest are dropped); -1 merges every one.
     """
 
     selector: str = "snapkv"
@@ -65,6 +74,8 @@ class EvictionPolicy:
     options: dict[str, Any] = field(default_factory=dict)
     straight_through: float = 0.0
     retain: Any = None  # TensorPolicy | None (kvtrain.kv.spec imports this module)
+    merge: bool = False
+    merge_above: float = -1.0
 
     def __post_init__(self) -> None:
         budget = self.budget
@@ -81,6 +92,14 @@ class EvictionPolicy:
             raise ValueError(f"a budget of {budget} tokens cannot hold sinks={self.sinks} and recent={self.recent}")
         self.build().check(self.interval)
         self._check_retain()
+        if not isinstance(self.merge, bool):
+            raise ValueError(f"merge must be true or false, got {self.merge!r}")
+        if isinstance(self.merge_above, bool) or not isinstance(self.merge_above, (int, float)) or not (
+                -1 <= self.merge_above <= 1):
+            raise ValueError(f"merge_above must be a cosine similarity in [-1, 1], got {self.merge_above!r}")
+        if self.merge and (self.retain is not None or self.straight_through):
+            raise ValueError("merge averages the evicted tokens into the survivors: it does not combine with retain "
+                             "(which keeps them) or straight_through (which weighs them 0) yet")
 
     def build(self) -> Selector:
         return build_selector(self.selector, self.options)
@@ -181,38 +200,49 @@ class Survivors:
     total: int = 0
     gate: torch.Tensor | None = None  # (B, H, L) with a straight-through selection: every token held, 1 / 0
     retained: "Retained | None" = None  # the evicted tokens kept at low precision (EvictionPolicy.retain)
+    mass: torch.Tensor | None = None  # (B, H, L) int32 under merge: the tokens each survivor stands for
 
     @classmethod
     def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector, gated: bool = False,
-              retain: Codec | None = None, stored: bool = False) -> "Survivors":
-        """Nothing held yet; `retain`: the codec of the evicted tokens (`stored`: encoded, in a cache)."""
+              retain: Codec | None = None, stored: bool = False, merge: bool = False) -> "Survivors":
+        """Nothing held yet; `retain`: the codec of the evicted tokens (`stored`: encoded, in a cache);
+        `merge`: the evicted are merged into the survivors."""
         b, h, _, d = keys.shape
         attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
         gate = keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype)) if gated else None
-        return cls(keys[..., :0, :], values[..., :0, :], torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device),
-                   attention, 0, gate, None if retain is None else Retained(retain, stored))
+        positions = torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device)
+        return cls(keys[..., :0, :], values[..., :0, :], positions, attention, 0, gate,
+                   None if retain is None else Retained(retain, stored), positions.clone() if merge else None)
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
         b, h, n, _ = keys.shape
         new = torch.arange(self.total, self.total + n, dtype=torch.int32, device=keys.device).expand(b, h, n)
         attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
         gate = None if self.gate is None else torch.cat([self.gate, self.gate.new_ones(b, h, n)], -1)
+        mass = None if self.mass is None else torch.cat([self.mass, self.mass.new_ones(b, h, n)], -1)
         return replace(self, keys=torch.cat([self.keys, keys], -2), values=torch.cat([self.values, values], -2),
-                       positions=torch.cat([self.positions, new], -1), attention=attention, total=self.total + n, gate=gate)
+                       positions=torch.cat([self.positions, new], -1), attention=attention, total=self.total + n, gate=gate,
+                       mass=mass)
 
-    def kept(self, index: torch.Tensor, reset: bool) -> "Survivors":
-        """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision."""
+    def kept(self, index: torch.Tensor, reset: bool, sinks: int = 0, merge_above: float = -1.0) -> "Survivors":
+        """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision;
+        the others retained or merged into the survivors past the `sinks` where the policy says so."""
         def take(t, at=index):
             return t.gather(2, at[..., None].expand(*at.shape, t.shape[-1]))
 
         attention = None if self.attention is None else self.attention.gather(2, index)
-        retained, length = self.retained, self.keys.shape[-2]
-        if retained is not None and index.shape[-1] < length:  # the others stay, at low precision
-            others = torch.ones(self.positions.shape, dtype=torch.int8, device=index.device).scatter(-1, index, 0)
-            evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
-            retained = retained.added(take(self.keys, evicted), take(self.values, evicted))
-        return replace(self, keys=take(self.keys), values=take(self.values), positions=self.positions.gather(2, index),
-                       attention=attention.zero_() if reset and attention is not None else attention, retained=retained)
+        kept = replace(self, keys=take(self.keys), values=take(self.values), positions=self.positions.gather(2, index),
+                       attention=attention.zero_() if reset and attention is not None else attention,
+                       mass=None if self.mass is None else self.mass.gather(2, index))
+        length = self.keys.shape[-2]
+        if (self.retained is None and self.mass is None) or index.shape[-1] == length:
+            return kept
+        others = torch.ones(self.positions.shape, dtype=torch.int8, device=index.device).scatter(-1, index, 0)
+        evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
+        keys, values = take(self.keys, evicted), take(self.values, evicted)
+        if self.retained is not None:  # the others stay, at low precision
+            return replace(kept, retained=self.retained.added(keys, values))
+        return _merged(kept, keys, values, self.mass.gather(2, evicted), sinks, merge_above)
 
     def rows(self, index: torch.Tensor) -> "Survivors":
         """Batch rows `index` (beam search, batch selection)."""
@@ -220,13 +250,36 @@ class Survivors:
 
     def map(self, fn) -> "Survivors":
         """`fn` applied to every tensor held (select batch rows, move devices)."""
-        return replace(self, **{name: fn(getattr(self, name)) for name in ("keys", "values", "positions", "attention")
-                                if getattr(self, name) is not None},
+        return replace(self, **{name: fn(getattr(self, name)) for name in HELD if getattr(self, name) is not None},
                        retained=None if self.retained is None else self.retained.map(fn))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.attention)
-                   if t is not None) + (0 if self.retained is None else self.retained.nbytes())
+        return sum(t.numel() * t.element_size() for name in HELD if (t := getattr(self, name)) is not None) + (
+            0 if self.retained is None else self.retained.nbytes())
+
+
+HELD = ("keys", "values", "positions", "attention", "mass")  # the tensors a layer holds per token and head
+
+
+def _merged(held: Survivors, keys: torch.Tensor, values: torch.Tensor, mass: torch.Tensor, sinks: int,
+            above: float = -1.0) -> Survivors:
+    """The survivors with evicted tokens (K/V (B, H, m, D), each standing for `mass` tokens) averaged
+    into the survivor past the sinks whose key is most like each one's (cosine), weighted by mass;
+    an evicted token whose best similarity is not above `above` is dropped (as every one is on a head
+    whose survivors are all sinks)."""
+    similarity = F.normalize(keys, dim=-1) @ F.normalize(held.keys, dim=-1).transpose(-1, -2)
+    open_ = held.positions >= sinks
+    best = similarity.masked_fill(~open_[:, :, None, :], -math.inf).max(-1)  # (B, H, m)
+    target = best.indices
+    weight = mass * ((best.values > above) if above > -1 else open_.any(-1, keepdim=True))
+    total = held.mass.scatter_add(-1, target, weight)
+
+    def average(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        at = target[..., None].expand(*target.shape, kept.shape[-1])
+        summed = (kept * held.mass[..., None]).scatter_add(2, at, new * weight[..., None].to(new.dtype))
+        return summed / total[..., None]
+
+    return replace(held, keys=average(held.keys, keys), values=average(held.values, values), mass=total)
 
 
 @dataclass
@@ -301,7 +354,7 @@ def _decide(held: Survivors, policy: EvictionPolicy, selector: Selector) -> Surv
                        attention=attention)
     else:
         scores = selector.score(held.attention, held.positions)
-        held = held.kept(policy.survivors(scores, held.positions, held.total), reset)
+        held = held.kept(policy.survivors(scores, held.positions, held.total), reset, policy.sinks, policy.merge_above)
     if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
         held.attention = None
     return held
@@ -336,6 +389,8 @@ def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, sof
     scores = (grouped @ keys.transpose(-1, -2)).reshape(b, h, hq // h, n, length) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if held.mass is not None:  # a merged token counts as the tokens it stands for (ToMe's proportional attention)
+        scores = scores + held.mass.log().to(scores.dtype)[:, :, None, None, :]
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1, dtype=_score_dtype(query.dtype))
     every = probs
     if held.gate is not None:  # the evicted weigh 0 in the forward: the softmax over the survivors
