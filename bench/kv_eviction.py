@@ -56,20 +56,26 @@ RETAIN = {"int2": dict(bits=2, granularity="per_token(32)"),
           "int2+hadamard": dict(bits=2, granularity="per_token(32)", rotation="random_hadamard")}
 # quantizers alone at the same bytes, for reference: KIVI's per-channel keys and per-token values, every
 # token quantized (residual 0)
+# eviction over K/V quantized as each token arrives: fewer tokens and fewer bits (name: selector, kept, bits,
+# what the evicted become); the last is MiKV whole: the important quarter at 4 bits, the rest at 2
+COMPOSED = {"snapkv 50% at 4 bits": ("snapkv", 0.5, 4, None), "snapkv 50% at 2 bits": ("snapkv", 0.5, 2, None),
+            "snapkv 25% at 4 bits": ("snapkv", 0.25, 4, None),
+            "h2o 25% at 4 bits, the rest at 2 (MiKV)": ("h2o", 0.25, 4, "int2")}
 QUANTIZERS = {f"kivi{b}": KVSpec(key=dict(bits=b, granularity="per_channel(32)"),
                                  value=dict(bits=b, granularity="per_token(32)"), residual=0) for b in (2, 3)}
 
 
 def eviction_spec(selector: str, fraction: float, interval: int, straight_through: float = 0.0,
-                  retain: str | None = None, merge_above: float = -1.0) -> KVSpec:
-    """`selector` a registered one, or "<selector> + merge" (the evicted merged into the survivors)."""
+                  retain: str | None = None, merge_above: float = -1.0, bits: int | None = None) -> KVSpec:
+    """`selector` a registered one, or "<selector> + merge" (the evicted merged into the survivors);
+    `bits`: K and V quantized as each token arrives (per-token groups of 32 channels)."""
     selector, merge = selector.removesuffix(" + merge"), selector.endswith(" + merge")
     # SnapKV observes its paper's 32 queries, or all those since the last decision if fewer
     options = {"window": min(32, interval or 32), "kernel": 5} if selector == "snapkv" else {}
-    return KVSpec(key=None, value=None, eviction=dict(selector=selector, budget=fraction, interval=interval,
-                                                      sinks=SINKS, options=options, straight_through=straight_through,
-                                                      retain=RETAIN.get(retain), merge=merge,
-                                                      merge_above=merge_above))
+    quantized = None if bits is None else dict(bits=bits, granularity="per_token(32)")
+    eviction = dict(selector=selector, budget=fraction, interval=interval, sinks=SINKS, options=options,
+                    straight_through=straight_through, retain=RETAIN.get(retain), merge=merge, merge_above=merge_above)
+    return KVSpec(key=quantized, value=quantized, residual=0, eviction=eviction)
 
 
 def parse_point(name: str) -> KVSpec | None:
@@ -102,7 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the evictions a control run is measured under (comma-separated points)")
     p.add_argument("--summarize", action="store_true", help="refresh the trained rows and the plot, train nothing")
     p.add_argument("--perplexity", action="store_true",
-                   help="(re)measure the perplexity rows and the merge threshold sweep into the results")
+                   help="(re)measure the perplexity rows, the merge threshold sweep and eviction over "
+                        "quantized K/V into the results")
     p.add_argument("--ppl_windows", type=int, default=32, help="val windows of the perplexity rows")
     p.add_argument("--ppl_len", type=int, default=256, help="tokens per perplexity window (kvtrain-ref's context)")
     p.add_argument("--threads", type=int, default=2)
@@ -231,6 +238,17 @@ def equal_bytes(args: argparse.Namespace, base: str, free: list[dict]) -> list[d
 MERGE_ABOVE = (-1.0, 0.5, 0.8, 0.9, 0.95)
 
 
+def composed(args: argparse.Namespace, base: str, full_bytes: float) -> list[dict]:
+    """Eviction at the end of the prompt over quantized K/V (`COMPOSED`), bytes measured in bf16."""
+    model, rows = load_model(base).eval(), []
+    for name, (selector, kept, bits, retain) in COMPOSED.items():
+        spec = eviction_spec(selector, kept, 0, retain=retain, bits=bits)
+        held = measured_bytes(model, spec, args)
+        rows.append({"method": name, "accuracy": accuracy(model, spec, args), "bytes": held,
+                     "bytes_ratio": round(held / full_bytes, 4)})
+    return rows
+
+
 def merge_sweep(args: argparse.Namespace, base: str) -> list[dict]:
     """SnapKV keeping 25% at the end of the prompt, merging only the evicted tokens whose nearest
     survivor's key is more cosine-similar than a threshold (D2O's rule; -1: all, EMS's), the rest dropped."""
@@ -300,14 +318,15 @@ def summary(out: Path) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Path, title: str,
+         quantized: list[dict] = ()) -> None:
     """Held-out accuracy against the measured bytes kept, one line per selector, trained points,
     MiKV's retention and the quantizers on top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 7))
     full = rows[0]
     ax.axhline(full["accuracy"], color="black", linestyle="--", linewidth=1, label="full cache")
     for interval, style in zip(INTERVALS, ("o-", "s:")):
@@ -332,6 +351,9 @@ def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Pa
         ax.plot([row["bytes_ratio"]], [row["accuracy"]], "D" if retained else ("P" if "2" in row["method"] else "X"),
                 color=color, markersize=8, fillstyle="none" if "hadamard" in row["method"] else "full",
                 label=f"{row['method']}" + (f" ({row['kept']:.0%} kept in full)" if retained else " (no eviction)"))
+    for row in quantized:  # eviction over quantized K/V, in the selector's colour
+        ax.plot([row["bytes_ratio"]], [row["accuracy"]], "v", color=f"C{SELECTORS.index(row['method'].split()[0])}",
+                markersize=9, label=row["method"])
     ax.set_xlabel("cache bytes kept (measured in bf16, vs the full cache)")
     ax.set_ylabel("held-out exact match")
     ax.set_title(title, fontsize=9)
@@ -368,17 +390,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.perplexity:
         report["perplexity"] = perplexity(args, report["equal_bytes"])
         report["merge_sweep"] = merge_sweep(args, base)
+        report["composed"] = composed(args, base, report["training_free"][0]["bytes"])
         report["args"].update(ppl_windows=args.ppl_windows, ppl_len=args.ppl_len)
     table = format_table(report["training_free"], ["selector", "interval", "kept", "accuracy", "bytes", "bytes_ratio"])
     table += "\n\n" + format_table(report["equal_bytes"], list(report["equal_bytes"][0]))
     if "perplexity" in report:
         table += "\n\n" + format_table(report["perplexity"], ["selector", "kept", "ppl"])
         table += "\n\n" + format_table(report["merge_sweep"], ["merge_above", "accuracy"])
+        table += "\n\n" + format_table(report["composed"], ["method", "accuracy", "bytes", "bytes_ratio"])
     print(table)
     write_json(results, report)
     (out / f"{name}.md").write_text(table + "\n")
     plot(report["training_free"], trained_rows, report["equal_bytes"], out / f"{name}.png", f"kvtrain-ref fine-tuned on recall "
-         f"({args.pairs} lines{', needle' if args.needle else ''}), held-out exact match, {SINKS} sinks")
+         f"({args.pairs} lines{', needle' if args.needle else ''}), held-out exact match, {SINKS} sinks",
+         report.get("composed", ()))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,10 @@ def kv_eviction(results: Path) -> str:
               "-" if row["vs_dropping"] == "-" else f"{row['vs_dropping']:.0%} kept",
               fmt(row["accuracy"], 3), "-" if row["dropping_accuracy"] == "-" else fmt(row["dropping_accuracy"], 3),
               fmt(row["bytes_ratio"], 3)] for row in r["equal_bytes"]]
+    quantizers = [row for row in equal if row[1] == "-"]
+    equal = [row for row in equal if row[1] != "-"] + [
+        [row["method"], "-", "-", fmt(row["accuracy"], 3), "-", fmt(row["bytes_ratio"], 3)] for row in r["composed"]
+    ] + quantizers
     ppl = {}
     for row in r["perplexity"]:
         ppl.setdefault(row["selector"], {})[row["kept"]] = row
@@ -270,7 +274,7 @@ def kv_eviction(results: Path) -> str:
                         "same models, full cache"]), "",
         "recovered: the share won back of what the full-cache fine-tune (control, the same steps) loses under "
         "that eviction; +st: the selection trained straight through (the same cache at decode).", "",
-        table(equal, ["evicted tokens kept at 2 bits (MiKV), or a quantizer alone", "kept in full",
+        table(equal, ["evicted tokens kept at 2 bits (MiKV), eviction over quantized K/V, a quantizer alone", "kept in full",
                       "at the bytes of dropping with", "exact match", "dropping them", "bytes vs full"]), "",
         f"kvtrain-ref fine-tuned {a['base_steps']} steps on recall ({a['pairs']} lines, needle), then {a['steps']} more "
         f"steps per trained row (lr {a['lr']}, batch {a['batch_size']}); {a['val_size']} held-out prompts (accuracy "

@@ -182,6 +182,10 @@ def test_kv_eviction_smoke(tmp_path, reference):
     assert [r["selector"] for r in ppl[:2]] == ["full cache", "streaming_llm"] and len(ppl) == 1 + 6 * 3 + 2
     assert all(1 < r["ppl"] < 1e4 for r in ppl) and ppl[3]["ppl"] != ppl[0]["ppl"]  # 12.5% kept changes it
     assert [r["merge_above"] for r in result["merge_sweep"]] == [-1.0, 0.5, 0.8, 0.9, 0.95]
+    quantized = {r["method"]: r["bytes"] for r in result["composed"]}  # fewer tokens and fewer bits
+    snapkv = {r["kept"]: r["bytes"] for r in rows if (r["selector"], r["interval"]) == ("snapkv", 0)}
+    assert quantized["snapkv 50% at 2 bits"] < quantized["snapkv 50% at 4 bits"] < snapkv[0.5]
+    assert quantized["snapkv 25% at 4 bits"] < quantized["snapkv 50% at 4 bits"]
     assert {(r["point"], r["under"]): r["seeds"] for r in result["trained"]} == {
         ("snapkv25", "snapkv25"): 1, ("control", "snapkv25"): 1, ("control", "snapkv25@16"): 1}
     assert (tmp_path / "trained" / "control-0.json").is_file()

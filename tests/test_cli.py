@@ -28,7 +28,7 @@ def test_recipes_exist():
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
             "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
-            "evict_snapkv.yaml", "evict_mikv.yaml"} <= names
+            "evict_snapkv.yaml", "evict_mikv.yaml", "dler_h2o.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

@@ -257,8 +257,11 @@ def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
                                                                r"per_token_head, got per_channel\(16\)"),
     (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)"), straight_through=1.0),
      r"straight_through with retain is not supported yet"),
-    (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)", rotation="learned")), r"retain supports codecs without "
-                                                                                 r"learnable state"),
+    (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)", rotation="learned")),
+     r"retain encodes the tokens a decision evicts: codecs with learnable state \(learnable, rotation 'learned', "
+     r"rank\) are not supported under eviction yet"),
+    (dict(selector="h2o", retain=dict(bits=2, granularity="per_token(16)", layer_bits={0: 4})),
+     r"retain has one bit width for every layer, got layer_bits=\{0: 4\}"),
     (dict(selector="h2o", retain=dict(bits=9, granularity="per_token(16)")), r"supports 1 to 8 bits, got 9"),
     (dict(selector="h2o", merge=1), r"merge must be true or false, got 1"),
     (dict(selector="h2o", merge=True, merge_above=1.5), r"merge_above must be a cosine similarity in \[-1, 1\], got 1.5"),
@@ -273,8 +276,13 @@ def test_bad_policies_are_named(fields, message):
 
 
 def test_spec_errors_and_round_trip(tmp_path):
-    with pytest.raises(ValueError, match="eviction with compressed K/V is not supported yet: set key: null and value: null"):
+    with pytest.raises(ValueError, match=r"under eviction key is quantized as each token arrives, token by token: its "
+                                         r"granularity must be per_token\(G\) or per_token_head, got per_channel\(32\)"):
         KVSpec(value=None, eviction={"selector": "h2o"})
+    with pytest.raises(ValueError, match="residual and sinks must be 0 .*got residual=128, sinks=0"):
+        KVSpec(key=dict(granularity="per_token(32)"), value=None, eviction={"selector": "h2o"})
+    with pytest.raises(ValueError, match="merge averages the survivors' K/V: it does not combine with quantized K/V"):
+        KVSpec(key=None, value=dict(granularity="per_token(32)"), residual=0, eviction={"selector": "h2o", "merge": True})
     with pytest.raises(ValueError, match="placement must be 'post_rope', got 'pre_rope'"):
         KVSpec(key=None, value=None, placement="pre_rope", eviction={"selector": "h2o"})
     with pytest.raises(ValueError, match=r"eviction has no field\(s\) \['keep'\]"):
@@ -297,8 +305,11 @@ def test_misuse_is_refused_by_name():
         model(ids, past_key_values=QuantizedKVCache(evicting("tova")))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with torch.no_grad(), pytest.raises(ValueError, match="eviction of left-padded batches is not supported yet"):
+    merging = evicting("h2o", merge=True)
+    attach(model, merging)
+    with torch.no_grad(), pytest.raises(ValueError, match="left-padded batches under eviction with retain or merge"):
         model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+    attach(model, spec)
     gemma2 = build("gemma2")  # its sliding-window layers attend to 48 tokens
     attach(gemma2, spec)
     with torch.no_grad(), pytest.raises(ValueError, match="attends within a sliding window of 48 tokens"):
@@ -478,3 +489,80 @@ def test_merge_threshold_and_proportional_attention_by_hand():
     out, probs = _segment_attention(torch.ones(1, 1, 1, 2), same, scaling=1.0, softcap=None)
     torch.testing.assert_close(probs.flatten(), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(out.flatten(), torch.tensor([0.75, 0.75]))
+
+
+@pytest.mark.parametrize("selector,options,interval", [("h2o", {}, 8), ("snapkv", {"window": 4}, 0), ("tova", {}, 4)])
+def test_a_left_padded_batch_evicts_as_its_cache_decodes_it(selector, options, interval):
+    """Left padding (generate's and the rollouts'): the pads are seen by no query but their own and
+    are evicted first, the sinks are each row's first real tokens; the training forward with the
+    padded layout equals decoding it with the evicting cache, prompt in one forward, then token by token."""
+    spec, prompt = evicting(selector, options, interval=interval, budget=0.5, sinks=2, recent=1), 20
+    model = build("qwen2")
+    ids = torch.randint(0, 512, (3, 36), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :5], mask[2, :2] = 0, 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    attach(model, spec)
+    set_prompt_lengths(model, [prompt] * 3)
+    with torch.no_grad():
+        view = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    cache, steps = QuantizedKVCache(spec), [(0, prompt), *((t, t + 1) for t in range(prompt, 36))]
+    with torch.no_grad():
+        decoded = torch.cat([model(ids[:, a:b], attention_mask=mask[:, :b], position_ids=positions[:, a:b],
+                                   past_key_values=cache, use_cache=True).logits for a, b in steps], 1)
+    torch.testing.assert_close(decoded, view, **TOL)
+    held = cache.layers[0].held
+    assert held.pads.tolist() == [5, 0, 2]
+    assert (held.positions[0] >= 5).all() and (held.positions[2] >= 2).all()  # no pad survives
+    assert (held.positions[0, :, :2] == torch.tensor([5, 6], dtype=torch.int32)).all()  # the row's own sinks
+    unpadded = model(ids[1:2], use_cache=False).logits if interval else None  # row 1 has no pads: its own layout
+    if unpadded is not None:
+        torch.testing.assert_close(view[1:2], unpadded, **TOL)
+
+
+QUANTIZED = dict(key=dict(bits=4, granularity="per_token(16)"), value=dict(bits=2, granularity="per_token(16)"), residual=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("retain", [None, dict(bits=2, granularity="per_token(16)")], ids=["dropped", "retained"])
+def test_quantized_survivors_decode_as_the_training_view_sees_them(arch, retain):
+    """Eviction over K at 4 bits and V at 2 (each token encoded once, on arrival): the cache holds the
+    survivors encoded and gathers them encoded; one training forward equals decoding (float64); with
+    retain (MiKV: important tokens at 4/2 bits, the rest at 2) as well."""
+    from kvtrain.kv.eviction import Encoded
+
+    fields = dict(selector="h2o", budget=0.5, interval=8, sinks=2, recent=2, retain=retain)
+    spec, length = KVSpec(**QUANTIZED, eviction=fields), 45
+    model = build(arch)
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    _, plain_view = training_views(model, ids, evicting("h2o", retain=retain))
+    detach(model)
+    full_precision, view = training_views(model, ids, spec)
+    assert (view - plain_view)[:, 8:].abs().max() > 1e-3  # the quantization is seen
+    for splits in ([], [20], [5, 30]):
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, view, **TOL, msg=f"prefill splits {splits}")
+    held = cache.layers[0].held
+    assert isinstance(held.keys, Encoded) and held.keys.shape[-2] == 25
+    full = DynamicCache()
+    with torch.no_grad():
+        detach(model)
+        model(ids, past_key_values=full)
+    codec, keys = spec.keys(0), full.layers[0].keys  # the survivors' keys, each encoded once as it arrived
+    at = held.positions.long()
+    expected = codec.decode(codec.encode(keys)).gather(2, at[..., None].expand(*at.shape, keys.shape[-1]))
+    torch.testing.assert_close(held.keys.tensor(), expected, rtol=0, atol=0)
+
+
+def test_quantized_survivors_hold_their_codes_and_scales():
+    model, ids = build("llama"), torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(2))
+    sizes = {}
+    for quantized in (False, True):
+        policy = dict(selector="h2o", budget=0.25, interval=16, sinks=0, recent=0)
+        spec = KVSpec(**QUANTIZED, eviction=policy) if quantized else evicting(**policy)
+        attach(model, spec)
+        _, cache = decode(model, ids, spec, [64])
+        sizes[quantized] = cache.nbytes()
+    # 32 survivors x 2 KV heads x 2 layers: float64 K and V of 32 dims held instead as K at 4 bits (16 bytes of
+    # codes) and V at 2 (8 bytes), each with an fp16 scale and zero per 16 channels (8 bytes)
+    assert sizes[False] - sizes[True] == 32 * 2 * 2 * (2 * 32 * 8 - (16 + 8) - (8 + 8))

@@ -31,9 +31,18 @@ def tiny_rl_model_dir(tmp_path_factory, home):
     return path
 
 
-def fit_recipe(recipe, tmp_path, monkeypatch, steps, **model):
+def fit_recipe(recipe, tmp_path, monkeypatch, steps, edits=(), **model):
+    """Fit `recipe` tiny (`edits`: (old, new) text replacements in its YAML, for settings nested in a list)."""
     monkeypatch.chdir(tmp_path)  # the recipe's runs/ land here
-    args = ["--config", str(REPO / "recipes" / recipe), "--model.init_args.model=kvtrain-ref",
+    config = REPO / "recipes" / recipe
+    if edits:
+        text = config.read_text()
+        for old, new in edits:
+            assert old in text, old
+            text = text.replace(old, new)
+        config = tmp_path / recipe
+        config.write_text(text)
+    args = ["--config", str(config), "--model.init_args.model=kvtrain-ref",
             "--model.init_args.init=random", f"--model.init_args.config_overrides={json.dumps(TINY_RL)}",
             f"--model.init_args.max_new_tokens={BUDGET}", *[f"--model.init_args.{k}={v}" for k, v in model.items()],
             f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=1",
@@ -52,10 +61,12 @@ def series(rows, key):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["dler.yaml", "grpo_lambda.yaml", "drpo.yaml", "dler_kivi2.yaml"])
+@pytest.mark.parametrize("recipe", ["dler.yaml", "grpo_lambda.yaml", "drpo.yaml", "dler_kivi2.yaml", "dler_h2o.yaml"])
 def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monkeypatch, home):
+    # tiny answers hold fewer than dler_h2o's 48 tokens: it keeps 8, deciding every 4 tokens
+    edits = [("budget: 48, interval: 16", "budget: 8, interval: 4")] if recipe == "dler_h2o.yaml" else []
     with pytest.warns(UserWarning, match="hit max_new_tokens"):  # a random model never stops: named, not silent
-        cli, rows, run = fit_recipe(recipe, tmp_path, monkeypatch, steps=4)
+        cli, rows, run = fit_recipe(recipe, tmp_path, monkeypatch, steps=4, edits=edits)
     lengths = series(rows, "train/length")
     assert len(lengths) == 4 and all(0 < n <= BUDGET for n in lengths)
     assert len(series(rows, "time/step_s")) == 4 and min(series(rows, "time/step_s")) > 0
@@ -63,7 +74,8 @@ def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monk
     assert series(rows, "train/reward") == [0.0] * 4
     # every group is flat, so no recipe may move the policy: zero advantages (DRPO: no group with both kinds
     # of answer) make the loss exactly 0; and the first importance ratio is 1 (the training forward sees the
-    # K/V the rollout's cache held, 2-bit for dler_kivi2), so nothing is clipped
+    # K/V the rollout's cache held, 2-bit for dler_kivi2, the survivors of H2O's decisions for dler_h2o), so
+    # nothing is clipped
     assert series(rows, "train/loss") == [0.0] * 4
     assert series(rows, "train/clip_fraction") == [0.0] * 4
     assert len(series(rows, "val/accuracy")) == 1 and 0 < series(rows, "val/length")[0] <= BUDGET  # greedy
@@ -77,6 +89,15 @@ def test_rl_recipe_runs_tiny_logs_checkpoints_and_exports(recipe, tmp_path, monk
         assert (hparams.advantage, hparams.reward["grpo_lambda"], hparams.reward["lambda_alpha"]) == ("group", 0.5, 0.6)
     if recipe == "drpo.yaml":
         assert (hparams.loss, hparams.drpo_temperature, hparams.drpo_tau) == ("drpo", 0.1, 10.0)
+    if recipe == "dler_h2o.yaml":  # every 4 tokens H2O keeps 8 of each head's tokens
+        from kvtrain.kv import resolve_spec
+
+        spec = resolve_spec(str(run / "model"))
+        assert (spec.eviction.selector, spec.eviction.budget, spec.eviction.interval) == ("h2o", 8, 4)
+        # prompt + BUDGET tokens (> 11), 8 to 8 + 3 held after the last decision, each over 2 layers x 1 KV head x
+        # (K and V of 32 fp32 dims + an int32 position + an fp32 accumulated score) = 2 x 264 bytes
+        measured = series(rows, "train/kv_bytes_per_answer")[0]
+        assert 2 * 264 * 8 <= measured <= 2 * 264 * 11
     if recipe == "dler_kivi2.yaml":
         spec = KVQuantSpec.resolve(str(run / "model"))  # exported with the model
         assert (spec.key_bits, spec.value_bits, spec.key_group_size, spec.residual) == (2, 2, 16, 16)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from kvtrain.kv import KVQuantSpec, attached
+from kvtrain.kv import KVQuantSpec, KVSpec, attached
 from kvtrain.rl.rollout import completion_mask, policy_logprobs, sample
 
 EOS, PAD = 2, 3
@@ -41,8 +41,16 @@ def tiny(tiny_model_dir):
 PROMPTS = ["def add(a, b):\n    return", "import os\nimport sys\n\nclass Config:\n    def __init__(self"]
 
 
-@pytest.mark.parametrize("spec", [None, KVQuantSpec(residual=16, key_group_size=16, value_group_size=16)],
-                         ids=["full-precision", "kivi2-r16-g16"])
+EVICTING = {  # rollouts under token eviction: H2O deciding every 8 tokens, SnapKV at the end of the prompts
+    "h2o-16-every-8": KVSpec(key=None, value=None, eviction=dict(selector="h2o", budget=16, interval=8, sinks=2)),
+    "snapkv-half-at-prompt-end": KVSpec(key=None, value=None, eviction=dict(selector="snapkv", budget=0.5, interval=0,
+                                                                            sinks=1, options={"window": 4})),
+}
+
+
+@pytest.mark.parametrize("spec", [None, KVQuantSpec(residual=16, key_group_size=16, value_group_size=16),
+                                  *EVICTING.values()],
+                         ids=["full-precision", "kivi2-r16-g16", *EVICTING])
 def test_first_importance_ratio_is_one(tiny, spec):
     model, tokenizer = tiny
     torch.manual_seed(0)

@@ -176,35 +176,41 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
         state.cache.viewed(module.layer_idx, state.spec)  # the cache's spec is the attached one: its layers evict
         layer = state.cache.layers[module.layer_idx]
     past = key.shape[-2] - q_len if layer is None else layer.seen - q_len
-    if left_pads(kwargs.get("position_ids"), past, q_len) is not None:
-        raise ValueError(f"{name}: eviction of left-padded batches is not supported yet; decode the rows one by one")
+    pads, policy = left_pads(kwargs.get("position_ids"), past, q_len), state.spec.eviction
+    if pads is not None and (policy.retain is not None or policy.merge):
+        raise ValueError(f"{name}: left-padded batches under eviction with retain or merge are not supported yet; "
+                         "decode the rows one by one")
     window = kwargs.get("sliding_window")
     if window is not None and past + q_len > window:
         raise ValueError(f"{name} layer {module.layer_idx} attends within a sliding window of {window} tokens, which "
                          f"eviction does not apply yet (this sequence has {past + q_len})")
     dropout = dropout if module.training else 0.0
     if layer is not None:
-        return layer.attend(query, state.selector, scaling, kwargs.get("softcap")), None
+        return layer.attend(query, state.selector, scaling, kwargs.get("softcap"), pads), None
     if past:
         raise ValueError(f"{name}: eviction decides from the attention of the queries as they arrive, so a "
                          f"{type(state.cache).__name__} holding {past} tokens cannot replay it: decode with "
                          "QuantizedKVCache(spec) of the attached spec")
-    policy, softcap = state.spec.eviction, kwargs.get("softcap")
+    softcap = kwargs.get("softcap")
+    key, value = (t if codec is None else codec.simulate(t)  # quantized as each token arrives, as the cache encodes it
+                  for codec, t in ((state.spec.keys(module.layer_idx), key), (state.spec.values(module.layer_idx), value)))
     gated = policy.straight_through > 0 and torch.is_grad_enabled()  # the selection's gradient, in training
     if policy.interval:
-        held = Survivors.empty(key, value, state.selector, gated, state.retention, merge=policy.merge)
+        held = Survivors.empty(key, value, state.selector, gated, state.retention, merge=policy.merge, pads=pads)
         return attend(query, key, value, held, policy, state.selector, scaling, softcap, dropout)[0], None
     if state.prompts is None or len(state.prompts) != query.shape[0]:
         raise ValueError(f"{name}: eviction at the end of the prompt (interval 0) needs each row's prompt length in "
                          f"training: batches with a loss_mask (KVQuantCallback reads it) or set_prompt_lengths(model, "
                          f"lengths); got {state.prompts} for {query.shape[0]} rows")
     if len(set(state.prompts)) == 1:  # one call for the batch (a task's prompts often share a length)
-        rows = [(query, key, value, state.prompts[0])]
+        rows = [(query, key, value, state.prompts[0], pads)]
     else:
-        rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p) for b, p in enumerate(state.prompts)]
-    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention, merge=policy.merge),
+        rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p, None if pads is None else pads[b:b + 1])
+                for b, p in enumerate(state.prompts)]
+    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention, merge=policy.merge,
+                                                      pads=row_pads),
                              policy, state.selector, scaling, softcap, dropout, prompt)[0]
-                      for q, k, v, prompt in rows]), None
+                      for q, k, v, prompt, row_pads in rows]), None
 
 
 def set_prompt_lengths(model: nn.Module, lengths: list[int] | torch.Tensor | None) -> None:

@@ -457,12 +457,15 @@ class EvictingKVLayer(CacheLayerMixin):
         self.new = (key_states, value_states)
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, selector: Selector, scaling: float, softcap: float | None = None) -> torch.Tensor:
-        """The output (B, n, Hq, D) of the queries of the new tokens; keeps what survives."""
+    def attend(self, query: torch.Tensor, selector: Selector, scaling: float, softcap: float | None = None,
+               pads: torch.Tensor | None = None) -> torch.Tensor:
+        """The output (B, n, Hq, D) of the queries of the new tokens; keeps what survives (`pads`: each
+        row's left padding, read at the first forward, which holds the padded prompts)."""
         keys, values = self.new
         first = self.held is None  # the prompt comes in the first forward: its end is decided under interval 0
-        held = Survivors.empty(keys, values, selector, retain=self.retain, stored=True,
-                               merge=self.spec.eviction.merge) if first else self.held
+        held = Survivors.empty(keys, values, selector, retain=self.retain, stored=True, merge=self.spec.eviction.merge,
+                               pads=pads, codecs=(self.spec.keys(self.layer), self.spec.values(self.layer))
+                               ) if first else self.held
         out, self.held = attend(query, keys, values, held, self.spec.eviction, selector, scaling, softcap,
                                 prompt=keys.shape[-2] if first else None)
         self.new = None

@@ -13,7 +13,9 @@ with `total` tokens seen, each KV head keeps
 
 Evicted tokens never come back, or, with `retain` (MiKV), stay at low precision: the codec encodes
 them once, when a decision evicts them, and every later query attends to them as decoded; or, with
-`merge` (EMS, D2O), each is averaged into the survivor whose key is most like its own. A query at position p attends to the survivors of the last decision
+`merge` (EMS, D2O), each is averaged into the survivor whose key is most like its own. Under a spec
+that also quantizes K and V (a token-wise codec, every token on arrival), the survivors are held
+encoded (`Encoded`), the training view attends to the codec's simulation of every token. A query at position p attends to the survivors of the last decision
 before it and every token since, itself included. `attend` computes exactly that for a run of new
 tokens after the survivors held so far; the training view calls it with nothing held and the whole
 sequence, the cache with what it holds and the tokens of each forward, so both make the same
@@ -117,12 +119,9 @@ class EvictionPolicy:
             raise ValueError(f"retain must be a TensorPolicy, a dict of its fields or None, got {self.retain!r}")
         if self.retain is None:
             return
-        if self.retention().unit != 1:  # a decision evicts any number of tokens, scattered over the sequence
-            raise ValueError(f"retain encodes the tokens a decision evicts, token by token: its granularity must be "
-                             f"per_token(G) or per_token_head, got {self.retain.granularity}")
-        if self.retain.learnable or self.retain.rotation == "learned" or self.retain.rank or self.retain.layer_bits:
-            raise ValueError("retain supports codecs without learnable state or per-layer bits (learnable, rotation "
-                             "'learned', rank and layer_bits are not supported there yet)")
+        check_token_wise(self.retain, "retain encodes the tokens a decision evicts")
+        if self.retain.layer_bits:
+            raise ValueError(f"retain has one bit width for every layer, got layer_bits={self.retain.layer_bits}")
         if self.straight_through:
             raise ValueError("straight_through with retain is not supported yet: the gate weighs evicted tokens 0, "
                              "retain keeps them at low precision")
@@ -157,19 +156,21 @@ class EvictionPolicy:
             upcoming = torch.full_like(positions, -1 if prompt is None else prompt)
         return (positions >= upcoming - selector.observed) & (positions < upcoming)
 
-    def survivors(self, scores: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+    def survivors(self, scores: torch.Tensor, positions: torch.Tensor, total: int,
+                  pads: torch.Tensor | None = None) -> torch.Tensor:
         """Indices (B, H, kept) into the held tokens, in position order, of those that survive a
-        decision with `total` seen."""
+        decision with `total` seen (`pads`: each row's left padding, evicted first)."""
         n = min(self.kept(total), scores.shape[-1])
-        return self._ranked(scores, positions, total).topk(n, dim=-1, sorted=False).indices.sort(-1).values
+        return self._ranked(scores, positions, total, pads).topk(n, dim=-1, sorted=False).indices.sort(-1).values
 
-    def gate(self, scores: torch.Tensor, positions: torch.Tensor, total: int, alive: torch.Tensor) -> torch.Tensor:
+    def gate(self, scores: torch.Tensor, positions: torch.Tensor, total: int, alive: torch.Tensor,
+             pads: torch.Tensor | None = None) -> torch.Tensor:
         """The straight-through form of `survivors` over every token (`alive`: the gate of the decisions
         before, 1 or 0 in the forward): 1 for the survivors, 0 for the rest in the forward; the
         gradient of sigmoid((score - boundary) / (temperature * the mean score)), the boundary halfway
         between the last survivor's score and the next one's."""
         living = alive.detach() > 0.5
-        ranked = self._ranked(scores, positions, total).masked_fill(~living, -math.inf)
+        ranked = self._ranked(scores, positions, total, pads).masked_fill(~living, -math.inf)
         n = min(self.kept(total), int(living.sum(-1).min()))
         top = ranked.topk(min(n + 1, ranked.shape[-1]), dim=-1)
         hard = torch.zeros_like(alive).scatter(-1, top.indices[..., :n], 1.0)
@@ -178,14 +179,29 @@ class EvictionPolicy:
         # in units of the living scores' mean magnitude (their spread can vanish on a head that scores alike)
         scale = scores.detach().masked_fill(~living, 0).abs().sum(-1, keepdim=True) / living.sum(-1, keepdim=True)
         soft = torch.sigmoid((scores - boundary) / (scale * self.straight_through + 1e-12))
-        protected = self._protected(positions, total)
+        protected = self._protected(positions, total, pads)
         return alive * torch.where(protected, torch.ones_like(soft), hard + soft - soft.detach())
 
-    def _protected(self, positions: torch.Tensor, total: int) -> torch.Tensor:
-        return (positions < self.sinks) | (positions >= total - self.recent)
+    def _protected(self, positions: torch.Tensor, total: int, pads: torch.Tensor | None = None) -> torch.Tensor:
+        """The sinks (a left-padded row's first tokens after its pads) and the recent window."""
+        first = positions if pads is None else positions - pads[:, None, None]
+        return ((first >= 0) & (first < self.sinks)) | (positions >= total - self.recent)
 
-    def _ranked(self, scores: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
-        return scores.detach().masked_fill(self._protected(positions, total), math.inf)
+    def _ranked(self, scores: torch.Tensor, positions: torch.Tensor, total: int,
+                pads: torch.Tensor | None = None) -> torch.Tensor:
+        ranked = scores.detach().masked_fill(self._protected(positions, total, pads), math.inf)
+        return ranked if pads is None else ranked.masked_fill(positions < pads[:, None, None], -math.inf)
+
+
+def check_token_wise(policy: Any, what: str) -> None:
+    """Errors for a TensorPolicy that eviction encodes token by token (`what` says where): a decision
+    keeps or evicts any tokens, scattered over the sequence, so a codec may not group tokens."""
+    if policy.codec_at(-1).unit != 1:
+        raise ValueError(f"{what}, token by token: its granularity must be per_token(G) or per_token_head, got "
+                         f"{policy.granularity}")
+    if policy.learnable or policy.rotation == "learned" or policy.rank:
+        raise ValueError(f"{what}: codecs with learnable state (learnable, rotation 'learned', rank) are not "
+                         "supported under eviction yet")
 
 
 @dataclass
@@ -193,26 +209,32 @@ class Survivors:
     """What a layer holds under eviction: per KV head, the tokens that survived (in position order)
     with their positions and the attention the selector has observed them get, and the count seen."""
 
-    keys: torch.Tensor  # (B, H, L, D)
-    values: torch.Tensor
+    keys: "torch.Tensor | Encoded"  # (B, H, L, D), or encoded by the spec's codec in a cache
+    values: "torch.Tensor | Encoded"
     positions: torch.Tensor  # (B, H, L) int32
     attention: torch.Tensor | None  # (B, H, L), None for selectors that observe no queries
     total: int = 0
     gate: torch.Tensor | None = None  # (B, H, L) with a straight-through selection: every token held, 1 / 0
     retained: "Retained | None" = None  # the evicted tokens kept at low precision (EvictionPolicy.retain)
     mass: torch.Tensor | None = None  # (B, H, L) int32 under merge: the tokens each survivor stands for
+    pads: torch.Tensor | None = None  # (B,) each row's left padding (slots no query attends to but its own)
 
     @classmethod
     def empty(cls, keys: torch.Tensor, values: torch.Tensor, selector: Selector, gated: bool = False,
-              retain: Codec | None = None, stored: bool = False, merge: bool = False) -> "Survivors":
+              retain: Codec | None = None, stored: bool = False, merge: bool = False,
+              pads: torch.Tensor | None = None, codecs: tuple[Codec | None, Codec | None] = (None, None)
+              ) -> "Survivors":
         """Nothing held yet; `retain`: the codec of the evicted tokens (`stored`: encoded, in a cache);
-        `merge`: the evicted are merged into the survivors."""
+        `merge`: the evicted are merged into the survivors; `pads`: each row's left padding; `codecs`:
+        K's and V's (a cache holds the survivors encoded by them)."""
         b, h, _, d = keys.shape
         attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
         gate = keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype)) if gated else None
         positions = torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device)
-        return cls(keys[..., :0, :], values[..., :0, :], positions, attention, 0, gate,
-                   None if retain is None else Retained(retain, stored), positions.clone() if merge else None)
+        keys, values = ((Encoded(c, c.encode(t[..., :0, :])) if c is not None and stored else t[..., :0, :])
+                        for c, t in zip(codecs, (keys, values)))
+        return cls(keys, values, positions, attention, 0, gate,
+                   None if retain is None else Retained(retain, stored), positions.clone() if merge else None, pads)
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
         b, h, n, _ = keys.shape
@@ -220,7 +242,7 @@ class Survivors:
         attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
         gate = None if self.gate is None else torch.cat([self.gate, self.gate.new_ones(b, h, n)], -1)
         mass = None if self.mass is None else torch.cat([self.mass, self.mass.new_ones(b, h, n)], -1)
-        return replace(self, keys=torch.cat([self.keys, keys], -2), values=torch.cat([self.values, values], -2),
+        return replace(self, keys=_appended(self.keys, keys), values=_appended(self.values, values),
                        positions=torch.cat([self.positions, new], -1), attention=attention, total=self.total + n, gate=gate,
                        mass=mass)
 
@@ -228,7 +250,7 @@ class Survivors:
         """The tokens at `index` (B, H, n); `reset`: the selector observes afresh for the next decision;
         the others retained or merged into the survivors past the `sinks` where the policy says so."""
         def take(t, at=index):
-            return t.gather(2, at[..., None].expand(*at.shape, t.shape[-1]))
+            return t.take(at) if isinstance(t, Encoded) else t.gather(2, at[..., None].expand(*at.shape, t.shape[-1]))
 
         attention = None if self.attention is None else self.attention.gather(2, index)
         kept = replace(self, keys=take(self.keys), values=take(self.values), positions=self.positions.gather(2, index),
@@ -241,7 +263,7 @@ class Survivors:
         evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
         keys, values = take(self.keys, evicted), take(self.values, evicted)
         if self.retained is not None:  # the others stay, at low precision
-            return replace(kept, retained=self.retained.added(keys, values))
+            return replace(kept, retained=self.retained.added(_tensor(keys), _tensor(values)))
         return _merged(kept, keys, values, self.mass.gather(2, evicted), sinks, merge_above)
 
     def rows(self, index: torch.Tensor) -> "Survivors":
@@ -250,15 +272,63 @@ class Survivors:
 
     def map(self, fn) -> "Survivors":
         """`fn` applied to every tensor held (select batch rows, move devices)."""
-        return replace(self, **{name: fn(getattr(self, name)) for name in HELD if getattr(self, name) is not None},
+        def apply(t):
+            return t.map(fn) if isinstance(t, Encoded) else fn(t)
+
+        return replace(self, **{name: apply(getattr(self, name)) for name in (*HELD, "pads")
+                                if getattr(self, name) is not None},
                        retained=None if self.retained is None else self.retained.map(fn))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for name in HELD if (t := getattr(self, name)) is not None) + (
+        held = [getattr(self, name) for name in (*HELD, "pads") if getattr(self, name) is not None]
+        return sum(t.nbytes() if isinstance(t, Encoded) else t.numel() * t.element_size() for t in held) + (
             0 if self.retained is None else self.retained.nbytes())
 
 
 HELD = ("keys", "values", "positions", "attention", "mass")  # the tensors a layer holds per token and head
+
+
+@dataclass
+class Encoded:
+    """K or V of the held tokens as the cache stores them under a spec that quantizes them (a
+    token-wise codec, each token encoded once, on arrival): gathered at decisions in their encoded
+    form, decoded for each attention (the training view holds the codec's simulation instead)."""
+
+    codec: Codec
+    payload: Payload
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.payload.shape)
+
+    def tensor(self) -> torch.Tensor:
+        return self.codec.decode(self.payload)
+
+    def appended(self, x: torch.Tensor) -> "Encoded":
+        return replace(self, payload=Payload.cat([self.payload, self.codec.encode(x)]))
+
+    def take(self, index: torch.Tensor) -> "Encoded":
+        """The tokens at `index` (B, H, n) of each head."""
+        def gather(t: torch.Tensor) -> torch.Tensor:  # token-wise payloads: (B, H, tokens, ...)
+            return t.gather(2, index.view(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:]))
+
+        tensors = {name: gather(t) for name, t in self.payload.tensors.items()}
+        return replace(self, payload=replace(self.payload, tensors=tensors,
+                                             shape=(*self.payload.shape[:2], index.shape[-1], self.payload.shape[3])))
+
+    def map(self, fn) -> "Encoded":
+        return replace(self, payload=self.payload.map(fn))
+
+    def nbytes(self) -> int:
+        return self.payload.nbytes()
+
+
+def _appended(held: "torch.Tensor | Encoded", new: torch.Tensor) -> "torch.Tensor | Encoded":
+    return held.appended(new) if isinstance(held, Encoded) else torch.cat([held, new], -2)
+
+
+def _tensor(t: "torch.Tensor | Encoded") -> torch.Tensor:
+    return t.tensor() if isinstance(t, Encoded) else t
 
 
 def _merged(held: Survivors, keys: torch.Tensor, values: torch.Tensor, mass: torch.Tensor, sinks: int,
@@ -350,11 +420,13 @@ def _decide(held: Survivors, policy: EvictionPolicy, selector: Selector) -> Surv
     reset = selector.observed is not None
     if held.gate is not None:  # straight-through: every token stays, the gate says which survive
         attention = None if held.attention is None else held.attention * (0 if reset else 1)
-        held = replace(held, gate=policy.gate(_living_scores(held, selector), held.positions, held.total, held.gate),
+        held = replace(held, gate=policy.gate(_living_scores(held, selector), held.positions, held.total, held.gate,
+                                              held.pads),
                        attention=attention)
     else:
         scores = selector.score(held.attention, held.positions)
-        held = held.kept(policy.survivors(scores, held.positions, held.total), reset, policy.sinks, policy.merge_above)
+        index = policy.survivors(scores, held.positions, held.total, held.pads)
+        held = held.kept(index, reset, policy.sinks, policy.merge_above)
     if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
         held.attention = None
     return held
@@ -377,9 +449,13 @@ def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, sof
     may see (the earlier ones and itself) and the retained ones: output (B, n, Hq, D) and the survivors'
     probabilities (B, H, group, n, L)."""
     b, hq, n, d = query.shape
-    keys, values = held.keys, held.values
+    keys, values = _tensor(held.keys), _tensor(held.values)
     first = held.total - n
-    visible = held.positions[:, :, None, None, :] <= torch.arange(first, held.total, device=query.device)[:, None]
+    slots = torch.arange(first, held.total, device=query.device)[:, None]  # the queries' (n, 1)
+    visible = held.positions[:, :, None, None, :] <= slots
+    if held.pads is not None:  # a pad is seen by no query but its own (which then sees only itself)
+        real = held.positions >= held.pads[:, None, None]
+        visible = visible & (real[:, :, None, None, :] | (held.positions[:, :, None, None, :] == slots))
     low = None if held.retained is None else held.retained.tensors()
     if low is not None:  # the evicted tokens at low precision, before every query
         keys, values = torch.cat([low[0], keys], -2), torch.cat([low[1], values], -2)

@@ -21,7 +21,7 @@ from typing import Any
 from kvtrain.kv.codecs import CODECS, Codec, build_codec
 from kvtrain.kv.codecs.affine import SCALE_DTYPES, Axis, ScaleDtype, TensorQuant
 from kvtrain.kv.codecs.rotation import ROTATIONS, Rotation
-from kvtrain.kv.eviction import EvictionPolicy
+from kvtrain.kv.eviction import EvictionPolicy, check_token_wise
 from kvtrain.kv.placement import PLACEMENTS, Placement
 from kvtrain.kv.window import WindowRule
 from kvtrain.quant.granularity import parse_granularity
@@ -372,12 +372,24 @@ class KVSpec(_LayerPlan):
         elif self.eviction is not None and not isinstance(self.eviction, EvictionPolicy):
             raise ValueError(f"eviction must be an EvictionPolicy, a dict of its fields or None, got {self.eviction!r}")
         if self.eviction is not None and (self.key is not None or self.value is not None):
-            raise ValueError("eviction with compressed K/V is not supported yet: set key: null and value: null "
-                             f"(got key={self.key}, value={self.value})")
+            self._check_quantized_eviction()
         if self.eviction is not None and self.placement != "post_rope":
             raise ValueError(f"eviction keeps keys as attention receives them: placement must be 'post_rope', "
                              f"got {self.placement!r}")
         self._check_window()
+
+    def _check_quantized_eviction(self) -> None:
+        """Eviction over quantized K/V: every token encoded on arrival by a token-wise codec, the
+        survivors held encoded (the eviction's sinks and recent window keep tokens, not precision)."""
+        for name in ("key", "value"):
+            if getattr(self, name) is not None:
+                check_token_wise(getattr(self, name), f"under eviction {name} is quantized as each token arrives")
+        if self.residual or self.sinks:
+            raise ValueError(f"under eviction K/V are quantized as each token arrives: residual and sinks must be 0 "
+                             f"(eviction's own sinks and recent keep tokens), got residual={self.residual}, "
+                             f"sinks={self.sinks}")
+        if self.eviction.merge:
+            raise ValueError("merge averages the survivors' K/V: it does not combine with quantized K/V yet")
 
     def with_bits(self, bits: int) -> "KVSpec":
         """The same spec with K and V at `bits` (per-layer bits kept)."""

@@ -16,6 +16,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvtrain.kv import QuantizedKVCache, Spec, attached
+from kvtrain.kv.attention import attached_spec, set_prompt_lengths
 
 
 @dataclass
@@ -241,6 +242,9 @@ def completion_logits(model: PreTrainedModel, rollouts: Rollouts) -> torch.Tenso
     ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, torch.ones_like(rollouts.completion_ids)], dim=1)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    spec = attached_spec(model)
+    if getattr(spec, "eviction", None) is not None and not spec.eviction.interval:  # decided where the prompts end
+        set_prompt_lengths(model, [rollouts.prompt_ids.shape[1]] * len(ids))
     keep = rollouts.completion_ids.shape[1] + 1
     # the LM head over the prompt positions is wasted work (vocab x hidden per token): skip it where
     # the model lets us
