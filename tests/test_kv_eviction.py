@@ -363,7 +363,7 @@ def test_retained_tokens_decode_as_the_training_view_sees_them(arch, retain):
         decoded, cache = decode(model, ids, spec, splits)
         torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
     held, codec = cache.layers[0].held, spec.eviction.retention()
-    assert held.keys.shape[-2] == 25 and held.retained.keys.n == 20  # 45 - 25 evicted, none dropped
+    assert held.keys.shape[-2] == 25 and held.retained.keys.shape[-2] == 20  # 45 - 25 evicted, none dropped
     error, dropped = ((view - full_precision)[:, 8:].abs().mean() for view in (trained_view, dropped_view))
     assert 0 < error < 0.5 * dropped
     # the retained keys are the full cache's keys at the positions no survivor holds, each once, as the
@@ -375,7 +375,7 @@ def test_retained_tokens_decode_as_the_training_view_sees_them(arch, retain):
     keys = full.layers[0].keys
     expected = codec.decode(codec.encode(keys))
     evicted = torch.ones(keys.shape[:3], dtype=torch.bool).scatter(-1, held.positions.long(), False)
-    retained = codec.decode(held.retained.keys)
+    retained = held.retained.keys.tensor()
     for b, h in ((b, h) for b in range(keys.shape[0]) for h in range(keys.shape[1])):
         candidates = expected[b, h][evicted[b, h]]
         match = torch.cdist(retained[b, h], candidates)
@@ -411,7 +411,7 @@ def test_retention_at_the_end_of_the_prompt_batches_and_beams():
     decoded, cache = decode(model, ids, spec, [prompt])
     torch.testing.assert_close(decoded, trained_view, **TOL)
     held = cache.layers[1].held
-    assert held.keys.shape[-2] == 6 + 8 and held.retained.keys.n == 18  # ceil(0.25 * 24) kept, 18 at 2 bits
+    assert held.keys.shape[-2] == 6 + 8 and held.retained.keys.shape[-2] == 18  # ceil(0.25 * 24) kept, 18 at 2 bits
     flipped = held.retained.tensors()[0].flip(0)
     cache.reorder_cache(torch.tensor([1, 0]))
     torch.testing.assert_close(cache.layers[1].held.retained.tensors()[0], flipped, rtol=0, atol=0)

@@ -431,8 +431,8 @@ class EvictingKVLayer(CacheLayerMixin):
     """K/V of one layer under token eviction (`kvtrain.kv.eviction`): per KV head, the tokens that
     survived every decision so far, as they arrived; what a decision drops is freed. `update` takes a
     forward's new tokens, the attached attention then attends to them (`attend`), making the decisions
-    the schedule puts among them from the attention their queries pay. With `retain` (MiKV) the
-    evicted tokens stay, encoded by its codec."""
+    the schedule puts among them from the attention their queries pay. Under a spec that quantizes
+    K/V the survivors are held encoded; with `retain` (MiKV) the evicted stay, encoded by its codec."""
 
     is_sliding = False
 

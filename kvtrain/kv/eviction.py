@@ -14,9 +14,10 @@ with `total` tokens seen, each KV head keeps
 Evicted tokens never come back, or, with `retain` (MiKV), stay at low precision: the codec encodes
 them once, when a decision evicts them, and every later query attends to them as decoded; or, with
 `merge` (EMS, D2O), each is averaged into the survivor whose key is most like its own. Under a spec
-that also quantizes K and V (a token-wise codec, every token on arrival), the survivors are held
-encoded (`Encoded`), the training view attends to the codec's simulation of every token. A query at position p attends to the survivors of the last decision
-before it and every token since, itself included. `attend` computes exactly that for a run of new
+that also quantizes K and V (a token-wise codec, every token on arrival), the cache holds the
+survivors encoded (`Encoded`) and the training view attends to the codec's simulation of every token.
+A query at position p attends to the survivors of the last decision before it and every token since,
+itself included. `attend` computes exactly that for a run of new
 tokens after the survivors held so far; the training view calls it with nothing held and the whole
 sequence, the cache with what it holds and the tokens of each forward, so both make the same
 decisions from the same attention (tests/test_kv_eviction.py confirms it on every selector).
@@ -24,7 +25,6 @@ decisions from the same attention (tests/test_kv_eviction.py confirms it on ever
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -231,10 +231,12 @@ class Survivors:
         attention = None if selector.observed == 0 else keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype))
         gate = keys.new_zeros(b, h, 0, dtype=_score_dtype(keys.dtype)) if gated else None
         positions = torch.zeros(b, h, 0, dtype=torch.int32, device=keys.device)
-        keys, values = ((Encoded(c, c.encode(t[..., :0, :])) if c is not None and stored else t[..., :0, :])
-                        for c, t in zip(codecs, (keys, values)))
-        return cls(keys, values, positions, attention, 0, gate,
-                   None if retain is None else Retained(retain, stored), positions.clone() if merge else None, pads)
+        def none_yet(codec, t):
+            return Encoded(codec, codec.encode(t[..., :0, :])) if codec is not None and stored else t[..., :0, :]
+
+        retained = None if retain is None else Retained(retain, none_yet(retain, keys), none_yet(retain, values))
+        return cls(none_yet(codecs[0], keys), none_yet(codecs[1], values), positions, attention, 0, gate, retained,
+                   positions.clone() if merge else None, pads)
 
     def appended(self, keys: torch.Tensor, values: torch.Tensor) -> "Survivors":
         b, h, n, _ = keys.shape
@@ -272,16 +274,12 @@ class Survivors:
 
     def map(self, fn) -> "Survivors":
         """`fn` applied to every tensor held (select batch rows, move devices)."""
-        def apply(t):
-            return t.map(fn) if isinstance(t, Encoded) else fn(t)
-
-        return replace(self, **{name: apply(getattr(self, name)) for name in (*HELD, "pads")
+        return replace(self, **{name: _mapped(getattr(self, name), fn) for name in (*HELD, "pads")
                                 if getattr(self, name) is not None},
                        retained=None if self.retained is None else self.retained.map(fn))
 
     def nbytes(self) -> int:
-        held = [getattr(self, name) for name in (*HELD, "pads") if getattr(self, name) is not None]
-        return sum(t.nbytes() if isinstance(t, Encoded) else t.numel() * t.element_size() for t in held) + (
+        return sum(_nbytes(getattr(self, name)) for name in (*HELD, "pads") if getattr(self, name) is not None) + (
             0 if self.retained is None else self.retained.nbytes())
 
 
@@ -331,6 +329,14 @@ def _tensor(t: "torch.Tensor | Encoded") -> torch.Tensor:
     return t.tensor() if isinstance(t, Encoded) else t
 
 
+def _mapped(t: "torch.Tensor | Encoded", fn) -> "torch.Tensor | Encoded":
+    return t.map(fn) if isinstance(t, Encoded) else fn(t)
+
+
+def _nbytes(t: "torch.Tensor | Encoded") -> int:
+    return t.nbytes() if isinstance(t, Encoded) else t.numel() * t.element_size()
+
+
 def _merged(held: Survivors, keys: torch.Tensor, values: torch.Tensor, mass: torch.Tensor, sinks: int,
             above: float = -1.0) -> Survivors:
     """The survivors with evicted tokens (K/V (B, H, m, D), each standing for `mass` tokens) averaged
@@ -356,38 +362,28 @@ def _merged(held: Survivors, keys: torch.Tensor, values: torch.Tensor, mass: tor
 class Retained:
     """The tokens decisions evicted, kept at low precision instead of dropped (MiKV): per KV head, in
     the order they were evicted; every later query attends to them (they precede it). The cache holds
-    them encoded (`stored`), the training view as the codec simulates them: equal in the forward."""
+    them `Encoded`, the training view as the codec simulates them: equal in the forward."""
 
     codec: Codec
-    stored: bool
-    keys: Payload | torch.Tensor | None = None
-    values: Payload | torch.Tensor | None = None
+    keys: "torch.Tensor | Encoded"
+    values: "torch.Tensor | Encoded"
 
     def added(self, keys: torch.Tensor, values: torch.Tensor) -> "Retained":
         """With the (B, H, m, D) K/V of newly evicted tokens, encoded once."""
-        if self.stored:
-            new, join = [self.codec.encode(keys), self.codec.encode(values)], Payload.cat
-        else:
-            new, join = [self.codec.simulate(keys), self.codec.simulate(values)], functools.partial(torch.cat, dim=-2)
-        if self.keys is not None:
-            new = [join([self.keys, new[0]]), join([self.values, new[1]])]
-        return replace(self, keys=new[0], values=new[1])
+        def joined(held, new):
+            return _appended(held, new if isinstance(held, Encoded) else self.codec.simulate(new))
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """K and V as attention reads them (None before the first eviction)."""
-        if self.keys is None or not self.stored:
-            return None if self.keys is None else (self.keys, self.values)
-        return self.codec.decode(self.keys), self.codec.decode(self.values)
+        return replace(self, keys=joined(self.keys, keys), values=joined(self.values, values))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V as attention reads them."""
+        return _tensor(self.keys), _tensor(self.values)
 
     def map(self, fn) -> "Retained":
-        if self.keys is None:
-            return self
-        apply = (lambda p: p.map(fn)) if self.stored else fn
-        return replace(self, keys=apply(self.keys), values=apply(self.values))
+        return replace(self, keys=_mapped(self.keys, fn), values=_mapped(self.values, fn))
 
     def nbytes(self) -> int:
-        held = [] if self.keys is None else [self.keys, self.values]
-        return sum(t.nbytes() if self.stored else t.numel() * t.element_size() for t in held)
+        return _nbytes(self.keys) + _nbytes(self.values)
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
