@@ -58,3 +58,18 @@ def test_rl_length_penalty_notebook_runs(tmp_path, home, monkeypatch):
         assert (tmp_path / plot).stat().st_size > 10_000
     assert (tmp_path / "home" / "runs" / "sft_reasoning" / "model" / "config.json").is_file()  # built on first use
     assert any("| DLER |" in table for table in markdown_outputs(nb))
+
+
+@pytest.mark.slow
+def test_token_eviction_notebook_runs(tmp_path, home, monkeypatch):
+    checks = ("caches = [r['cache'] for r in before]\n"
+              "assert caches[:3] == ['full cache', 'SnapKV 25%', 'H2O 25%'] and len(before) == 5 and len(after) == 4\n"
+              "ratios = [r['bytes vs full'] for r in before]\n"
+              "assert ratios[0] == 1 and all(r < 0.5 for r in ratios[1:])\n"
+              "assert ratios[3] <= ratios[1] and ratios[3] > 0.5 * ratios[1]  # MiKV fits SnapKV-25%'s bytes, just\n"
+              "assert all(0 <= r['exact match'] <= 1 for r in before + after)\n"
+              "assert 0 < retained_kept < 0.25")
+    nb = run_notebook("token_eviction.ipynb", checks, tmp_path, home, monkeypatch)
+    assert (tmp_path / "eviction_accuracy_vs_bytes.png").stat().st_size > 10_000
+    assert (tmp_path / "home" / "runs" / "token_eviction" / "base" / "config.json").is_file()
+    assert any("| SnapKV 25% fine-tune (straight through) | SnapKV 25% |" in table for table in markdown_outputs(nb))
