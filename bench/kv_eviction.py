@@ -3,19 +3,22 @@
 kvtrain-ref is fine-tuned on the embedded recall task with its full cache (the base, `--base_steps`),
 then its held-out accuracy (greedy exact match of the answer, read from one teacher-forced forward of
 the view, which equals decoding with the evicting cache) is measured under each selector keeping
-50%, 25% and 12.5% of the prompt, decided once at the end of the prompt (SnapKV's schedule; every
-selector on that schedule, with 4 sinks; SnapKV and H2O also merging what they evict into the nearest
-survivors, EMS-style) and every 16 tokens (the decode-time schedule, decided before
-the question is read), next to the full cache. Bytes are measured from the cache
-after decoding prompt and answer (`QuantizedKVCache.nbytes()`, in bf16, the deployment dtype) against a
-DynamicCache; MiKV (the evicted kept at 2 bits) is measured at the bytes of dropping them. `--train NAME:SEED` then fine-tunes the base further for `--steps`, against eviction
-(NAME a selector, a percent and an interval, e.g. snapkv25@16) or with the full cache (control), and
-measures it both ways (the control under `--control_under`); the summary gives each trained point's mean and spread over its seeds.
+50%, 25% and 12.5% of the prompt, decided once at the end of the prompt (SnapKV's schedule, 4 sinks)
+and every 16 tokens (the decode-time schedule, decided before the question is read), next to the full
+cache; SnapKV and H2O also merging what they evict into the nearest survivors (EMS-style). Bytes are
+measured from the cache after decoding prompt and answer (`QuantizedKVCache.nbytes()`, in bf16, the
+deployment dtype) against a DynamicCache. MiKV (the evicted kept at 2 bits) is measured at the bytes
+of dropping them, next to eviction over quantized K/V and KIVI alone; the pretrained kvtrain-ref's
+perplexity over long windows under each selector, and a merge-threshold sweep, complete the report.
+`--train NAME:SEED` then fine-tunes the base further for `--steps`, against eviction (NAME a selector,
+a percent and an interval, e.g. snapkv25@16) or with the full cache (control), and measures it both
+ways (the control under `--control_under`); the summary gives each trained point's mean and spread
+over its seeds.
 
     python bench/kv_eviction.py                          # base + training-free table
     python bench/kv_eviction.py --train snapkv25+st:0 --train control:0 ...
     python bench/kv_eviction.py --summarize              # the table and plot from every trained run
-    python bench/kv_eviction.py --perplexity             # (re)measure the perplexity rows and merge sweep
+    python bench/kv_eviction.py --perplexity             # (re)measure perplexity, merge sweep, quantized K/V
     python bench/kv_eviction.py --smoke
 """
 
