@@ -47,6 +47,7 @@ from kvtrain.models import load_model, load_tokenizer
 from kvtrain.modules import CausalLMModule
 
 SELECTORS = ("streaming_llm", "snapkv", "h2o", "tova")
+LEARNED = ("dms",)  # selectors that learn their scores: trained points only (untrained, their logits are random)
 MERGED = ("snapkv", "h2o")  # also with the evicted merged into their nearest survivors (EMS, D2O)
 FRACTIONS = (0.5, 0.25, 0.125)
 INTERVALS = (0, 16)  # once at the end of the prompt (SnapKV's schedule), or every 16 tokens (decode-time)
@@ -90,9 +91,9 @@ def parse_point(name: str) -> KVSpec | None:
     body, st, rest = name.partition("+st")
     kept, _, interval = body.partition("@")
     selector = kept.rstrip("0123456789")
-    if selector not in SELECTORS or selector == kept or not (interval or "0").isdigit() or rest:
-        raise ValueError(f"unknown point {name!r}: control, or one of {SELECTORS}, a percent, @interval and +st "
-                         f"(snapkv25, snapkv25@16, snapkv25+st)")
+    if selector not in SELECTORS + LEARNED or selector == kept or not (interval or "0").isdigit() or rest:
+        raise ValueError(f"unknown point {name!r}: control, or one of {SELECTORS + LEARNED}, a percent, @interval "
+                         f"and +st (snapkv25, snapkv25@16, snapkv25+st, dms25+st)")
     return eviction_spec(selector, int(kept[len(selector):]) / 100, int(interval or 0), 1.0 if st else 0.0)
 
 
@@ -107,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--val_size", type=int, default=256)
     p.add_argument("--train", action="append", default=[], metavar="NAME:SEED")
-    p.add_argument("--control_under", default="snapkv25,snapkv25@16",
+    p.add_argument("--control_under", default="snapkv25,snapkv25@16,h2o25,tova25,streaming_llm25",
                    help="the evictions a control run is measured under (comma-separated points)")
     p.add_argument("--summarize", action="store_true", help="refresh the trained rows and the plot, train nothing")
     p.add_argument("--perplexity", action="store_true",
@@ -342,8 +343,9 @@ def plot(rows: list[dict], trained_rows: list[dict], equal: list[dict], path: Pa
                     label=f"{selector}, {'end of prompt' if not interval else f'every {interval}'} (training-free)")
     for row in trained_rows:
         policy = parse_point(row["under"]).eviction
+        like = policy.selector if policy.selector in SELECTORS else "streaming_llm"  # (a learned one holds as much)
         ratio = next(r["bytes_ratio"] for r in rows if (r["selector"], r["interval"], r["kept"]) == (
-            policy.selector, policy.interval, policy.budget))
+            like, policy.interval, policy.budget))
         control = row["point"] == "control"
         label = f"full-cache fine-tune under {row['under']}" if control else f"{row['point']} fine-tune"
         ax.errorbar([ratio], [row["accuracy"]], yerr=[row["accuracy_std"]], fmt="x" if control else "*", markersize=12,

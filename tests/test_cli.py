@@ -28,7 +28,7 @@ def test_recipes_exist():
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
             "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
-            "evict_snapkv.yaml", "evict_mikv.yaml", "dler_h2o.yaml"} <= names
+            "evict_snapkv.yaml", "evict_mikv.yaml", "evict_dms.yaml", "dler_h2o.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -305,12 +305,16 @@ def test_sft_reasoning_recipe_runs_tiny_and_learns_the_format(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,selector,budget,retained_bits", [("evict_snapkv", "snapkv", 0.25, None),
-                                                                  ("evict_mikv", "h2o", 0.08, 2)])
+                                                                  ("evict_mikv", "h2o", 0.08, 2),
+                                                                  ("evict_dms", "dms", 0.25, None)])
 def test_evict_recipes_run_tiny_under_eviction_and_learn(tmp_path, recipe, selector, budget, retained_bits):
-    """The recipes train with SnapKV evicting 3 in 4 prompt tokens, or H2O keeping 8% in full and the
-    rest at 2 bits (each row decided at its own prompt length, read from the loss_mask), and the loss
-    falls; the export carries the eviction spec."""
-    from kvtrain.kv import resolve_spec
+    """The recipes train with SnapKV evicting 3 in 4 prompt tokens, H2O keeping 8% in full and the
+    rest at 2 bits (each row decided at its own prompt length, read from the loss_mask), or learned
+    logits keeping a quarter, and the loss falls; the export carries the eviction spec (and the
+    learned logits)."""
+    from safetensors.torch import load_file
+
+    from kvtrain.kv import CODEC_STATE_FILE, resolve_spec
 
     args = ["--trainer.max_steps=30", "--trainer.val_check_interval=30", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.log_every_n_steps=1",
@@ -328,3 +332,8 @@ def test_evict_recipes_run_tiny_under_eviction_and_learn(tmp_path, recipe, selec
     exported = resolve_spec(str(tmp_path / "runs" / recipe / "model"))
     assert exported.eviction.selector == selector and exported.eviction.budget == budget
     assert (exported.eviction.retain and exported.eviction.retain.bits) == retained_bits
+    learned = tmp_path / "runs" / recipe / "model" / CODEC_STATE_FILE
+    assert learned.is_file() == (selector == "dms")
+    if selector == "dms":  # one direction per KV head in each layer
+        logits = load_file(str(learned))
+        assert sorted(logits) == [f"{layer}.selector.weight" for layer in range(len(logits))]

@@ -166,6 +166,102 @@ def test_snapkv_pools_the_window_attention_and_tova_averages_heads():
     torch.testing.assert_close(tova.score(heads, None), torch.tensor([[[0.5, 1.5], [0.5, 1.5]]]))
 
 
+def learned(weight: list[list[float]]) -> Selector:
+    """The dms selector with its per-head logit directions set to `weight` (H, D)."""
+    dms = build_selector("dms", {})
+    state = dms.make_state(head_dim=len(weight[0]), kv_heads=len(weight))
+    with torch.no_grad():
+        state.weight.copy_(torch.tensor(weight))
+    return dms.bound(state)
+
+
+def test_dms_scores_each_value_on_its_head_direction_by_hand():
+    dms = learned([[1.0, 0.0], [0.0, -2.0]])
+    values = torch.tensor([[[[3.0, 1.0], [0.0, 5.0], [-1.0, 2.0]]] * 2], dtype=torch.float64)  # (1, 2, 3, 2)
+    scores = dms.score(None, torch.arange(3)[None, None].expand(1, 2, 3), values)
+    torch.testing.assert_close(scores, torch.tensor([[[3.0, 0.0, -1.0], [-2.0, -10.0, -4.0]]], dtype=torch.float64))
+    rule = EvictionPolicy("dms", 2, interval=3)
+    k = torch.randn_like(values)
+    _, held = attend(torch.randn(1, 2, 3, 2, dtype=torch.float64), k, values, Survivors.empty(k, values, dms), rule,
+                     dms, scaling=1.0)
+    assert held.positions[0].tolist() == [[0, 1], [0, 2]]  # each head its two best, in position order
+    with pytest.raises(ValueError, match="the dms selector scores with logits the model learns"):
+        build_selector("dms", {}).score(None, None, values)
+
+
+def test_dms_learns_through_the_straight_through_gate_to_keep_the_token_the_answer_needs():
+    """One head, 16 tokens, budget 4 decided once at the end: only the needle's value (along channel 1)
+    answers the last query. From logits that rank it last, gradient steps on the logit direction alone,
+    through the gate, make the cache keep it (and the training forward stays the cache's)."""
+    torch.manual_seed(0)
+    keys = torch.randn(1, 1, 16, 4, dtype=torch.float64)
+    values = torch.randn(1, 1, 16, 4, dtype=torch.float64) * 0.1
+    values[..., 0] = 1.0  # every token has this
+    values[0, 0, 9, 1] = 3.0  # only the needle has this
+    query = torch.randn(1, 1, 16, 4, dtype=torch.float64)
+    dms = learned([[0.0, -1.0, 0.0, 0.0]])
+    rule = EvictionPolicy("dms", 4, interval=0, straight_through=1.0)
+
+    def kept_and_loss(gated: bool):
+        held = Survivors.empty(keys, values, dms, gated=gated)
+        out, held = attend(query, keys, values, held, rule, dms, scaling=0.5, prompt=15)
+        alive = held.positions[0, 0].tolist() if held.gate is None else held.gate[0, 0].nonzero().flatten().tolist()
+        return alive, (out[0, -1, 0, 1] - 3.0) ** 2  # the last query should read the needle's channel 1
+
+    assert 9 not in kept_and_loss(False)[0]
+    optimizer = torch.optim.SGD(dms.state.parameters(), lr=0.5)
+    for _ in range(30):
+        optimizer.zero_grad()
+        kept_and_loss(True)[1].backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert 9 in kept_and_loss(False)[0] and kept_and_loss(True)[0] == kept_and_loss(False)[0]
+
+
+def test_noise_perturbs_the_straight_through_selection_in_training_only():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    dms = learned(torch.randn(2, 8).tolist())
+    chosen = {}
+    for noise in (0.0, 2.0):
+        rule = EvictionPolicy("dms", 0.25, interval=0, straight_through=1.0, noise=noise)
+        held = attend(q, k, v, Survivors.empty(k, v, dms, gated=True), rule, dms, scaling=0.5, prompt=32)[1]
+        chosen[noise] = held.gate.nonzero().tolist()
+    decoded = attend(q, k, v, Survivors.empty(k, v, dms), rule, dms, scaling=0.5, prompt=32)[1]
+    assert chosen[0.0] != chosen[2.0]  # the noisy ranking keeps other tokens
+    assert len(chosen[2.0]) == len(chosen[0.0]) == 2 * (8 + 8)  # as many: a quarter of 32, and the 8 since
+    kept = [[b, h, int(p)] for b in range(1) for h in range(2) for p in decoded.positions[b, h]]
+    assert kept == chosen[0.0]  # without noise the gate keeps what the cache keeps
+
+
+def test_dms_logits_train_save_and_reload_with_the_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kvtrain.kv import codec_state_dict
+
+    model, spec = build("llama"), evicting("dms", straight_through=1.0)
+    attach(model, spec)
+    names = sorted(codec_state_dict(model))
+    assert names == [f"{layer}.selector.weight" for layer in range(len(names))] and len(names) >= 2
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(7))
+    model(ids, use_cache=False).logits[:, -1].logsumexp(-1).sum().backward()
+    grads = [m.kv_codec_state["selector"].weight.grad for m in hf_model(model).kvtrain_state.modules]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # the gate passes the loss to the logits
+    with torch.no_grad():
+        for m in hf_model(model).kvtrain_state.modules:
+            m.kv_codec_state["selector"].weight.mul_(-1.0)
+        trained = model(ids, use_cache=False).logits
+    save_file(codec_state_dict(model), str(tmp_path / "kv_codec_state.safetensors"))
+    detach(model)
+    attach(model, spec, codec_state=tmp_path / "kv_codec_state.safetensors")
+    fresh = build("llama")
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    attach(fresh, spec, codec_state=tmp_path / "kv_codec_state.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, use_cache=False).logits, trained, **TOL)
+    assert load_file(str(tmp_path / "kv_codec_state.safetensors")).keys() == set(names)
+
+
 def test_the_schedule_budget_and_observed_queries():
     rule = EvictionPolicy("snapkv", 0.25, interval=8, sinks=1, recent=2, options={"window": 3})
     assert rule.segments(0, 20) == [(0, 8), (8, 16), (16, 20)]
@@ -227,7 +323,7 @@ def test_training_under_eviction_lowers_the_loss_with_gradients_through_the_kept
 
 
 def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
-    assert set(SELECTORS) == {"streaming_llm", "snapkv", "h2o", "tova"}
+    assert set(SELECTORS) == {"streaming_llm", "snapkv", "h2o", "tova", "dms"}
     with pytest.raises(ValueError, match="a selector named 'h2o' is registered already"):
         register("h2o")(SELECTORS["tova"])
 
@@ -247,11 +343,13 @@ def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
     (dict(interval=-1), r"interval \(tokens between eviction decisions; 0: once, at the end of the prompt\) must be a "
                         r"whole number >= 0, got -1"),
     (dict(budget=3, sinks=2, recent=2), r"a budget of 3 tokens cannot hold sinks=2 and recent=2"),
-    (dict(selector="lru"), r"unknown selector 'lru'; registered: \['h2o', 'snapkv', 'streaming_llm', 'tova'\]"),
+    (dict(selector="lru"), r"unknown selector 'lru'; registered: \['dms', 'h2o', 'snapkv', 'streaming_llm', 'tova'\]"),
     (dict(options={"windows": 4}), r"selector 'snapkv' has no option\(s\) \['windows'\]; its options: \['window', 'kernel'\]"),
     (dict(options={"window": 16}), r"snapkv observes the last 16 queries .* \(interval\): give it window <= 8"),
     (dict(options={"kernel": 4}), r"snapkv kernel must be odd"),
     (dict(straight_through=-1.0), r"straight_through must be a temperature >= 0 \(0: off\), got -1.0"),
+    (dict(noise=0.5), r"noise must be >= 0 and needs straight_through > 0 .* got noise=0.5 with straight_through=0.0"),
+    (dict(noise=-1.0, straight_through=1.0), r"got noise=-1.0"),
     (dict(selector="h2o", retain=dict(bits=2, granularity="per_channel(16)")), r"retain encodes the tokens a decision evicts, token by "
                                                                r"token: its granularity must be per_token\(G\) or "
                                                                r"per_token_head, got per_channel\(16\)"),

@@ -73,6 +73,11 @@ class AttachState:
             self.layers[layer] = (keys, self.spec.window(keys), values, self.spec.window(values))
         return self.layers[layer]
 
+    def selector_at(self, layer: int) -> Selector:
+        """The eviction selector of a layer, reading the layer's learned state (a learned selector's)."""
+        own = self.states.get(layer, {})
+        return self.selector.bound(own["selector"]) if "selector" in own else self.selector
+
     def codecs(self, layer: int) -> tuple[Codec | None, Codec | None]:
         """The codecs of K and V at a layer, as the view uses them (for the cache it decodes with)."""
         keys, _, values, _ = self.plan(layer)
@@ -172,6 +177,7 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
     holds and the forward's new tokens, or, in training, over the whole sequence with the decisions
     that cache would make."""
     name, q_len, layer = type(module).__name__, query.shape[-2], None
+    selector = state.selector_at(module.layer_idx)
     if isinstance(state.cache, QuantizedKVCache):
         state.cache.viewed(module.layer_idx, state.spec)  # the cache's spec is the attached one: its layers evict
         layer = state.cache.layers[module.layer_idx]
@@ -186,7 +192,7 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
                          f"eviction does not apply yet (this sequence has {past + q_len})")
     dropout = dropout if module.training else 0.0
     if layer is not None:
-        return layer.attend(query, state.selector, scaling, kwargs.get("softcap"), pads), None
+        return layer.attend(query, selector, scaling, kwargs.get("softcap"), pads), None
     if past:
         raise ValueError(f"{name}: eviction decides from the attention of the queries as they arrive, so a "
                          f"{type(state.cache).__name__} holding {past} tokens cannot replay it: decode with "
@@ -196,8 +202,8 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
                   for codec, t in ((state.spec.keys(module.layer_idx), key), (state.spec.values(module.layer_idx), value)))
     gated = policy.straight_through > 0 and torch.is_grad_enabled()  # the selection's gradient, in training
     if policy.interval:
-        held = Survivors.empty(key, value, state.selector, gated, state.retention, merge=policy.merge, pads=pads)
-        return attend(query, key, value, held, policy, state.selector, scaling, softcap, dropout)[0], None
+        held = Survivors.empty(key, value, selector, gated, state.retention, merge=policy.merge, pads=pads)
+        return attend(query, key, value, held, policy, selector, scaling, softcap, dropout)[0], None
     if state.prompts is None or len(state.prompts) != query.shape[0]:
         raise ValueError(f"{name}: eviction at the end of the prompt (interval 0) needs each row's prompt length in "
                          f"training: batches with a loss_mask (KVQuantCallback reads it) or set_prompt_lengths(model, "
@@ -207,9 +213,9 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
     else:
         rows = [(query[b:b + 1], key[b:b + 1], value[b:b + 1], p, None if pads is None else pads[b:b + 1])
                 for b, p in enumerate(state.prompts)]
-    return torch.cat([attend(q, k, v, Survivors.empty(k, v, state.selector, gated, state.retention, merge=policy.merge,
+    return torch.cat([attend(q, k, v, Survivors.empty(k, v, selector, gated, state.retention, merge=policy.merge,
                                                       pads=row_pads),
-                             policy, state.selector, scaling, softcap, dropout, prompt)[0]
+                             policy, selector, scaling, softcap, dropout, prompt)[0]
                       for q, k, v, prompt, row_pads in rows]), None
 
 
@@ -480,7 +486,8 @@ CODEC_STATE = "kv_codec_state"  # the attribute of an attention module holding i
 
 def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, head_dim: int, reuse: bool = True
                   ) -> dict[int, nn.ModuleDict]:
-    """Each attention layer's learnable codec state (`Codec.make_state`), registered on its module as
+    """Each attention layer's learnable codec state (`Codec.make_state`, and a learned eviction
+    selector's, `Selector.make_state`, under "selector"), registered on its module as
     `kv_codec_state`, so it trains, checkpoints and shards with the weights; with `reuse`, what an
     earlier attach of the same spec learned on this model (detach keeps it aside) is attached again."""
     kept = getattr(target, "_kvtrain_codec_states", None)
@@ -491,6 +498,8 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
         for m in mods:
             made = {name: s for name, codec in (("key", spec.keys(m.layer_idx)), ("value", spec.values(m.layer_idx)))
                     if codec is not None and (s := _state(codec, m, name, head_dim)) is not None}
+            if spec.eviction is not None and (s := spec.eviction.build().make_state(head_dim, _kv_heads(m))) is not None:
+                made["selector"] = s  # a learned selector's logits
             if made:
                 weight = next(m.parameters(), None)
                 states[m.layer_idx] = nn.ModuleDict(made).to(weight.device if weight is not None else "cpu")
@@ -502,8 +511,12 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
 
 def _state(codec: Codec, module: nn.Module, tensor: str, head_dim: int) -> nn.Module | None:
     """`codec.make_state` for the key or value tensor of an attention layer, given its projection."""
-    kv_heads = module.config.num_attention_heads // module.num_key_value_groups
+    kv_heads = _kv_heads(module)
     return codec.make_state(head_dim, kv_heads, projection(module, tensor, head_dim, kv_heads))
+
+
+def _kv_heads(module: nn.Module) -> int:
+    return module.config.num_attention_heads // module.num_key_value_groups
 
 
 def projection(module: nn.Module, tensor: str, head_dim: int, kv_heads: int) -> torch.Tensor | None:

@@ -42,7 +42,7 @@ class EvictionPolicy:
 
     Args:
         selector: a registered selector (`kvtrain.kv.selectors.SELECTORS`): "streaming_llm", "snapkv",
-            "h2o", "tova".
+            "h2o", "tova", "dms" (learned: it trains with straight_through).
         budget: tokens each KV head keeps at a decision: a count (int >= 1) or a fraction of the
             tokens seen (float in (0, 1]); the sinks and the recent window count in it.
         interval: a decision every `interval` tokens seen (1: at every token, as H2O and TOVA decode);
@@ -55,6 +55,9 @@ class EvictionPolicy:
             attention) and sigmoid((score - the budget's boundary) / (temperature * the mean score))
             in the backward, so the loss reaches the attention the selector scores with
             (which a hard top-k never passes on). 0: off.
+        noise: with straight_through, training ranks by each score plus logistic noise (the
+            difference of two Gumbel samples, DMS's Gumbel-sigmoid) of `noise` times the mean score,
+            so a learned selector explores; decoding ranks by the scores alone. 0: off.
         retain: a `TensorPolicy` (or a dict of its fields) for K and V of the tokens a decision
             evicts, which stay in the cache at its bits instead of being dropped (MiKV: the important
             tokens in full precision, the rest at 2 bits); a token-wise codec (per_token(G),
@@ -75,6 +78,7 @@ class EvictionPolicy:
     recent: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     straight_through: float = 0.0
+    noise: float = 0.0
     retain: Any = None  # TensorPolicy | None (kvtrain.kv.spec imports this module)
     merge: bool = False
     merge_above: float = -1.0
@@ -90,6 +94,11 @@ class EvictionPolicy:
         if isinstance(self.straight_through, bool) or not isinstance(self.straight_through, (int, float)) or (
                 self.straight_through < 0):
             raise ValueError(f"straight_through must be a temperature >= 0 (0: off), got {self.straight_through!r}")
+        if isinstance(self.noise, bool) or not isinstance(self.noise, (int, float)) or self.noise < 0 or (
+                self.noise and not self.straight_through):
+            raise ValueError(f"noise must be >= 0 and needs straight_through > 0 (it perturbs the straight-through "
+                             f"selection in training), got noise={self.noise!r} with straight_through="
+                             f"{self.straight_through!r}")
         if isinstance(budget, int) and budget < self.sinks + self.recent:
             raise ValueError(f"a budget of {budget} tokens cannot hold sinks={self.sinks} and recent={self.recent}")
         self.build().check(self.interval)
@@ -170,14 +179,17 @@ class EvictionPolicy:
         gradient of sigmoid((score - boundary) / (temperature * the mean score)), the boundary halfway
         between the last survivor's score and the next one's."""
         living = alive.detach() > 0.5
+        # in units of the living scores' mean magnitude (their spread can vanish on a head that scores alike)
+        scale = scores.detach().masked_fill(~living, 0).abs().sum(-1, keepdim=True) / living.sum(-1, keepdim=True)
+        if self.noise:
+            u = torch.rand_like(scores).clamp(1e-6, 1 - 1e-6)
+            scores = scores + self.noise * scale * (u.log() - (-u).log1p())
         ranked = self._ranked(scores, positions, total, pads).masked_fill(~living, -math.inf)
         n = min(self.kept(total), int(living.sum(-1).min()))
         top = ranked.topk(min(n + 1, ranked.shape[-1]), dim=-1)
         hard = torch.zeros_like(alive).scatter(-1, top.indices[..., :n], 1.0)
         ends = top.values.clamp(min=-1e30, max=1e30)  # (protected tokens rank at inf)
         boundary = ends[..., n - 1:n + 1].mean(-1, keepdim=True)
-        # in units of the living scores' mean magnitude (their spread can vanish on a head that scores alike)
-        scale = scores.detach().masked_fill(~living, 0).abs().sum(-1, keepdim=True) / living.sum(-1, keepdim=True)
         soft = torch.sigmoid((scores - boundary) / (scale * self.straight_through + 1e-12))
         protected = self._protected(positions, total, pads)
         return alive * torch.where(protected, torch.ones_like(soft), hard + soft - soft.detach())
@@ -420,7 +432,7 @@ def _decide(held: Survivors, policy: EvictionPolicy, selector: Selector) -> Surv
                                               held.pads),
                        attention=attention)
     else:
-        scores = selector.score(held.attention, held.positions)
+        scores = selector.score(held.attention, held.positions, _tensor(held.values) if selector.reads_values else None)
         index = policy.survivors(scores, held.positions, held.total, held.pads)
         held = held.kept(index, reset, policy.sinks, policy.merge_above)
     if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
@@ -435,7 +447,9 @@ def _living_scores(held: Survivors, selector: Selector) -> torch.Tensor:
     index = living.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices[..., :int(living.sum(-1).min())]
     index = index.sort(-1).values  # every head holds as many (one budget for all)
     attention = None if held.attention is None else held.attention.gather(-1, index)
-    scores = selector.score(attention, held.positions.gather(-1, index))
+    values = held.values.gather(2, index[..., None].expand(*index.shape, held.values.shape[-1])) if (
+        selector.reads_values) else None
+    scores = selector.score(attention, held.positions.gather(-1, index), values)
     return torch.full(held.gate.shape, -math.inf, dtype=scores.dtype, device=scores.device).scatter(-1, index, scores)
 
 

@@ -20,5 +20,6 @@ class H2O(Selector):
     def observed(self) -> None:
         return None
 
-    def score(self, attention: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, attention: torch.Tensor | None, positions: torch.Tensor,
+              values: torch.Tensor | None = None) -> torch.Tensor:
         return attention

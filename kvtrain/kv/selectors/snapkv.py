@@ -31,7 +31,8 @@ class SnapKV(Selector):
     def observed(self) -> int:
         return self.window
 
-    def score(self, attention: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, attention: torch.Tensor | None, positions: torch.Tensor,
+              values: torch.Tensor | None = None) -> torch.Tensor:
         b, h, n = attention.shape
         pooled = F.avg_pool1d(attention.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.reshape(b, h, n)

@@ -16,5 +16,6 @@ class StreamingLLM(Selector):
 
     examples = ({},)
 
-    def score(self, attention: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, attention: torch.Tensor | None, positions: torch.Tensor,
+              values: torch.Tensor | None = None) -> torch.Tensor:
         return positions.float()

@@ -20,5 +20,6 @@ class TOVA(Selector):
     def observed(self) -> int:
         return 1
 
-    def score(self, attention: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def score(self, attention: torch.Tensor | None, positions: torch.Tensor,
+              values: torch.Tensor | None = None) -> torch.Tensor:
         return attention.mean(1, keepdim=True).expand_as(attention)
