@@ -1,31 +1,10 @@
-"""Decoder families beyond the parity suite's seven: each is supported with parity or refused at attach."""
+"""Decoder families beyond the parity suite's seven: each is supported with parity or refused at attach
+(multi-head latent attention: tests/test_kv_latent.py)."""
 
 import pytest
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MiniCPM3Config, MiniCPM3ForCausalLM
 
 from kvtrain import attach
-
-MLA = {
-    "deepseek_v3": lambda: DeepseekV3ForCausalLM(DeepseekV3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1)),
-    "minicpm3": lambda: MiniCPM3ForCausalLM(MiniCPM3Config(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
-        v_head_dim=16)),
-}
-
-
-@pytest.mark.parametrize("family", MLA)
-def test_multi_head_latent_attention_is_refused_by_name(family):
-    model = MLA[family]()
-    name = type(model).__name__
-    with pytest.raises(ValueError, match=rf"{name} uses multi-head latent attention \(kv_lora_rank=16\)"):
-        attach(model, "kivi2")
-    assert model.config._attn_implementation != "kvtrain" and not hasattr(model, "kvtrain_state")
-
 
 def tiny_qwen2_vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -122,13 +101,14 @@ def test_a_hybrid_model_compresses_its_attention_layers_and_keeps_its_conv_state
 
 def test_a_bound_cache_refuses_another_model_and_keys_for_a_conv_layer():
     from kvtrain import QuantizedKVCache
+    from test_kv_parity import ARCHS
 
     model = tiny_lfm2()
     cache = QuantizedKVCache("kivi2", config=model.config)
     with pytest.raises(ValueError, match="layer 0 is a conv layer: it holds no keys and values"):
         cache.update(*torch.randn(2, 1, 2, 4, 32), 0)
     with pytest.raises(ValueError, match=r"holds layers \['conv', 'full_attention', 'conv', 'full_attention'\], not those"):
-        cache.bind(MLA["minicpm3"]().config)
+        cache.bind(ARCHS["llama"]().config)
 
 
 def tiny_windowed(family: str):

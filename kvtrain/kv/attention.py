@@ -36,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvtrain.kv.cache import QuantizedKVCache
 from kvtrain.kv.codecs import Codec
 from kvtrain.kv.eviction import Survivors, attend
+from kvtrain.kv.latent import check_latent_spec, latent_hooks
 from kvtrain.kv.placement import PreRope, pre_rope_of
 from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, codec_state_file, resolve_spec
@@ -62,6 +63,7 @@ class AttachState:
     selector: Selector | None = None  # the spec's eviction selector
     retention: Codec | None = None  # and the codec of the evicted tokens it keeps (None: dropped)
     prompts: list[int] | None = None  # each row's prompt length, for eviction at the prompt's end (training)
+    latent_hooks: list = field(default_factory=list)  # a latent cache's (kvtrain.kv.latent): the view of the latent
 
     def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
         """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward;
@@ -454,12 +456,11 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
     name = type(target).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{name} is an encoder-decoder model; kvtrain attaches to decoder-only models")
-    if getattr(config, "kv_lora_rank", None):  # DeepSeek-V2/V3, MiniCPM3, Kimi, ...
-        raise ValueError(
-            f"{name} uses multi-head latent attention (kv_lora_rank={config.kv_lora_rank}): its cache holds a "
-            "compressed latent, not per-head keys and values, so kvtrain's K/V view would train for a cache it "
-            "does not have; latent caches are not supported yet")
-    spec.check_model(config.num_hidden_layers, _head_dim(config), name)
+    latent = getattr(config, "kv_lora_rank", None)  # DeepSeek-V2/V3, ...: the cache holds a latent (kvtrain.kv.latent)
+    if latent:
+        check_latent_spec(spec, config.num_hidden_layers, latent, name)
+    else:
+        spec.check_model(config.num_hidden_layers, _head_dim(config), name)
     mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
@@ -467,10 +468,13 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
     state = AttachState(spec, config._attn_implementation or "sdpa", text_key, rope, modules=mods, states=states,
                         selector=None if spec.eviction is None else spec.eviction.build(),
                         retention=None if spec.eviction is None else spec.eviction.retention())
-    try:
-        target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
-    except (ValueError, ImportError) as e:
-        raise ValueError(f"{name} does not let kvtrain set its attention implementation: {e}") from e
+    if latent:  # the latent is compressed before kv_b_proj expands it: attention itself stays the model's
+        state.latent_hooks = latent_hooks(state, mods)
+    else:
+        try:
+            target.set_attn_implementation(_for_text(ATTN_NAME, text_key))
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"{name} does not let kvtrain set its attention implementation: {e}") from e
     for m in mods:
         m.kvtrain_state = state
     state.hook = target.register_forward_pre_hook(_capture_cache(state), with_kwargs=True)
@@ -539,6 +543,8 @@ def detach(model: nn.Module) -> None:
     if state is None:
         return
     state.hook.remove()
+    for hook in state.latent_hooks:
+        hook.remove()
     for m in state.modules:
         del m.kvtrain_state
         if hasattr(m, CODEC_STATE):

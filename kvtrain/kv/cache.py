@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import abstractmethod
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearAttentionLayer, get_layer_types_and_kwargs
 
 from kvtrain.kv.codecs import Codec, Payload
-from kvtrain.kv.eviction import Survivors, attend
+from kvtrain.kv.eviction import Encoded, Survivors, attend, held_appended, held_mapped, held_nbytes, held_tensor
 from kvtrain.kv.placement import PreRope
 from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, resolve_spec
@@ -427,14 +428,42 @@ class QuantizedKVLayer(CacheLayerMixin):
         return self.k.nbytes() + self.v.nbytes()
 
 
-class EvictingKVLayer(CacheLayerMixin):
+class HeldKVLayer(CacheLayerMixin):
+    """A layer that holds what each forward hands it as it arrives (an evicting layer's survivors, a
+    latent layer's latents): the first update sets its dtype and device, every update refuses
+    non-finite K/V, and `_map` moves what it holds."""
+
+    is_sliding = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _arrive(self, key_states: torch.Tensor, value_states: torch.Tensor, seen: int) -> None:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not _finite(key_states, value_states):
+            name = "values" if bool(torch.isfinite(key_states).all()) else "keys"
+            raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache "
+                             f"positions {seen}..{seen + key_states.shape[-2] - 1}; the model's activations overflowed")
+
+    @abstractmethod
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every tensor held by fn(it)."""
+
+    def offload(self):
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class EvictingKVLayer(HeldKVLayer):
     """K/V of one layer under token eviction (`kvtrain.kv.eviction`): per KV head, the tokens that
     survived every decision so far, as they arrived; what a decision drops is freed. `update` takes a
     forward's new tokens, the attached attention then attends to them (`attend`), making the decisions
     the schedule puts among them from the attention their queries pay. Under a spec that quantizes
     K/V the survivors are held encoded; with `retain` (MiKV) the evicted stay, encoded by its codec."""
-
-    is_sliding = False
 
     def __init__(self, spec: Spec, layer: int):
         super().__init__()
@@ -443,17 +472,8 @@ class EvictingKVLayer(CacheLayerMixin):
         self.held: Survivors | None = None
         self.new: tuple[torch.Tensor, torch.Tensor] | None = None  # the tokens of the forward in flight
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if not _finite(key_states, value_states):
-            name = "values" if bool(torch.isfinite(key_states).all()) else "keys"
-            raise ValueError(f"QuantizedKVCache: layer {self.layer} got non-finite {name} (NaN or inf) for cache "
-                             f"positions {self.seen}..{self.seen + key_states.shape[-2] - 1}; the model's activations overflowed")
+        self._arrive(key_states, value_states, self.seen)
         self.new = (key_states, value_states)
         return key_states, value_states
 
@@ -499,12 +519,6 @@ class EvictingKVLayer(CacheLayerMixin):
         if self.held is not None:
             self.held = self.held.rows(index)
 
-    def offload(self):
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self):
-        self._map(lambda t: t.to(self.device, non_blocking=True))
-
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.held is not None:
             self.held = self.held.map(fn)
@@ -516,7 +530,58 @@ class EvictingKVLayer(CacheLayerMixin):
         return 0 if self.held is None else self.held.nbytes()
 
 
-KV_LAYERS = (QuantizedKVLayer, EvictingKVLayer)
+class LatentKVLayer(HeldKVLayer):
+    """A multi-head latent attention layer (`kvtrain.kv.latent`): transformers hands it each token's
+    latent as keys (B, 1, T, kv_lora_rank), encoded once, on arrival, by the spec's key codec, and the
+    RoPE'd key part as values (B, 1, T, rope dims), held in full precision. `update` hands back every
+    token's latent decoded: the numbers the training view gives `kv_b_proj`."""
+
+    def __init__(self, spec: Spec, layer: int):
+        super().__init__()
+        self.spec, self.layer, self.codec = spec, layer, spec.keys(layer)
+        self.latent: Encoded | torch.Tensor | None = None
+        self.rope_keys: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self._arrive(key_states, value_states, self.get_seq_length())
+        if self.latent is None:
+            self.latent = key_states if self.codec is None else Encoded(self.codec, self.codec.encode(key_states))
+            self.rope_keys = value_states
+        else:
+            self.latent = held_appended(self.latent, key_states)
+            self.rope_keys = torch.cat([self.rope_keys, value_states], -2)
+        return held_tensor(self.latent), self.rope_keys
+
+    def get_seq_length(self) -> int:
+        return 0 if self.rope_keys is None else self.rope_keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices.to(t.device)])
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.latent is not None:
+            self.latent, self.rope_keys = held_mapped(self.latent, fn), fn(self.rope_keys)
+
+    def reset(self) -> None:
+        self.__init__(self.spec, self.layer)
+
+    def nbytes(self) -> int:
+        return 0 if self.latent is None else held_nbytes(self.latent) + held_nbytes(self.rope_keys)
+
+
+KV_LAYERS = (QuantizedKVLayer, EvictingKVLayer, LatentKVLayer)
 
 
 class QuantizedKVCache(Cache):
@@ -564,7 +629,9 @@ class QuantizedKVCache(Cache):
         self.layers = [self._layer(i) if t in ATTENTION_LAYERS else STATE_LAYERS[t](**kw)
                        for i, (t, kw) in enumerate(zip(types, kwargs))]
 
-    def _layer(self, idx: int) -> QuantizedKVLayer | EvictingKVLayer:
+    def _layer(self, idx: int) -> QuantizedKVLayer | EvictingKVLayer | LatentKVLayer:
+        if getattr(self.bound_to and self.bound_to.get_text_config(decoder=True), "kv_lora_rank", None):
+            return LatentKVLayer(self.spec, idx)
         if self.spec.eviction is not None:
             return EvictingKVLayer(self.spec, idx)
         if self.spec.placement == "pre_rope" and self.rope is None:
@@ -583,7 +650,7 @@ class QuantizedKVCache(Cache):
         if not isinstance(self.layers[layer_idx], KV_LAYERS):
             raise ValueError(f"layer {layer_idx} is a {self.layer_types[layer_idx]} layer: it holds no keys and values")
         by_model = bool(args or kwargs)  # a model's attention passes its cache kwargs; filling it by hand does not
-        if by_model:
+        if by_model and not isinstance(self.layers[layer_idx], LatentKVLayer):  # (which hands back the view itself)
             self.unviewed = layer_idx
         model_kwargs = kwargs.get("kwargs") or (args[0] if args and isinstance(args[0], dict) else {})
         return self.layers[layer_idx].update(key_states, value_states, keep_arrived=by_model,

@@ -256,7 +256,7 @@ class Survivors:
         attention = None if self.attention is None else torch.cat([self.attention, self.attention.new_zeros(b, h, n)], -1)
         gate = None if self.gate is None else torch.cat([self.gate, self.gate.new_ones(b, h, n)], -1)
         mass = None if self.mass is None else torch.cat([self.mass, self.mass.new_ones(b, h, n)], -1)
-        return replace(self, keys=_appended(self.keys, keys), values=_appended(self.values, values),
+        return replace(self, keys=held_appended(self.keys, keys), values=held_appended(self.values, values),
                        positions=torch.cat([self.positions, new], -1), attention=attention, total=self.total + n, gate=gate,
                        mass=mass)
 
@@ -277,7 +277,7 @@ class Survivors:
         evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
         keys, values = take(self.keys, evicted), take(self.values, evicted)
         if self.retained is not None:  # the others stay, at low precision
-            return replace(kept, retained=self.retained.added(_tensor(keys), _tensor(values)))
+            return replace(kept, retained=self.retained.added(held_tensor(keys), held_tensor(values)))
         return _merged(kept, keys, values, self.mass.gather(2, evicted), sinks, merge_above)
 
     def rows(self, index: torch.Tensor) -> "Survivors":
@@ -286,12 +286,12 @@ class Survivors:
 
     def map(self, fn) -> "Survivors":
         """`fn` applied to every tensor held (select batch rows, move devices)."""
-        return replace(self, **{name: _mapped(getattr(self, name), fn) for name in (*HELD, "pads")
+        return replace(self, **{name: held_mapped(getattr(self, name), fn) for name in (*HELD, "pads")
                                 if getattr(self, name) is not None},
                        retained=None if self.retained is None else self.retained.map(fn))
 
     def nbytes(self) -> int:
-        return sum(_nbytes(getattr(self, name)) for name in (*HELD, "pads") if getattr(self, name) is not None) + (
+        return sum(held_nbytes(getattr(self, name)) for name in (*HELD, "pads") if getattr(self, name) is not None) + (
             0 if self.retained is None else self.retained.nbytes())
 
 
@@ -333,19 +333,19 @@ class Encoded:
         return self.payload.nbytes()
 
 
-def _appended(held: "torch.Tensor | Encoded", new: torch.Tensor) -> "torch.Tensor | Encoded":
+def held_appended(held: "torch.Tensor | Encoded", new: torch.Tensor) -> "torch.Tensor | Encoded":
     return held.appended(new) if isinstance(held, Encoded) else torch.cat([held, new], -2)
 
 
-def _tensor(t: "torch.Tensor | Encoded") -> torch.Tensor:
+def held_tensor(t: "torch.Tensor | Encoded") -> torch.Tensor:
     return t.tensor() if isinstance(t, Encoded) else t
 
 
-def _mapped(t: "torch.Tensor | Encoded", fn) -> "torch.Tensor | Encoded":
+def held_mapped(t: "torch.Tensor | Encoded", fn) -> "torch.Tensor | Encoded":
     return t.map(fn) if isinstance(t, Encoded) else fn(t)
 
 
-def _nbytes(t: "torch.Tensor | Encoded") -> int:
+def held_nbytes(t: "torch.Tensor | Encoded") -> int:
     return t.nbytes() if isinstance(t, Encoded) else t.numel() * t.element_size()
 
 
@@ -383,19 +383,19 @@ class Retained:
     def added(self, keys: torch.Tensor, values: torch.Tensor) -> "Retained":
         """With the (B, H, m, D) K/V of newly evicted tokens, encoded once."""
         def joined(held, new):
-            return _appended(held, new if isinstance(held, Encoded) else self.codec.simulate(new))
+            return held_appended(held, new if isinstance(held, Encoded) else self.codec.simulate(new))
 
         return replace(self, keys=joined(self.keys, keys), values=joined(self.values, values))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as attention reads them."""
-        return _tensor(self.keys), _tensor(self.values)
+        return held_tensor(self.keys), held_tensor(self.values)
 
     def map(self, fn) -> "Retained":
-        return replace(self, keys=_mapped(self.keys, fn), values=_mapped(self.values, fn))
+        return replace(self, keys=held_mapped(self.keys, fn), values=held_mapped(self.values, fn))
 
     def nbytes(self) -> int:
-        return _nbytes(self.keys) + _nbytes(self.values)
+        return held_nbytes(self.keys) + held_nbytes(self.values)
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -432,7 +432,7 @@ def _decide(held: Survivors, policy: EvictionPolicy, selector: Selector) -> Surv
                                               held.pads),
                        attention=attention)
     else:
-        scores = selector.score(held.attention, held.positions, _tensor(held.values) if selector.reads_values else None)
+        scores = selector.score(held.attention, held.positions, held_tensor(held.values) if selector.reads_values else None)
         index = policy.survivors(scores, held.positions, held.total, held.pads)
         held = held.kept(index, reset, policy.sinks, policy.merge_above)
     if not policy.interval:  # the prompt's decision is the last: nothing to observe for any more
@@ -459,7 +459,7 @@ def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, sof
     may see (the earlier ones and itself) and the retained ones: output (B, n, Hq, D) and the survivors'
     probabilities (B, H, group, n, L)."""
     b, hq, n, d = query.shape
-    keys, values = _tensor(held.keys), _tensor(held.values)
+    keys, values = held_tensor(held.keys), held_tensor(held.values)
     first = held.total - n
     slots = torch.arange(first, held.total, device=query.device)[:, None]  # the queries' (n, 1)
     visible = held.positions[:, :, None, None, :] <= slots
