@@ -17,6 +17,7 @@ from kvtrain.callbacks import KVQuantCallback
 from kvtrain.data.lm import LMDataModule
 from kvtrain.kv import KVSpec, spec_from_dict
 from kvtrain.kv.attention import hf_model, set_prompt_lengths
+from kvtrain.kv.cache import EvictingKVLayer, QuantizedKVLayer
 from kvtrain.kv.eviction import EvictionPolicy, Survivors, attend
 from kvtrain.kv.selectors import SELECTORS, Selector, build_selector, register
 from kvtrain.modules import CausalLMModule
@@ -48,6 +49,24 @@ def test_training_forward_equals_decoding_with_the_evicting_cache(arch, selector
     assert held.keys.shape[-2] == 20 + 5  # ceil(0.5 * 40) at the decision after 40 tokens, and 5 since
     assert (held.positions[..., :2] == torch.tensor([0, 1], dtype=torch.int32)).all()  # the sinks survive
     assert (held.positions[..., 18:20] == torch.tensor([38, 39], dtype=torch.int32)).all()  # and the recent two
+    detach(model)
+
+
+@pytest.mark.parametrize("selector,options", SELECTOR_EXAMPLES, ids=[f"{n}{o}" for n, o in SELECTOR_EXAMPLES])
+def test_sliding_window_layers_attend_within_their_window_and_the_others_evict(selector, options):
+    """Gemma 2 alternates sliding-window layers (48 tokens here) with full ones: past the window, the
+    sliding layer keeps attending through the model's own mask and holds its tokens, the full layer
+    evicts, in training as in the cache (softcapped attention too)."""
+    spec, length = evicting(selector, options), 70
+    model = build("gemma2")
+    ids = torch.randint(0, 512, (2, length), generator=torch.Generator().manual_seed(1))
+    _, trained_view = training_views(model, ids, spec)
+    for splits in ([], [50], [5, 60]):
+        decoded, cache = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
+    sliding, full = cache.layers
+    assert isinstance(sliding, QuantizedKVLayer) and isinstance(full, EvictingKVLayer)
+    assert full.held.keys.shape[-2] == 32 + 6  # ceil(0.5 * 64), and 6 since
     detach(model)
 
 
@@ -407,11 +426,13 @@ def test_misuse_is_refused_by_name():
     attach(model, merging)
     with torch.no_grad(), pytest.raises(ValueError, match="left-padded batches under eviction with retain or merge"):
         model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
-    attach(model, spec)
-    gemma2 = build("gemma2")  # its sliding-window layers attend to 48 tokens
-    attach(gemma2, spec)
-    with torch.no_grad(), pytest.raises(ValueError, match="attends within a sliding window of 48 tokens"):
-        gemma2(torch.randint(0, 512, (1, 60)), use_cache=False)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from test_kv_parity import SHAPE
+
+    windowed = MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=24))  # every layer slides
+    with pytest.raises(ValueError, match="every attention layer of MistralForCausalLM attends within a sliding window"):
+        attach(windowed, spec)
 
 
 def test_completion_match_is_greedy_decoding_with_the_evicting_cache():

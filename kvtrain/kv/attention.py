@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.cache_utils import get_layer_types_and_kwargs
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -151,7 +152,7 @@ def kv_attention(
     state: AttachState = module.kvtrain_state
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which kvtrain's KV view does not support")
-    if state.selector is not None:
+    if state.selector is not None and kwargs.get("sliding_window") is None:  # (a sliding layer holds its window)
         return _evicting_attention(module, state, query, key, value, module.scaling if scaling is None else scaling,
                                    dropout, **kwargs)
     spec, layer = state.spec, module.layer_idx
@@ -188,10 +189,6 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
     if pads is not None and (policy.retain is not None or policy.merge):
         raise ValueError(f"{name}: left-padded batches under eviction with retain or merge are not supported yet; "
                          "decode the rows one by one")
-    window = kwargs.get("sliding_window")
-    if window is not None and past + q_len > window:
-        raise ValueError(f"{name} layer {module.layer_idx} attends within a sliding window of {window} tokens, which "
-                         f"eviction does not apply yet (this sequence has {past + q_len})")
     dropout = dropout if module.training else 0.0
     if layer is not None:
         return layer.attend(query, selector, scaling, kwargs.get("softcap"), pads), None
@@ -461,6 +458,9 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
         check_latent_spec(spec, config.num_hidden_layers, latent, name)
     else:
         spec.check_model(config.num_hidden_layers, _head_dim(config), name)
+    if spec.eviction is not None and all(t == "sliding_attention" for t in get_layer_types_and_kwargs(config)[0]):
+        raise ValueError(f"every attention layer of {name} attends within a sliding window, which eviction leaves "
+                         f"to the window: this spec's eviction would apply to no layer")
     mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None

@@ -632,8 +632,8 @@ class QuantizedKVCache(Cache):
     def _layer(self, idx: int) -> QuantizedKVLayer | EvictingKVLayer | LatentKVLayer:
         if getattr(self.bound_to and self.bound_to.get_text_config(decoder=True), "kv_lora_rank", None):
             return LatentKVLayer(self.spec, idx)
-        if self.spec.eviction is not None:
-            return EvictingKVLayer(self.spec, idx)
+        if self.spec.eviction is not None and (self.layer_types is None or self.layer_types[idx] != "sliding_attention"):
+            return EvictingKVLayer(self.spec, idx)  # (a sliding layer attends within its window, evicting nothing)
         if self.spec.placement == "pre_rope" and self.rope is None:
             raise ValueError("a QuantizedKVCache of a pre_rope spec rotates keys with the model's rotary embedding: "
                              "decode through the attached model (it binds the cache), not by calling update by hand")
