@@ -341,6 +341,27 @@ def test_training_under_eviction_lowers_the_loss_with_gradients_through_the_kept
     assert trainer.callback_metrics["val/loss"] < 7.0  # from ln(4096) = 8.32 at init
 
 
+def test_distillation_under_eviction_learns_from_the_full_cache_teacher(corpus_file):
+    """distill_weight adds KL(teacher || student) with the teacher the frozen start on its full cache:
+    at the first step the student differs from it only by what the learned selection evicts."""
+    L.seed_everything(0)
+    spec = evicting("dms", budget=0.25, interval=16, sinks=1, recent=4, straight_through=1.0)
+    module = CausalLMModule("kvtrain-ref", init="random", config_overrides=TINY, lr=3e-3, warmup_steps=5,
+                            distill_weight=1.0)
+    kl = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            kl.append(float(trainer.callback_metrics["train/kl"]))
+
+    trainer = L.Trainer(max_steps=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        callbacks=[KVQuantCallback(spec), Record()], accelerator="cpu", limit_val_batches=0)
+    trainer.fit(module, datamodule=LMDataModule(str(corpus_file), seq_len=64, batch_size=8))
+    # eviction moved the student from its teacher (observed 1.4e-3 per token at the random start)
+    assert kl[0] > 1e-4 and all(math.isfinite(k) for k in kl)
+    assert not hasattr(module.teacher, "kvtrain_state")  # whose cache is full
+
+
 def test_the_registry_holds_the_shipped_selectors_and_refuses_a_second_name():
     assert set(SELECTORS) == {"streaming_llm", "snapkv", "h2o", "tova", "dms"}
     with pytest.raises(ValueError, match="a selector named 'h2o' is registered already"):
