@@ -441,12 +441,6 @@ def test_misuse_is_refused_by_name():
         model(ids[:, :1], past_key_values=cache)
     with torch.no_grad(), pytest.raises(ValueError, match="decodes with a QuantizedKVCache of"):
         model(ids, past_key_values=QuantizedKVCache(evicting("tova")))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    merging = evicting("h2o", merge=True)
-    attach(model, merging)
-    with torch.no_grad(), pytest.raises(ValueError, match="left-padded batches under eviction with retain or merge"):
-        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
     from transformers import MistralConfig, MistralForCausalLM
 
     from test_kv_parity import SHAPE
@@ -631,12 +625,16 @@ def test_merge_threshold_and_proportional_attention_by_hand():
     torch.testing.assert_close(out.flatten(), torch.tensor([0.75, 0.75]))
 
 
+@pytest.mark.parametrize("evicted", [{}, {"retain": dict(bits=2, granularity="per_token(16)")}, {"merge": True}],
+                         ids=["dropped", "retained", "merged"])
 @pytest.mark.parametrize("selector,options,interval", [("h2o", {}, 8), ("snapkv", {"window": 4}, 0), ("tova", {}, 4)])
-def test_a_left_padded_batch_evicts_as_its_cache_decodes_it(selector, options, interval):
+def test_a_left_padded_batch_evicts_as_its_cache_decodes_it(selector, options, interval, evicted):
     """Left padding (generate's and the rollouts'): the pads are seen by no query but their own and
-    are evicted first, the sinks are each row's first real tokens; the training forward with the
-    padded layout equals decoding it with the evicting cache, prompt in one forward, then token by token."""
-    spec, prompt = evicting(selector, options, interval=interval, budget=0.5, sinks=2, recent=1), 20
+    are evicted first (retained unseen, merged with no weight), the sinks are each row's first real
+    tokens; the training forward with the padded layout equals decoding it with the evicting cache,
+    prompt in one forward, then token by token."""
+    spec = evicting(selector, options, interval=interval, budget=0.5, sinks=2, recent=1, **evicted)
+    prompt = 20
     model = build("qwen2")
     ids = torch.randint(0, 512, (3, 36), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
@@ -655,9 +653,30 @@ def test_a_left_padded_batch_evicts_as_its_cache_decodes_it(selector, options, i
     assert held.pads.tolist() == [5, 0, 2]
     assert (held.positions[0] >= 5).all() and (held.positions[2] >= 2).all()  # no pad survives
     assert (held.positions[0, :, :2] == torch.tensor([5, 6], dtype=torch.int32)).all()  # the row's own sinks
-    unpadded = model(ids[1:2], use_cache=False).logits if interval else None  # row 1 has no pads: its own layout
-    if unpadded is not None:
-        torch.testing.assert_close(view[1:2], unpadded, **TOL)
+    if "retain" in evicted:  # the 5 and 2 pads among row 0's and row 2's retained, unseen
+        assert (~held.retained.real).sum(-1)[:, 0].tolist() == [5, 0, 2]
+    if interval:  # row 1 has no pads: its own layout, with the same decisions
+        with torch.no_grad():
+            torch.testing.assert_close(view[1:2], model(ids[1:2], use_cache=False).logits, **TOL)
+
+
+@pytest.mark.parametrize("evicted", [{}, {"retain": dict(bits=2, granularity="per_token(16)")}, {"merge": True}],
+                         ids=["dropped", "retained", "merged"])
+def test_a_padded_row_computes_what_the_row_alone_computes_under_a_token_budget(evicted):
+    """SnapKV keeping 8 tokens at the prompt's end: a row behind 5 pads keeps, retains and merges what
+    it does alone (pads rank last, are retained unseen and merge with no weight)."""
+    spec = evicting("snapkv", {"window": 4}, interval=0, budget=8, sinks=2, recent=1, **evicted)
+    model = build("qwen2")
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    attach(model, spec)
+    set_prompt_lengths(model, [20, 20])
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
+        set_prompt_lengths(model, [15])
+        alone = model(ids[:1, 5:], use_cache=False)
+    torch.testing.assert_close(padded.logits[0, 5:], alone.logits[0], **TOL)
 
 
 QUANTIZED = dict(key=dict(bits=4, granularity="per_token(16)"), value=dict(bits=2, granularity="per_token(16)"), residual=0)

@@ -186,9 +186,6 @@ def _evicting_attention(module, state: AttachState, query, key, value, scaling, 
         layer = state.cache.layers[module.layer_idx]
     past = key.shape[-2] - q_len if layer is None else layer.seen - q_len
     pads, policy = left_pads(kwargs.get("position_ids"), past, q_len), state.spec.eviction
-    if pads is not None and (policy.retain is not None or policy.merge):
-        raise ValueError(f"{name}: left-padded batches under eviction with retain or merge are not supported yet; "
-                         "decode the rows one by one")
     dropout = dropout if module.training else 0.0
     if layer is not None:
         return layer.attend(query, selector, scaling, kwargs.get("softcap"), pads), None

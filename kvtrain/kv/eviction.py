@@ -276,9 +276,11 @@ class Survivors:
         others = torch.ones(self.positions.shape, dtype=torch.int8, device=index.device).scatter(-1, index, 0)
         evicted = others.sort(dim=-1, descending=True, stable=True).indices[..., :length - index.shape[-1]]
         keys, values = take(self.keys, evicted), take(self.values, evicted)
-        if self.retained is not None:  # the others stay, at low precision
-            return replace(kept, retained=self.retained.added(held_tensor(keys), held_tensor(values)))
-        return _merged(kept, keys, values, self.mass.gather(2, evicted), sinks, merge_above)
+        real = None if self.pads is None else self.positions.gather(2, evicted) >= self.pads[:, None, None]
+        if self.retained is not None:  # the others stay, at low precision (an evicted pad seen by no query)
+            return replace(kept, retained=self.retained.added(held_tensor(keys), held_tensor(values), real))
+        return _merged(kept, keys, values, self.mass.gather(2, evicted) * (1 if real is None else real), sinks,
+                       merge_above)
 
     def rows(self, index: torch.Tensor) -> "Survivors":
         """Batch rows `index` (beam search, batch selection)."""
@@ -351,12 +353,13 @@ def held_nbytes(t: "torch.Tensor | Encoded") -> int:
 
 def _merged(held: Survivors, keys: torch.Tensor, values: torch.Tensor, mass: torch.Tensor, sinks: int,
             above: float = -1.0) -> Survivors:
-    """The survivors with evicted tokens (K/V (B, H, m, D), each standing for `mass` tokens) averaged
-    into the survivor past the sinks whose key is most like each one's (cosine), weighted by mass;
+    """The survivors with evicted tokens (K/V (B, H, m, D), each standing for `mass` tokens, 0 for a
+    pad) averaged into the survivor past the sinks whose key is most like each one's (cosine), weighted by mass;
     an evicted token whose best similarity is not above `above` is dropped (as every one is on a head
     whose survivors are all sinks)."""
     similarity = F.normalize(keys, dim=-1) @ F.normalize(held.keys, dim=-1).transpose(-1, -2)
-    open_ = held.positions >= sinks
+    first = 0 if held.pads is None else held.pads[:, None, None]  # each row's first real token
+    open_ = held.positions - first >= sinks  # (a pad is never a target; an evicted one comes with mass 0)
     best = similarity.masked_fill(~open_[:, :, None, :], -math.inf).max(-1)  # (B, H, m)
     target = best.indices
     weight = mass * ((best.values > above) if above > -1 else open_.any(-1, keepdim=True))
@@ -379,23 +382,27 @@ class Retained:
     codec: Codec
     keys: "torch.Tensor | Encoded"
     values: "torch.Tensor | Encoded"
+    real: torch.Tensor | None = None  # (B, H, m) in a left-padded batch: False for the pads, which no query sees
 
-    def added(self, keys: torch.Tensor, values: torch.Tensor) -> "Retained":
-        """With the (B, H, m, D) K/V of newly evicted tokens, encoded once."""
+    def added(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> "Retained":
+        """With the (B, H, m, D) K/V of newly evicted tokens, encoded once (`real`: which are not pads)."""
         def joined(held, new):
             return held_appended(held, new if isinstance(held, Encoded) else self.codec.simulate(new))
 
-        return replace(self, keys=joined(self.keys, keys), values=joined(self.values, values))
+        if real is not None:
+            real = torch.cat([self.real if self.real is not None else real.new_ones(*real.shape[:2], 0), real], -1)
+        return replace(self, keys=joined(self.keys, keys), values=joined(self.values, values), real=real)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V as attention reads them."""
         return held_tensor(self.keys), held_tensor(self.values)
 
     def map(self, fn) -> "Retained":
-        return replace(self, keys=held_mapped(self.keys, fn), values=held_mapped(self.values, fn))
+        return replace(self, keys=held_mapped(self.keys, fn), values=held_mapped(self.values, fn),
+                       real=None if self.real is None else fn(self.real))
 
     def nbytes(self) -> int:
-        return held_nbytes(self.keys) + held_nbytes(self.values)
+        return held_nbytes(self.keys) + held_nbytes(self.values) + (0 if self.real is None else held_nbytes(self.real))
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -469,7 +476,9 @@ def _segment_attention(query: torch.Tensor, held: Survivors, scaling: float, sof
     low = None if held.retained is None else held.retained.tensors()
     if low is not None:  # the evicted tokens at low precision, before every query
         keys, values = torch.cat([low[0], keys], -2), torch.cat([low[1], values], -2)
-        visible = torch.cat([visible.new_ones(*visible.shape[:-1], low[0].shape[-2]), visible], -1)
+        seen = visible.new_ones(*visible.shape[:-1], low[0].shape[-2]) if held.retained.real is None else (
+            held.retained.real[:, :, None, None, :].expand(*visible.shape[:-1], -1))
+        visible = torch.cat([seen, visible], -1)
     h, length = keys.shape[1], keys.shape[-2]
     grouped = query.reshape(b, h, hq // h * n, d)
     scores = (grouped @ keys.transpose(-1, -2)).reshape(b, h, hq // h, n, length) * scaling
