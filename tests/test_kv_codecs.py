@@ -512,6 +512,28 @@ def test_rotation_spreads_an_outlier_channel_before_per_token_quantization():
     assert errors["hadamard"] < 0.6 * plain_error and errors["random_hadamard"] < 0.6 * plain_error
 
 
+def test_a_grouped_head_rotation_is_one_hadamard_over_the_heads_side_by_side_by_hand():
+    from scipy.linalg import hadamard
+
+    codec = TensorPolicy(bits=2, granularity="per_token(4)", rotation="hadamard", rotation_heads=2).codec_at(0)
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # 4 heads of 4
+    h8 = torch.tensor(hadamard(8), dtype=torch.float64) / 8 ** 0.5
+    side_by_side = x.reshape(1, 2, 2, 3, 4).transpose(2, 3).reshape(1, 2, 3, 8)  # heads (0, 1) and (2, 3)
+    expected = (side_by_side @ h8.T).reshape(1, 2, 3, 2, 4).transpose(2, 3).reshape(1, 4, 3, 4)
+    torch.testing.assert_close(codec._rotate(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(codec._rotate(codec._rotate(x), inverse=True), x, rtol=0, atol=1e-12)
+    outlier = torch.zeros(1, 4, 1, 4, dtype=torch.float64)
+    outlier[0, 0, 0, 0] = 8.0  # one channel of head 0: spread evenly over heads 0 and 1, none to 2 and 3
+    torch.testing.assert_close(codec._rotate(outlier).abs()[0, :, 0], torch.tensor([[8 / 8 ** 0.5] * 4] * 2 + [[0.0] * 4] * 2,
+                                                                                  dtype=torch.float64))
+    learned = TensorPolicy(bits=2, granularity="per_token(4)", rotation="learned", rotation_heads=0).codec_at(0)
+    assert learned.make_state(head_dim=4, kv_heads=4).weight.shape == (16, 16)  # all four heads together
+    with pytest.raises(ValueError, match="rotation_heads=3 must divide the layer's 4 KV heads"):
+        TensorPolicy(bits=2, granularity="per_token(4)", rotation="hadamard", rotation_heads=3).codec_at(0).make_state(4, 4)
+    with pytest.raises(ValueError, match="rotation_heads=2 groups heads for a rotation: set rotation too"):
+        TensorPolicy(rotation_heads=2)
+
+
 def test_rotation_settings_are_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match=r"rotation must be one of \('none', 'hadamard', 'random_hadamard', 'learned'\), got 'givens'"):
         TensorPolicy(rotation="givens")

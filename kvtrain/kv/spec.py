@@ -262,6 +262,8 @@ class TensorPolicy:
             before the codec, undone after decoding (`kvtrain.kv.codecs.rotation`, QuaRot / RotateKV;
             "learned": the random Hadamard times a trained Cayley rotation per layer, SpinQuant's R2).
         rotation_seed: the random signs of "random_hadamard" and "learned".
+        rotation_heads: KV heads rotated together, their channels side by side (RotateKV's grouped-head
+            rotation; 0: all of a layer's heads); 1: each head alone.
         outliers: per token and head, this many entries (the largest and smallest) kept aside in
             `scale_dtype` with their indices, the rest quantized without them (KVQuant's
             dense-and-sparse, `kvtrain.kv.codecs.outliers`); 0 keeps none.
@@ -285,6 +287,7 @@ class TensorPolicy:
     layer_bits: dict[int, int] = field(default_factory=dict)
     rotation: Rotation = "none"
     rotation_seed: int = 0
+    rotation_heads: int = 1
     outliers: int = 0
     learnable: bool = False
     high_fraction: float = 0.5
@@ -302,10 +305,12 @@ class TensorPolicy:
         if isinstance(self.high_fraction, bool) or not isinstance(self.high_fraction, (int, float)) or not (
                 0 <= self.high_fraction <= 1):
             raise ValueError(f"high_fraction must be a number in [0, 1], got {self.high_fraction!r}")
-        for name in ("rotation_seed", "outliers", "rank", "latent_heads"):
+        for name in ("rotation_seed", "rotation_heads", "outliers", "rank", "latent_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or (name != "rotation_seed" and value < 0):
                 raise ValueError(f"{name} must be {'an' if name == 'rotation_seed' else 'a non-negative'} integer, got {value!r}")
+        if self.rotation_heads != 1 and self.rotation == "none":
+            raise ValueError(f"rotation_heads={self.rotation_heads} groups heads for a rotation: set rotation too")
         if self.latent_heads and not self.rank:
             raise ValueError(f"latent_heads={self.latent_heads} groups the heads of a low-rank latent: set rank too")
         _check_switch("symmetric", self.symmetric)

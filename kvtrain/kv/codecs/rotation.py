@@ -10,6 +10,13 @@ decode; the stored codes are the same). R is the orthonormal Hadamard transform 
 largest power of two dividing head_dim (`kvtrain.quant.hadamard.rotate`), after seeded random signs
 for "random_hadamard". It stores nothing per token, so bytes are the inner codec's.
 
+RotateKV's grouped-head rotation (`rotation_heads`): one Hadamard over the concatenated channels of
+`heads` consecutive KV heads (0: all of a layer's), so an outlier channel of one head is spread over
+the group; decoding undoes it exactly, so attention still reads each head's own K/V (RotateKV applies
+it pre-RoPE: `placement: pre_rope`). RotateKV's channel reordering balances outlier channels across
+Hadamard blocks smaller than the group; here the block is the largest power of two dividing the
+group's width (the whole group for power-of-two head sizes), where reordering changes nothing.
+
 "learned" (SpinQuant's trained R2, per layer and tensor): R = C H, with H the random Hadamard above and
 C = (I - A)^-1 (I + A) the Cayley transform of a skew-symmetric A = W - W^T, W a trained parameter
 (`LearnedRotation`, zero at the start, so training starts from the random Hadamard): orthogonal for any
@@ -47,18 +54,24 @@ class Rotated(Stage):
 
     rotation: Rotation
     seed: int = 0
+    heads: int = 1  # KV heads rotated together (RotateKV's grouped-head rotation); 0: all of a layer's
     state: LearnedRotation | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_policy(cls, policy: Any, bits: int) -> "Rotated":
         if policy.rotation not in ROTATIONS[1:]:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
-        return cls(build_codec(replace(policy, rotation="none"), bits), policy.rotation, policy.rotation_seed)
+        heads = getattr(policy, "rotation_heads", 1)
+        inner = build_codec(replace(policy, rotation="none", **({"rotation_heads": 1} if heads != 1 else {})), bits)
+        return cls(inner, policy.rotation, policy.rotation_seed, heads)
 
     def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> nn.Module | None:
+        if kv_heads % (self.heads or kv_heads):  # (attach asks every codec for its state: the model's heads, here)
+            raise ValueError(f"rotation_heads={self.heads} must divide the layer's {kv_heads} KV heads")
         if self.rotation != "learned":
             return super().make_state(head_dim, kv_heads, weight)
-        return LearnedRotation(head_dim, self.inner.make_state(head_dim, kv_heads, weight))
+        width = head_dim * (self.heads or kv_heads)
+        return LearnedRotation(width, self.inner.make_state(head_dim, kv_heads, weight))
 
     def bound(self, state: nn.Module) -> "Rotated":
         if self.rotation != "learned":
@@ -66,6 +79,17 @@ class Rotated(Stage):
         return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """R x (R^T x) of each head, or of each group of `heads` heads' channels side by side."""
+        if self.heads == 1:
+            return self._rotate_rows(x, inverse)
+        b, h, t, d = x.shape
+        g = self.heads or h
+        if h % g:
+            raise ValueError(f"rotation_heads={g} must divide the {h} KV heads it rotates together")
+        grouped = x.reshape(b, h // g, g, t, d).transpose(2, 3).reshape(b, h // g, t, g * d)
+        return self._rotate_rows(grouped, inverse).reshape(b, h // g, t, g, d).transpose(2, 3).reshape(b, h, t, d)
+
+    def _rotate_rows(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if self.rotation != "learned":
             return rotate(x, self.seed if self.rotation == "random_hadamard" else None, inverse)
         if self.state is None:
