@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.pairs, args.base_steps, args.steps, args.val_size, args.batch_size = 16, 4, 2, 8, 4
         args.ppl_windows, args.ppl_len = 2, 64
-        args.train = args.train or ["snapkv25:0", "control:0"]
+        args.train = args.train or ["snapkv25:0", "dms25+st:0", "control:0"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = base_model(args, out)

@@ -159,7 +159,7 @@ def test_qat_recovery_smoke(tmp_path, reference):
 @pytest.mark.slow
 def test_kv_eviction_smoke(tmp_path, reference):
     """The base fine-tune, every selector at every kept fraction with bytes measured from real caches
-    (falling with the budget), a trained point and its control measured both ways, and the plot."""
+    (falling with the budget), trained points (one learned) and their control measured every way, and the plot."""
     run_bench("kv_eviction.py", tmp_path, "--threads=1")
     result = json.loads((tmp_path / "kv_eviction_smoke.json").read_text())
     rows = result["training_free"]
@@ -186,7 +186,8 @@ def test_kv_eviction_smoke(tmp_path, reference):
     snapkv = {r["kept"]: r["bytes"] for r in rows if (r["selector"], r["interval"]) == ("snapkv", 0)}
     assert quantized["snapkv 50% at 2 bits"] < quantized["snapkv 50% at 4 bits"] < snapkv[0.5]
     assert quantized["snapkv 25% at 4 bits"] < quantized["snapkv 50% at 4 bits"]
+    controls = {("control", under): 1 for under in ("snapkv25", "snapkv25@16", "h2o25", "tova25", "streaming_llm25")}
     assert {(r["point"], r["under"]): r["seeds"] for r in result["trained"]} == {
-        ("snapkv25", "snapkv25"): 1, ("control", "snapkv25"): 1, ("control", "snapkv25@16"): 1}
+        ("snapkv25", "snapkv25"): 1, ("dms25+st", "dms25"): 1, **controls}  # (learned logits: trained points only)
     assert (tmp_path / "trained" / "control-0.json").is_file()
     assert (tmp_path / "kv_eviction_smoke.png").stat().st_size > 10_000
