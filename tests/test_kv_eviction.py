@@ -15,7 +15,7 @@ from conftest import TINY
 from kvtrain import QuantizedKVCache, attach, detach
 from kvtrain.callbacks import KVQuantCallback
 from kvtrain.data.lm import LMDataModule
-from kvtrain.kv import KVSpec, spec_from_dict
+from kvtrain.kv import KVSpec, codec_state_dict, spec_from_dict
 from kvtrain.kv.attention import hf_model, set_prompt_lengths
 from kvtrain.kv.cache import EvictingKVLayer, QuantizedKVLayer
 from kvtrain.kv.eviction import EvictionPolicy, Survivors, attend
@@ -67,6 +67,8 @@ def test_sliding_window_layers_attend_within_their_window_and_the_others_evict(s
     sliding, full = cache.layers
     assert isinstance(sliding, QuantizedKVLayer) and isinstance(full, EvictingKVLayer)
     assert full.held.keys.shape[-2] == 32 + 6  # ceil(0.5 * 64), and 6 since
+    learned = [name for name in codec_state_dict(model) if name.endswith("selector.weight")]
+    assert learned == (["1.selector.weight"] if selector == "dms" else [])  # no logits where nothing is evicted
     detach(model)
 
 

@@ -455,10 +455,10 @@ def attach(model: nn.Module, spec: Spec | str, codec_state: str | Path | None = 
         check_latent_spec(spec, config.num_hidden_layers, latent, name)
     else:
         spec.check_model(config.num_hidden_layers, _head_dim(config), name)
-    if spec.eviction is not None and all(t == "sliding_attention" for t in get_layer_types_and_kwargs(config)[0]):
+    mods = attention_modules(target)
+    if spec.eviction is not None and all(_slides(m) for m in mods):
         raise ValueError(f"every attention layer of {name} attends within a sliding window, which eviction leaves "
                          f"to the window: this spec's eviction would apply to no layer")
-    mods = attention_modules(target)
     text_key = _text_config_key(target.config, config)
     rope = pre_rope_of(target, mods[0], config) if spec.placement == "pre_rope" else None
     states = _codec_states(target, mods, spec, _head_dim(config), reuse=not isinstance(source, str))
@@ -499,7 +499,8 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
         for m in mods:
             made = {name: s for name, codec in (("key", spec.keys(m.layer_idx)), ("value", spec.values(m.layer_idx)))
                     if codec is not None and (s := _state(codec, m, name, head_dim)) is not None}
-            if spec.eviction is not None and (s := spec.eviction.build().make_state(head_dim, _kv_heads(m))) is not None:
+            evicts = spec.eviction is not None and not _slides(m)  # (a sliding layer evicts nothing: no unused logits)
+            if evicts and (s := spec.eviction.build().make_state(head_dim, _kv_heads(m))) is not None:
                 made["selector"] = s  # a learned selector's logits
             if made:
                 weight = next(m.parameters(), None)
@@ -514,6 +515,11 @@ def _state(codec: Codec, module: nn.Module, tensor: str, head_dim: int) -> nn.Mo
     """`codec.make_state` for the key or value tensor of an attention layer, given its projection."""
     kv_heads = _kv_heads(module)
     return codec.make_state(head_dim, kv_heads, projection(module, tensor, head_dim, kv_heads))
+
+
+def _slides(module: nn.Module) -> bool:
+    """Whether an attention layer attends within a sliding window (Gemma 2/3's sliding layers)."""
+    return get_layer_types_and_kwargs(module.config)[0][module.layer_idx] == "sliding_attention"
 
 
 def _kv_heads(module: nn.Module) -> int:
