@@ -8,12 +8,21 @@ tokens (every prediction reading K/V as the cache holds them, train/decode parit
 
     kivi2/kivi4  quantization alone, post-training (the presets: 2 and 4 bits, a 128-token window)
     svd          the factors as attach starts them: the truncated SVD of k_proj / v_proj (CSKV's init)
+    raw25f       raw25's bytes with the ranks re-spent per layer by calibration (`--ranks fisher`, Palu's
+                 Fisher rank search: kvtrain.kv.calibrate.fisher_ranks); calibrated and trained rows only
+    weights      ThinK's kept channels as attach starts them: each head's largest k_proj / v_proj rows
     calibrated   refitted to the principal directions of the model's own K and V (`kvtrain calibrate`
                  on 16 windows of the train split: Palu's whitened SVD; for raw latents also the
-                 optimum of CSKV's layer-wise reconstruction objective, which it trains towards)
+                 optimum of CSKV's layer-wise reconstruction objective, which it trains towards; ThinK:
+                 each head's channels with the highest E[q_j^2] E[k_j^2], values by E[v_j^2])
     trained      fine-tuned end to end from the calibration (the recipe: LM loss + KL to the full-KV
                  model, 120 steps of 4 x 1024), 3 seeds, each with its own full-precision-KV perplexity
     references   kivi2 QAT and the calibrated 2-bit codebook QAT (bench/results/qat_recovery, qat_nuq2)
+
+ThinK points (`THINK`) prune key channels (40%, 60%: ThinK's settings, values in full precision) or key
+and value channels (50%: the low-rank 50% points' bytes), post-RoPE, the same window, kept channels in
+float16. A report run re-evaluates the points it is given and keeps the committed rows of the others
+(OUT/kv_lowrank.json), so a new point does not need every trained model on the machine.
 
 Bytes: real caches for kvtrain-ref's shape filled with random K/V in bfloat16, decoding at 1024 tokens
 (bench/kv_quality.py's measure), against a bfloat16 DynamicCache. Runs land in OUT/<point>/; a finished
@@ -40,7 +49,7 @@ from kvtrain.cli import calibrate, recipe_path
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, perplexity, write_json
 from kvtrain.home import is_complete
-from kvtrain.kv import KVSpec
+from kvtrain.kv import KVSpec, load_spec
 from kvtrain.models import REFERENCE, load_model, load_tokenizer
 
 POINTS = {  # name: (key rank, value rank, latent bits; 16: float16)
@@ -48,6 +57,9 @@ POINTS = {  # name: (key rank, value rank, latent bits; 16: float16)
     "raw50": (24, 32, 16), "raw25": (8, 16, 16),
     "int4_50": (24, 32, 4), "int2_50": (24, 32, 2), "int4_25": (8, 16, 4), "int2_25": (8, 16, 2),
 }
+FISHER = {"raw25f": "raw25"}  # name: the point whose ranks its calibration re-spends per layer (ranks="fisher")
+THINK = {"think40": (0.4, 0.0), "think60": (0.6, 0.0), "think50kv": (0.5, 0.5)}  # name: pruned K, V fractions
+NAMES = [*POINTS, *FISHER, *THINK]
 REFERENCES = {"kivi2 QAT": ("bench/results/qat_recovery", "kivi2"), "nuq2 QAT": ("bench/results/qat_nuq2", "recipe spec")}
 QUANTIZERS = ("kivi2", "kivi4")  # quantization alone, post-training, the same protocol
 WINDOW = 32
@@ -55,12 +67,22 @@ WINDOW = 32
 
 def point_spec(name: str, scale: int = 1) -> KVSpec:
     """The point's spec; `scale` multiplies its ranks (a model with `scale` times kvtrain-ref's KV width)."""
+    if name in FISHER:
+        return point_spec(FISHER[name], scale)  # (its calibration sets the per-layer ranks)
+    if name in THINK:
+        key, value = ({"codec": "raw", "bits": 16, "prune_channels": f} if f else None for f in THINK[name])
+        return KVSpec(key=key, value=value, residual=WINDOW)
     key_rank, value_rank, bits = POINTS[name]
     key_rank, value_rank = key_rank * scale, value_rank * scale
     latent = dict(codec="raw", bits=16) if bits == 16 else dict(codec="affine", bits=bits)
     key = {**latent, "rank": key_rank, **({} if bits == 16 else {"granularity": "per_channel(32)"})}
     value = {**latent, "rank": value_rank, **({} if bits == 16 else {"granularity": "per_token(8)"})}
     return KVSpec(key=key, value=value, residual=WINDOW, placement="pre_rope")
+
+
+def trained_spec(out: Path, name: str, scale: int) -> KVSpec:
+    """The spec a point trains and is evaluated with: a Fisher point's per-layer ranks are its calibration's."""
+    return load_spec(out / name / "calibrated" / "kv_spec.json") if name in FISHER else point_spec(name, scale)
 
 
 def spec_folder(out: Path, name: str, scale: int) -> Path:
@@ -75,17 +97,18 @@ def spec_folder(out: Path, name: str, scale: int) -> Path:
 def calibrated(out: Path, name: str, model: str, windows: int, scale: int) -> Path:
     folder = out / name / "calibrated"
     if not is_complete(folder):
-        calibrate(str(spec_folder(out, name, scale) / "kv_spec.json"), str(folder), model, seq_len=1024, windows=windows)
+        calibrate(str(spec_folder(out, name, scale) / "kv_spec.json"), str(folder), model, seq_len=1024, windows=windows,
+                  ranks="fisher" if name in FISHER else "uniform")
     return folder
 
 
 def recipe_variant(out: Path, name: str, model: str, windows: int, scale: int) -> Path:
     """recipes/lowrank_cskv.yaml with the point's spec, starting from its calibration."""
     config = yaml.safe_load(recipe_path("lowrank_cskv.yaml").read_text())
+    state = calibrated(out, name, model, windows, scale) / "kv_codec_state.safetensors"
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("KVQuantCallback"):
-            callback["init_args"] = {"spec": point_spec(name, scale).to_dict(),
-                                     "codec_state": str(calibrated(out, name, model, windows, scale) / "kv_codec_state.safetensors")}
+            callback["init_args"] = {"spec": trained_spec(out, name, scale).to_dict(), "codec_state": str(state)}
     path = out / "recipes" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -103,11 +126,20 @@ def post_training_rows(out: Path, names: list[str], args) -> list[dict]:
         rows += [{"point": name, "init": "post-training", "split": split,
                   **perplexity(model, dataset, 4, args.max_batches, desc=f"{name} / {split}", spec=name)} for name in QUANTIZERS]
         for name in names:
-            for init, folder in (("svd", spec_folder(out, name, args.rank_scale)),
-                                 ("calibrated", calibrated(out, name, args.model, args.windows, args.rank_scale))):
+            starts = [] if name in FISHER else [("weights" if name in THINK else "svd", spec_folder(out, name, args.rank_scale))]
+            for init, folder in (*starts, ("calibrated", calibrated(out, name, args.model, args.windows, args.rank_scale))):
                 result = perplexity(model, dataset, 4, args.max_batches, desc=f"{name} {init} / {split}", spec=str(folder))
                 rows.append({"point": name, "init": init, "split": split, **result})
     return rows
+
+
+def kept_rows(path: Path, points: list[str], kind: str) -> list[dict]:
+    """The `kind` rows of an earlier report at `path` for the points this run does not evaluate."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    rows = [r for r in earlier[kind] if r["point"] not in points]
+    return [r for r in rows if kind == "trained" or r["point"] in NAMES]
 
 
 def trained_rows(out: Path, names: list[str], args) -> list[dict]:
@@ -117,7 +149,7 @@ def trained_rows(out: Path, names: list[str], args) -> list[dict]:
         models = {f"{name}-seed{s}": str(run_dir(out / name, "qat", s) / "model") for s in args.seeds
                   if is_complete(run_dir(out / name, "qat", s) / "model")}
         for split in args.splits:
-            for row in evaluate(models, point_spec(name, args.rank_scale), None, split, args.seq_len, args.max_batches, args.model) if models else []:
+            for row in evaluate(models, trained_spec(out, name, args.rank_scale), None, split, args.seq_len, args.max_batches, args.model) if models else []:
                 point, seed = row["model"].rsplit("-seed", 1)
                 rows.append({**row, "point": point, "seed": int(seed), "kv": "full precision" if row["kv"] == "full precision" else "own"})
     return rows
@@ -135,12 +167,19 @@ def reference_rows(splits: list[str]) -> list[dict]:
     return rows
 
 
+def fisher_ranks(out: Path, name: str, scale: int) -> tuple[list[int], list[int], int]:
+    """A Fisher point's ranks per layer (key, value) as its calibration chose them, and its latent bits."""
+    spec = load_spec(out / name / "calibrated" / "kv_spec.json")
+    return [*spec.key.layer_rank.values()], [*spec.value.layer_rank.values()], POINTS[FISHER[name]][2]
+
+
 def bytes_rows(out: Path, names: list[str], args) -> dict[str, float]:
     """Bytes per token (bfloat16, decoding at seq_len) of each point's cache, kivi2's and a DynamicCache's."""
     model = load_model(args.model)
     caches = {"full precision": "fp", "kivi2 QAT": "kivi2", "nuq2 QAT": "kivi2",  # (nuq2 stores kivi2's bytes)
               **{name: name for name in QUANTIZERS},
-              **{name: str(spec_folder(out, name, args.rank_scale)) for name in names}}
+              **{name: str(spec_folder(out, name, args.rank_scale) if name not in FISHER else out / name / "calibrated")
+                 for name in names}}
     return {label: bytes_per_token(model, cache, args.seq_len, torch.bfloat16, "decoding") for label, cache in caches.items()}
 
 
@@ -154,7 +193,7 @@ def summary(post: list[dict], trained: list[dict], references: list[dict], nbyte
             table.append({"point": row["point"], "kind": row["init"], "B/token": nbytes[row["point"]],
                           "x fp": nbytes[row["point"]] / full, **{f"{s} ppl": f"{same[s]:.2f}" for s in splits}})
     for point in dict.fromkeys(r["point"] for r in [*trained, *references]):
-        kind = "trained" if point in POINTS else "reference"
+        kind = "trained" if point in NAMES else "reference"
         for kv in ("own", "full precision"):
             cells = {}
             for split in splits:
@@ -174,7 +213,7 @@ def plot(table: list[dict], path: Path, split: str, seq_len: int, model: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"svd": "x", "calibrated": "o", "trained": "s", "reference": "D"}
+    markers = {"svd": "x", "weights": "+", "calibrated": "o", "trained": "s", "reference": "D"}
     for row in table:
         if "full-precision KV" in row["kind"]:
             continue
@@ -196,7 +235,7 @@ def plot(table: list[dict], path: Path, split: str, seq_len: int, model: str) ->
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=REFERENCE)
-    p.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
+    p.add_argument("--points", nargs="+", choices=NAMES, help="default: all (--smoke: four)")
     p.add_argument("--train", nargs="+", metavar="POINT:SEED", help="train just these runs (no report)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--splits", nargs="+", default=["val", "test"])
@@ -208,12 +247,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/results/lowrank")
     p.add_argument("--override", action="append", default=[], help="a recipe override for the trained runs")
-    p.add_argument("--smoke", action="store_true", help="two points, 1 calibration window, 1 eval batch, 2 steps of one seed")
+    p.add_argument("--smoke", action="store_true", help="four points, 1 calibration window, 1 eval batch, 2 steps of one seed")
     args = p.parse_args(argv)
     if args.smoke:
-        args.points, args.windows, args.max_batches, args.splits, args.seeds = ["raw25", "int2_25"], 1, 1, ["val"], [1]
+        args.points = args.points or ["raw25", "int2_25", "raw25f", "think50kv"]
+        args.windows, args.max_batches, args.splits, args.seeds = 1, 1, ["val"], [1]
         args.override += ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
                           "--trainer.enable_progress_bar=false"]
+    args.points = args.points or NAMES
     return args
 
 
@@ -233,18 +274,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.smoke:
         train_runs(out, [(name, seed) for name in args.points for seed in args.seeds], args)
-    post = post_training_rows(out, args.points, args)
-    trained = trained_rows(out, args.points, args)
+    stem = "kv_lowrank_smoke" if args.smoke else "kv_lowrank" if args.seq_len == 1024 else f"kv_lowrank_{args.seq_len}"
+    post, trained = kept_rows(out / f"{stem}.json", args.points, "post_training"), kept_rows(out / f"{stem}.json", args.points, "trained")
+    order = ["full precision", *QUANTIZERS, *NAMES].index
+    post = sorted([*post_training_rows(out, args.points, args), *post], key=lambda r: order(r["point"]))
+    trained = sorted([*trained_rows(out, args.points, args), *trained], key=lambda r: order(r["point"]))
     references = [] if args.no_references else reference_rows(args.splits)
-    nbytes = bytes_rows(out, args.points, args)
+    names = list(dict.fromkeys(r["point"] for r in [*post, *trained] if r["point"] in NAMES))
+    nbytes = bytes_rows(out, names, args)
     table = summary(post, trained, references, nbytes, args.splits)
-    points = {n: (POINTS[n][0] * args.rank_scale, POINTS[n][1] * args.rank_scale, POINTS[n][2]) for n in args.points}
+    points = {n: (POINTS[n][0] * args.rank_scale, POINTS[n][1] * args.rank_scale, POINTS[n][2]) for n in names if n in POINTS}
+    points.update({n: THINK[n] for n in names if n in THINK})
+    points.update({n: fisher_ranks(out, n, args.rank_scale) for n in names if n in FISHER})
     result = {"args": vars(args), "env": environment(), "points": points,
               "bytes": nbytes, "post_training": post, "trained": trained, "references": references, "table": table}
     columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in args.splits]]
     text = (f"{args.model} at {args.seq_len} tokens, whole splits; bytes: bfloat16, decoding. Ranks (key, value, "
-            f"latent bits): {points}.\n\n" + format_table(table, columns))
-    stem = "kv_lowrank_smoke" if args.smoke else "kv_lowrank" if args.seq_len == 1024 else f"kv_lowrank_{args.seq_len}"
+            f"latent bits), ThinK's pruned fractions (key, value): {points}.\n\n" + format_table(table, columns))
     save_outputs(out, stem, result, text)
     plot(table, out / f"{stem}.png", args.splits[0], args.seq_len, args.model)
     print(text)

@@ -216,8 +216,11 @@ def kv_lowrank(results: Path, stem: str = "kv_lowrank") -> str:
     columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in r["args"]["splits"]]]
     rows = [[row[c] if isinstance(row[c], str) else fmt(row[c]) for c in columns] for row in r["table"]]
     ranks = "; ".join(f"{name}: key {k}, value {v}, {'float16' if bits == 16 else f'{bits}-bit'} latents"
-                      for name, (k, v, bits) in r["points"].items())
-    return "\n".join([table(rows, columns), "", f"Points (ranks of the key and value latents, each over all of a layer's KV heads): {ranks}.",
+                      for name, point in r["points"].items() if len(point) == 3 for k, v, bits in [point])
+    pruned = "; ".join(f"{name}: {k:.0%} of each key head's channels{f', {v:.0%} of each value head' if v else ''}"
+                       for name, point in r["points"].items() if len(point) == 2 for k, v in [point])
+    return "\n".join([table(rows, columns), "", f"Points (ranks of the key and value latents, each over all of a layer's KV heads): {ranks}."
+                      + (f" ThinK (channels not stored, post-RoPE, the kept ones in float16; values in full precision unless said): {pruned}." if pruned else ""),
                       f"Python {r['env']['python']}, {r['env']['threads']} thread(s)."])
 
 
@@ -304,6 +307,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     # issue 13: low-rank latents against their bytes
     "kv_lowrank": kv_lowrank,
     "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),
+    "kv_lowrank_think": partial(kv_lowrank, stem="think/kv_lowrank"),
     "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
     # issue 14: retrieval under token eviction, training-free and trained against
     "kv_eviction": kv_eviction,

@@ -4,7 +4,7 @@
     kvtrain eval --model PATH_OR_CKPT [--split val]             perplexity table + JSON
     kvtrain export CHECKPOINT FOLDER                            checkpoint (ZeRO shards too) -> HF folder
     kvtrain quickstart [--model smollm2-135m]                   the main job on the embedded default (or the real model)
-    kvtrain calibrate SPEC FOLDER [--model M]                   fit a spec's codebooks to a model (KVQuant's NUQ)
+    kvtrain calibrate SPEC FOLDER [--model M]                   fit a spec's state to a model (NUQ, low-rank, ThinK)
 """
 
 from __future__ import annotations
@@ -296,15 +296,17 @@ def calibrate(
     windows: int = 16,
     batch_size: int = 4,
     iterations: int = 100,
+    ranks: Literal["uniform", "fisher"] = "uniform",
     overwrite: bool = False,
 ) -> str:
-    """Fit a KV spec's codebooks and low-rank factors to a model (KVQuant's sensitivity-weighted
-    k-means: each layer's levels for K and V over the values as the codec normalizes them, weighted by
-    their squared LM-loss gradients; a low-rank stage's factors: the principal directions of the K or V
-    it compresses), and write the spec with its fitted state to a folder.
+    """Fit a KV spec's codebooks, low-rank factors and kept channels to a model (KVQuant's
+    sensitivity-weighted k-means: each layer's levels for K and V over the values as the codec
+    normalizes them, weighted by their squared LM-loss gradients; a low-rank stage's factors: the
+    principal directions of the K or V it compresses; channel pruning: each head's channels with
+    ThinK's highest query-key score), and write the spec with its fitted state to a folder.
 
     Args:
-        spec: whose state to fit (codec nf with learnable: true, or rank: r): a spec JSON file or folder, or a recipe
+        spec: whose state to fit (codec nf with learnable: true, rank: r, or prune_channels): a spec JSON file or folder, or a recipe
             (its KVQuantCallback's spec; a recipe whose callback names a codec_state reads it from `to`).
         to: the output folder: kv_spec.json, kv_codec_state.safetensors and calibration.json. Give it as
             the spec to KVQuantCallback (`kvtrain fit`), `kvtrain eval --kv` or `attach`: the codec
@@ -315,6 +317,9 @@ def calibrate(
         windows: windows of calibration text, spread evenly over the split.
         batch_size: windows per forward and backward.
         iterations: at most this many k-means (Lloyd) iterations per codebook.
+        ranks: "fisher" re-spends the bytes of a low-rank spec's ranks per layer where the loss is most
+            sensitive (Palu's Fisher rank search; kv_spec.json then holds each layer's `layer_rank`);
+            "uniform" keeps the spec's ranks.
         overwrite: replace `to` even if it is a non-empty folder kvtrain did not write.
     """
     from kvtrain.callbacks.export import check_export_target, write_export
@@ -328,8 +333,13 @@ def calibrate(
     picks = torch.linspace(0, len(dataset) - 1, min(windows, len(dataset))).long().unique().tolist()
     ids = torch.stack([dataset[i]["input_ids"] for i in picks]).to(next(hf_model.parameters()).device)
     start = time.time()
-    rows = fit(hf_model, recipe_spec(spec)[0] if spec.endswith((".yaml", ".yml")) else spec, ids.split(batch_size))
+    rows = fit(hf_model, recipe_spec(spec)[0] if spec.endswith((".yaml", ".yml")) else spec, ids.split(batch_size),
+               iterations, ranks=ranks)
     print(format_table(rows, ["layer", "tensor", "fit", "values", "error_before", "error_after"]))
+    if ranks == "fisher":
+        fitted = attached_spec(hf_model)
+        print("ranks per layer: " + "; ".join(f"{t}: {getattr(fitted, t).layer_rank}" for t in ("key", "value")
+                                               if getattr(fitted, t) is not None))
     report = {"model": model, "data": data or "stdlib", "split": "train", "seq_len": seq_len, "windows": len(picks),
               "seconds": round(time.time() - start, 2), "rows": rows}
     codec_state = codec_state_dict(hf_model)

@@ -123,9 +123,16 @@ def test_kv_lowrank_smoke(tmp_path, reference):
     kinds = [(r["point"], r["kind"]) for r in result["table"]]
     assert kinds[:7] == [("full precision", "-"), ("kivi2", "post-training"), ("kivi4", "post-training"), ("raw25", "svd"),
                          ("raw25", "calibrated"), ("int2_25", "svd"), ("int2_25", "calibrated")]
+    assert kinds[7:10] == [("raw25f", "calibrated"), ("think50kv", "weights"), ("think50kv", "calibrated")]
+    key_ranks, value_ranks, _ = result["points"]["raw25f"]  # raw25's ranks (8, 16) re-spent over the 4 layers
+    assert sum(key_ranks) + sum(value_ranks) == 4 * (8 + 16) and nbytes_equal(result, "raw25f", "raw25")
     assert ("raw25", "trained, its cache") in kinds and ("int2_25", "trained, full-precision KV") in kinds
+    assert ("think50kv", "trained, its cache") in kinds and ("raw25f", "trained, its cache") in kinds
     assert ("kivi2 QAT", "reference, its cache") in kinds
     nbytes = result["bytes"]
+    # ThinK at half of K's and V's channels: 16 of 32 per head in float16, plus the 32-token window in full
+    # (512 / 1024 * 32 = 16 B/token more) and at most 32 tokens encoded ahead of it (held twice: 16 more)
+    assert 0.5 * 1024 + 16 < nbytes["think50kv"] < 0.5 * 1024 + 2 * 16
     # bf16, decoding at 1024: a DynamicCache holds 4 layers x 2 x 64 x 2 bytes per token; raw25's latents
     # are 24 float16 numbers per layer and token, plus a 32-token window, pre-RoPE positions and the
     # latents encoded ahead of the window; 2-bit latents hold fewer again
@@ -135,6 +142,16 @@ def test_kv_lowrank_smoke(tmp_path, reference):
                        for init in ("svd", "calibrated"))
     assert svd != calibrated  # the calibration moved the factors
     assert (tmp_path / "kv_lowrank_smoke.png").stat().st_size > 10_000
+    # a run for one point keeps the other points' rows of the report it finds
+    run_bench("kv_lowrank.py", tmp_path, "--threads=1", "--points", "think50kv")
+    again = json.loads((tmp_path / "kv_lowrank_smoke.json").read_text())
+    assert [(r["point"], r["kind"]) for r in again["table"]] == kinds
+    assert again["post_training"][3:8] == result["post_training"][3:8]  # raw25's, int2_25's and raw25f's, carried over
+
+
+def nbytes_equal(result: dict, a: str, b: str) -> bool:
+    """Two points' cache bytes agree to the byte-per-token (a Fisher budget keeps the total rank)."""
+    return abs(result["bytes"][a] - result["bytes"][b]) < 1
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_kv_parity import TOL, build, decode, training_views
 
 from kvtrain.kv import KVSpec, TensorPolicy, attach, detach
@@ -150,3 +151,90 @@ def test_low_rank_settings_are_checked():
         attach(model, lowrank(64))
     with pytest.raises(ValueError, match="latent_heads=3 must divide the layer's 2 KV heads"):
         attach(model, lowrank(8, latent_heads=3))
+
+
+def test_fisher_ranks_by_hand():
+    """The budget of the ranks now, spent greedily on the next direction's sensitivity x eigenvalue per
+    byte, each rank in [1, width - 1]. A: eigenvalues [8, 4, 2, 1], s = 1; B: [6, 5, 0.5, 0.1], s = 0.5;
+    both at rank 2 (budget 4 + 1 = 5 with one byte a rank): from ranks 1, A's next gains 4 against B's
+    2.5 -> A = 2; A's next 2 against 2.5 -> B = 2; A's 2 against B's 0.25 -> A = 3, budget spent.
+    With B costing 2 bytes a rank (two groups of heads), budget 2 + 4 = 6 from 1 + 2: A takes ranks 2
+    and 3 (gains 4 and 2 per byte, against B's 1.25), stops at width - 1 = 3, and B's next rank (2
+    bytes) would overspend: A = 3, B = 1."""
+    from kvtrain.kv.calibrate import fisher_ranks
+
+    a, b = torch.tensor([[8.0, 4, 2, 1]]), torch.tensor([[6.0, 5, 0.5, 0.1]])
+    assert fisher_ranks({"A": (a, 1.0, 1, 2), "B": (b, 0.5, 1, 3)}) == {"A": 3, "B": 2}
+    two_groups = torch.cat([b, b]) / 2  # (B's gain summed over its groups: 0.5 x 5 = 2.5, 1.25 per byte)
+    assert fisher_ranks({"A": (a, 1.0, 1, 2), "B": (two_groups, 0.5, 2, 2)}) == {"A": 3, "B": 1}
+
+
+def test_fisher_calibration_respends_the_uniform_ranks_per_layer_and_decodes_as_trained(tmp_path):
+    """ranks='fisher': the attached spec gets per-layer ranks with the uniform spec's total (raw latents:
+    every rank costs the same), chosen by `fisher_ranks` from what calibration observed (sensitivity
+    from backward is positive); each layer's factors have its rank and are the principal directions
+    (error below the SVD start); the model then decodes what it trains on, and the calibrated folder
+    reloads with the per-layer ranks."""
+    from kvtrain.kv.attention import attached_spec
+
+    model = build("llama")
+    layers = len(model.model.layers)
+    spec = KVSpec(key={**RAW, "rank": 8}, value={**RAW, "rank": 16}, residual=4, placement="pre_rope")
+    ids = torch.randint(0, 512, (4, 40), generator=torch.Generator().manual_seed(5))
+    rows = calibrate(model, spec, ids.split(2), progress=False, ranks="fisher")
+    fitted = attached_spec(model)
+    ranks = {**{(layer, "key"): r for layer, r in fitted.key.layer_rank.items()},
+             **{(layer, "value"): r for layer, r in fitted.value.layer_rank.items()}}
+    assert len(ranks) == 2 * layers and sum(ranks.values()) == layers * (8 + 16)
+    assert len(set(ranks.values())) > 1  # (a uniform answer would be the start: nothing re-spent)
+    factors = {(m.layer_idx, name): s for m in (layer.self_attn for layer in model.model.layers)
+               for name, s in getattr(m, CODEC_STATE).items()}
+    assert all(factors[key].down.shape[-1] == rank for key, rank in ranks.items())
+    assert all(f.sensitivity > 0 and f.gradients > 0 for f in factors.values())  # (taken over from the uniform start)
+    assert all(r["rank"] == ranks[r["layer"], r["tensor"]] and r["error_after"] < r["error_before"] for r in rows)
+    _, trained_view = training_views(model, ids[:2], fitted)
+    decoded, _ = decode(model, ids[:2], fitted, [13])
+    torch.testing.assert_close(decoded, trained_view, **TOL)
+    saved = codec_state_dict(model)
+    detach(model)
+    fitted.save(tmp_path)  # (kv_spec.json: layer_rank's keys become strings)
+    save_file(saved, str(tmp_path / "kv_codec_state.safetensors"))
+    assert attach(model, str(tmp_path)) == fitted
+    again, _ = decode(model, ids[:2], fitted, [13])
+    assert torch.equal(again, decoded)
+    detach(model)
+    with pytest.raises(ValueError, match="ranks must be one of"):
+        calibrate(model, spec, ids.split(2), progress=False, ranks="palu")
+    with pytest.raises(ValueError, match="ranks='fisher' budgets the ranks of low-rank latents"):
+        calibrate(model, KVSpec(key=dict(codec="raw", bits=16, prune_channels=0.5), value=None), ids.split(2),
+                  progress=False, ranks="fisher")
+    detach(model)
+
+
+def test_observed_sensitivity_is_the_squared_gradient_of_what_the_stage_compresses():
+    """During calibration each low-rank state adds up the squared LM-loss gradient of its K or V's
+    compressed tokens: equal to autograd's for a crafted loss through one layer's keys."""
+    model = build("llama")
+    spec = KVSpec(key={**RAW, "rank": 8}, value=None, residual=0, placement="pre_rope")
+    attach(model, spec)
+    state = getattr(model.model.layers[0].self_attn, CODEC_STATE)["key"]
+    state.start_observing()
+    x = torch.randn(1, 2, 5, 32, dtype=torch.float64)
+    watched = state.observe_gradient(x)
+    assert watched.is_leaf and watched.requires_grad
+    (watched.square() * 3).sum().backward()  # d/dx = 6x
+    assert state.sensitivity == pytest.approx(float((6 * x).square().sum())) and state.gradients == x.numel()
+    state.observed = None
+    detach(model)
+
+
+def test_layer_ranks_are_checked():
+    with pytest.raises(ValueError, match=r"layer_rank=\{1: 4\} overrides the rank of a low-rank latent.*set rank"):
+        TensorPolicy(**RAW, layer_rank={1: 4})
+    with pytest.raises(ValueError, match=r"layer_rank maps layer indices >= 0 to ranks >= 1, got \{1: 0\}"):
+        TensorPolicy(**RAW, rank=8, layer_rank={1: 0})
+    assert TensorPolicy(**RAW, rank=8, layer_rank={"1": 4}).codec_at(1).rank == 4  # (JSON's string keys)
+    assert TensorPolicy(**RAW, rank=8, layer_rank={"1": 4}).codec_at(0).rank == 8
+    model = build("llama")
+    with pytest.raises(ValueError, match=r"layer indices \[7\] are out of range"):
+        attach(model, KVSpec(key={**RAW, "rank": 8, "layer_rank": {7: 4}}, value=None))

@@ -65,6 +65,8 @@ class AttachState:
     retention: Codec | None = None  # and the codec of the evicted tokens it keeps (None: dropped)
     prompts: list[int] | None = None  # each row's prompt length, for eviction at the prompt's end (training)
     latent_hooks: list = field(default_factory=list)  # a latent cache's (kvtrain.kv.latent): the view of the latent
+    # calibration's (kvtrain.kv.calibrate): (module, query, position_ids) of each viewed attention call
+    query_observer: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], None] | None = None
 
     def plan(self, layer: int) -> tuple[Codec | None, WindowRule | None, Codec | None, WindowRule | None]:
         """(key codec, key rule, value codec, value rule) of a layer, worked out at its first forward;
@@ -242,6 +244,8 @@ def _viewed_attention(module, state: AttachState, stored, query, key, value, att
     if state.rope is not None and stored is None and position_ids is None:
         raise ValueError(f"{type(module).__name__} passed no position_ids to attention; pre-RoPE keys need them")
     pads = _pads(state, position_ids, past, q_len)
+    if state.query_observer is not None:
+        state.query_observer(module, query, position_ids)
     keys = _prepared(key, kq, k_rule, stored and stored.k, pads, state.rope, position_ids)
     values = _prepared(value, vq, v_rule, stored and stored.v, pads)
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention

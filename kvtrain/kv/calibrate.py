@@ -1,8 +1,18 @@
 """Calibration: fit a spec's codec state to a model before it trains or decodes (`kvtrain calibrate`).
 
-Two kinds of state are fitted: codebooks (below) and low-rank factors (`LowRankFactors`: each layer's
+Three kinds of state are fitted: codebooks (below), low-rank factors (`LowRankFactors`: each layer's
 P and Q set to the principal directions of the K or V it sees, the rank-r projection with the least
-squared error on them, which is what SVD-LLM's and Palu's whitened SVD of the projection computes).
+squared error on them, which is what SVD-LLM's and Palu's whitened SVD of the projection computes),
+and ThinK's kept channels (`ChannelScores`: each head's channels with the highest E[q_j^2] E[k_j^2]
+over the text, the queries observed as the layer's attention receives them).
+
+Per-layer ranks (`ranks="fisher"`, Palu's Fisher-based rank search): the same total latent bytes as
+the spec's uniform ranks, re-spent where they buy the most. Dropping direction i of a layer's latent
+costs about s * lambda_i in loss, with lambda_i the i-th eigenvalue of what that layer compresses (per
+token) and s the mean squared LM-loss gradient there (a diagonal Fisher estimate); the ranks are
+allocated greedily by that estimate per byte, which is optimal for it because each layer's eigenvalues
+fall. (Palu gives each layer a rank in proportion to its weight Fisher; the spectrum makes the
+estimate depend on what a rank recovers.)
 
 KVQuant fits each layer's non-uniform codebook (NUQ) for K and for V by k-means over the values as
 the codec normalizes them, each weighted by its sensitivity: the squared gradient of the LM loss
@@ -20,32 +30,46 @@ starts from it (`attach`, `KVQuantCallback`, `kvtrain eval --kv`).
 
 from __future__ import annotations
 
+import heapq
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kvtrain.kv.attention import CODEC_STATE, attach, attention_modules, hf_model
+from kvtrain.kv.attention import CODEC_STATE, AttachState, attach, attached_spec, attention_modules, detach, hf_model
+from kvtrain.kv.codecs.channels import ChannelScores
 from kvtrain.kv.codecs.codebook import CodebookLevels
 from kvtrain.kv.codecs.lowrank import LowRankFactors
 from kvtrain.kv.spec import Spec
 from kvtrain.quant.codebook import fit_codebook, weighted_error
 
 
+RANK_BUDGETS = ("uniform", "fisher")
+
+
 def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor], iterations: int = 100,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Fit the codebooks and low-rank factors of `spec` on `model` over `batches` of input ids (B, T);
-    the model is left attached to the spec with the fitted state. Returns one row per layer, tensor
-    and fit: how many values were seen and the error before and after the fit (a codebook's weighted
-    squared error, low-rank factors' relative squared reconstruction error)."""
+              progress: bool = True, ranks: str = "uniform") -> list[dict[str, Any]]:
+    """Fit the codebooks, low-rank factors and kept channels of `spec` on `model` over `batches` of
+    input ids (B, T); the model is left attached to the spec with the fitted state. Returns one row per
+    layer, tensor and fit: how many values were seen and the error before and after the fit (a
+    codebook's weighted squared error, low-rank factors' relative squared reconstruction error, the
+    share of ThinK's score in the pruned channels). `ranks`: "uniform" keeps the spec's ranks, "fisher"
+    re-spends their bytes per layer (module docstring); the model is left attached to that spec."""
+    if ranks not in RANK_BUDGETS:
+        raise ValueError(f"ranks must be one of {RANK_BUDGETS}, got {ranks!r}")
     attach(model, spec)
-    books, factors = codebooks(model), states_of(model, LowRankFactors)
+    books, factors = codebooks(model), {**states_of(model, LowRankFactors), **states_of(model, ChannelScores)}
     if not books and not factors:
         raise ValueError(f"{spec} has no codec state to calibrate: calibration fits codebooks (codec: nf with "
-                         "learnable: true) and low-rank factors (rank: r), for K or V")
-    with _observing([*books.values(), *factors.values()]), _frozen(model):
+                         "learnable: true), low-rank factors (rank: r) and kept channels (prune_channels), for K or V")
+    if ranks == "fisher" and (books or not any(isinstance(f, LowRankFactors) for f in factors.values())):
+        raise ValueError("ranks='fisher' budgets the ranks of low-rank latents (rank: r) and needs a spec with them and "
+                         "without codebooks (whose levels depend on the ranks): calibrate the ranks first, then "
+                         "calibrate the folder it writes again for the codebooks")
+    with _observing(model, [*books.values(), *factors.values()]), _queries_to(model, factors), _frozen(model):
         seen = 0
         for ids in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -57,10 +81,68 @@ def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor
         if seen == 0:
             raise ValueError("calibration got no batches: give it at least one window of text")
         samples = {key: _gathered(book.observed) for key, book in books.items()}
-        rows = [{"layer": layer, "tensor": tensor, "fit": "low-rank", **_fitted(layer, tensor, factor)}
+        if ranks == "fisher":
+            factors = _rebudgeted(model, factors)
+        rows = [{"layer": layer, "tensor": tensor, **_fitted(layer, tensor, factor)}
                 for (layer, tensor), factor in factors.items()]  # (while they hold what they observed)
     rows += [_fit(layer, tensor, books[layer, tensor], *samples[layer, tensor], iterations) for layer, tensor in books]
     return sorted(rows, key=lambda row: (row["layer"], row["tensor"], row["fit"]))
+
+
+def fisher_ranks(items: dict[Any, tuple[torch.Tensor, float, float, int]]) -> dict[Any, int]:
+    """Ranks for latents given, per latent, (its spectrum: groups x width eigenvalues, largest first;
+    its sensitivity s; the bytes of one more rank; its rank now): the total bytes of the ranks now,
+    spent greedily on the next direction with the most s * eigenvalue per byte, each rank in [1, width - 1]."""
+    budget = sum(cost * rank for _, _, cost, rank in items.values())
+    ranks = {key: 1 for key in items}
+    spent = sum(cost for _, _, cost, _ in items.values())
+    if spent > budget:
+        raise ValueError("a rank budget below one rank per latent")
+
+    def offer(key: Any) -> tuple[float, int, Any] | None:
+        spectrum, sensitivity, cost, _ = items[key]
+        if ranks[key] >= spectrum.shape[-1] - 1:
+            return None
+        return (-sensitivity * float(spectrum[..., ranks[key]].sum()) / cost, order[key], key)
+
+    order = {key: i for i, key in enumerate(items)}  # (ties: the first latent)
+    heap = [o for key in items if (o := offer(key)) is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, _, key = heapq.heappop(heap)
+        if spent + items[key][2] > budget:
+            continue
+        ranks[key] += 1
+        spent += items[key][2]
+        if (o := offer(key)) is not None:
+            heapq.heappush(heap, o)
+    return ranks
+
+
+def _rebudgeted(model: nn.Module, states: dict[tuple[int, str], Any]) -> dict[tuple[int, str], Any]:
+    """The model re-attached with Fisher-budgeted ranks (`fisher_ranks`), its new states holding what the
+    old ones observed (the second moments do not depend on the rank)."""
+    spec = attached_spec(model)
+    latents = {key: s for key, s in states.items() if isinstance(s, LowRankFactors)}
+    items = {(layer, tensor): (s.spectrum(), s.sensitivity / max(s.gradients, 1),
+                               s.down.shape[0] * _bits(spec, tensor, layer), s.down.shape[-1])
+             for (layer, tensor), s in latents.items()}
+    ranks = fisher_ranks(items)
+    policies = {tensor: replace(getattr(spec, tensor), layer_rank={layer: r for (layer, t), r in ranks.items() if t == tensor})
+                for tensor in ("key", "value") if getattr(spec, tensor) is not None}
+    detach(model)
+    attach(model, spec.with_(**policies))
+    found = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores)}
+    for key, old in states.items():
+        for name in ("observed", "values", "sensitivity", "gradients"):
+            if hasattr(old, name):
+                setattr(found[key], name, getattr(old, name))
+    return found
+
+
+def _bits(spec: Spec, tensor: str, layer: int) -> int:
+    policy = getattr(spec, tensor)
+    return policy.layer_bits.get(layer, policy.bits)
 
 
 def codebooks(model: nn.Module) -> dict[tuple[int, str], CodebookLevels]:
@@ -78,11 +160,12 @@ def states_of(model: nn.Module, kind: type[nn.Module]) -> dict[tuple[int, str], 
     return found
 
 
-def _fitted(layer: int, tensor: str, factors: LowRankFactors) -> dict[str, Any]:
-    if factors.values == 0:
+def _fitted(layer: int, tensor: str, state: LowRankFactors | ChannelScores) -> dict[str, Any]:
+    seen = state.values if isinstance(state, LowRankFactors) else state.observed["tokens"]
+    if seen == 0:
         raise ValueError(f"calibration saw no compressed {tensor}s in layer {layer}: the windows are shorter than "
                          "the spec's full-precision window and sinks; calibrate on longer windows")
-    return factors.fit()
+    return {"fit": "low-rank" if isinstance(state, LowRankFactors) else "channels", **state.fit()}
 
 
 def _fit(layer: int, tensor: str, book: CodebookLevels, values: torch.Tensor, weights: torch.Tensor,
@@ -110,18 +193,38 @@ def _gathered(observed: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor, 
 
 
 @contextmanager
-def _observing(states: Iterable[CodebookLevels | LowRankFactors]) -> Iterator[None]:
+def _observing(model: nn.Module, states: Iterable[CodebookLevels | LowRankFactors | ChannelScores]) -> Iterator[None]:
     states = list(states)
     for state in states:
-        if isinstance(state, LowRankFactors):
+        if isinstance(state, (LowRankFactors, ChannelScores)):
             state.start_observing()
         else:
             state.observed = []
     try:
         yield
-    finally:
-        for state in states:
+    finally:  # (and the states a re-attach with other ranks made, which took over what these observed)
+        for state in [*states, *(m for m in model.modules() if isinstance(m, (CodebookLevels, LowRankFactors, ChannelScores)))]:
             state.observed = None
+
+
+@contextmanager
+def _queries_to(model: nn.Module, states: dict[tuple[int, str], Any]) -> Iterator[None]:
+    """Each layer's queries to its keys' channel scores (ThinK's query factor), rotated back to before
+    RoPE when the keys are pre-RoPE (the basis their channels are pruned in)."""
+    scored = {layer: s for (layer, tensor), s in states.items() if tensor == "key" and isinstance(s, ChannelScores)}
+    attached: AttachState = hf_model(model).kvtrain_state
+
+    def observe(module: nn.Module, query: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        if module.layer_idx in scored:
+            if attached.rope is not None:
+                query = attached.rope.rotate(query, position_ids, inverse=True)
+            scored[module.layer_idx].observe_queries(query)
+
+    attached.query_observer = observe if scored else None
+    try:
+        yield
+    finally:
+        attached.query_observer = None
 
 
 @contextmanager

@@ -276,6 +276,12 @@ class TensorPolicy:
             (initialized from the SVD of k_proj / v_proj, refitted by `kvtrain calibrate`), the latent
             encoded by `codec` ("raw": in the cache's dtype, bits 16; "affine": quantized); 0: off.
         latent_heads: KV heads per latent (0: all of a layer's, as CSKV; Palu groups 4).
+        layer_rank: per-layer ranks {layer: rank} overriding `rank` (`kvtrain calibrate --ranks fisher`
+            writes them: the same bytes as `rank` everywhere, spent where the loss is most sensitive).
+        prune_channels: ThinK's channel pruning (`kvtrain.kv.codecs.channels`): this fraction of each
+            head's channels is not stored (keys: the lowest query-key scores, values: the lowest
+            energies; scored by `kvtrain calibrate`), the kept ones encoded by `codec` ("raw", bits 16:
+            ThinK itself); 0: off.
     """
 
     codec: str = "affine"
@@ -293,6 +299,8 @@ class TensorPolicy:
     high_fraction: float = 0.5
     rank: int = 0
     latent_heads: int = 0
+    layer_rank: dict[int, int] = field(default_factory=dict)
+    prune_channels: float = 0.0
 
     def __post_init__(self) -> None:
         self.granularity = str(parse_granularity(self.granularity))
@@ -311,6 +319,19 @@ class TensorPolicy:
                 raise ValueError(f"{name} must be {'an' if name == 'rotation_seed' else 'a non-negative'} integer, got {value!r}")
         if self.rotation_heads != 1 and self.rotation == "none":
             raise ValueError(f"rotation_heads={self.rotation_heads} groups heads for a rotation: set rotation too")
+        if isinstance(self.prune_channels, bool) or not isinstance(self.prune_channels, (int, float)) or not (
+                0 <= self.prune_channels < 1):
+            raise ValueError(f"prune_channels must be a fraction in [0, 1), got {self.prune_channels!r}")
+        if self.prune_channels and self.rank:
+            raise ValueError(f"prune_channels={self.prune_channels} and rank={self.rank} both shrink each token: "
+                             "use one of them (a low-rank latent already chooses its directions)")
+        self.layer_rank = {int(k): v for k, v in self.layer_rank.items()}  # (JSON keys are strings)
+        for layer, rank in self.layer_rank.items():
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or layer < 0:
+                raise ValueError(f"layer_rank maps layer indices >= 0 to ranks >= 1, got {{{layer}: {rank!r}}}")
+        if self.layer_rank and not self.rank:
+            raise ValueError(f"layer_rank={self.layer_rank} overrides the rank of a low-rank latent in some layers: "
+                             "set rank (the other layers') too")
         if self.latent_heads and not self.rank:
             raise ValueError(f"latent_heads={self.latent_heads} groups the heads of a low-rank latent: set rank too")
         _check_switch("symmetric", self.symmetric)
@@ -322,7 +343,8 @@ class TensorPolicy:
             build_codec(self, bits)  # the codec's own errors (bit range, granularity), here and not in a forward
 
     def codec_at(self, layer: int) -> Codec:
-        return build_codec(self, self.layer_bits.get(layer, self.bits))
+        policy = replace(self, rank=self.layer_rank[layer], layer_rank={}) if layer in self.layer_rank else self
+        return build_codec(policy, self.layer_bits.get(layer, self.bits))
 
 
 SPEC_VERSION = 2
@@ -408,7 +430,8 @@ class KVSpec(_LayerPlan):
         return None if policy is None else policy.codec_at(layer)
 
     def _layer_indices(self) -> list[int]:
-        return sorted({layer for policy in (self.key, self.value) if policy is not None for layer in policy.layer_bits})
+        return sorted({layer for policy in (self.key, self.value) if policy is not None
+                       for layer in (*policy.layer_bits, *policy.layer_rank)})
 
     def _granularity_name(self, name: str) -> str:
         return f"{name}.granularity group"

@@ -179,11 +179,13 @@ register = registrar(CODECS, "codec", "TensorPolicy fields")
 
 
 def build_codec(policy: Any, bits: int) -> Codec:
-    """The registered codec `policy.codec` for one layer at `bits`, behind the policy's stages: a
-    low-rank latent, a rotation, then the outliers kept aside (each stage builds what follows it
-    without itself, so the rotation and the outliers act on the latent)."""
+    """The registered codec `policy.codec` for one layer at `bits`, behind the policy's stages: the
+    kept channels, a low-rank latent, a rotation, then the outliers kept aside (each stage builds what
+    follows it without itself, so the rotation and the outliers act on the latent)."""
     if policy.codec not in CODECS:
         raise ValueError(f"unknown codec {policy.codec!r}; registered: {sorted(CODECS)}")
+    if getattr(policy, "prune_channels", 0):
+        return ChannelPruned.from_policy(policy, bits)
     if getattr(policy, "rank", 0):
         return LowRank.from_policy(policy, bits)
     if getattr(policy, "rotation", "none") != "none":
@@ -194,6 +196,7 @@ def build_codec(policy: Any, bits: int) -> Codec:
 
 
 from kvtrain.kv.codecs import affine, codebook, mixed, raw, ternary, vllm  # noqa: E402,F401  (registers them)
+from kvtrain.kv.codecs.channels import ChannelPruned  # noqa: E402
 from kvtrain.kv.codecs.lowrank import LowRank  # noqa: E402
 from kvtrain.kv.codecs.outliers import Outliers  # noqa: E402
 from kvtrain.kv.codecs.rotation import Rotated  # noqa: E402

@@ -127,6 +127,7 @@ class TensorQuant(GroupedCodec):
         dict(bits=2, granularity="per_token(4)", rank=12),  # a quantized low-rank latent of both heads
         dict(bits=4, granularity="per_channel(16)", rank=12, latent_heads=1),  # one latent per head
         dict(bits=2, granularity="per_token(8)", rank=16, rotation="random_hadamard"),  # Palu: a Hadamard on the latent
+        dict(bits=2, granularity="per_channel(16)", prune_channels=0.25),  # ThinK's kept channels, quantized
     )
 
     symmetric: bool = False

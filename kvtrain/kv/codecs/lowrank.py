@@ -42,7 +42,9 @@ def _times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 class LowRankFactors(nn.Module):
     """P ("down", groups x width x rank) and Q ("up", groups x rank x width) of one layer's K or V, the
     inner codec's state beside them, and while `observed` is a tensor (calibration: `kvtrain.kv.calibrate`)
-    the second moment of the grouped values the stage saw (groups x width x width, float64)."""
+    the second moment of the grouped values the stage saw (groups x width x width, float64) and the
+    sum of their squared LM-loss gradients (`sensitivity`, a diagonal Fisher estimate over the layer's
+    K or V: how much a reconstruction error there costs, for per-layer rank budgets)."""
 
     def __init__(self, down: torch.Tensor, up: torch.Tensor, inner: nn.Module | None = None):
         super().__init__()
@@ -56,11 +58,32 @@ class LowRankFactors(nn.Module):
     def start_observing(self) -> None:
         groups, width, _ = self.down.shape
         self.observed, self.values = torch.zeros(groups, width, width, dtype=torch.float64), 0
+        self.sensitivity, self.gradients = 0.0, 0
 
     def observe(self, grouped: torch.Tensor) -> None:
         flat = grouped.detach().double().cpu().transpose(0, 1).flatten(1, 2)  # (groups, B * n, width)
         self.observed += flat.transpose(1, 2) @ flat
         self.values += grouped.numel()
+
+    def observe_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """x, whose gradient backward adds to `sensitivity` (x made a leaf when nothing before it needs a
+        gradient: calibration freezes the weights, so the first layer's K/V are the first to)."""
+        if not torch.is_grad_enabled():
+            return x
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        x.register_hook(self._add_gradient)
+        return x
+
+    def _add_gradient(self, grad: torch.Tensor) -> None:
+        self.sensitivity += float(grad.detach().double().square().sum())
+        self.gradients += grad.numel()
+
+    def spectrum(self) -> torch.Tensor:
+        """The observed second moment's eigenvalues per group, largest first, per observed token: what
+        each further direction of the latent would recover of E|x|^2."""
+        tokens = max(self.values // self.observed.shape[-1] // self.observed.shape[0], 1)
+        return torch.linalg.eigvalsh(self.observed).flip(-1).clamp(min=0) / tokens
 
     @torch.no_grad()
     def fit(self) -> dict[str, Any]:
@@ -71,7 +94,7 @@ class LowRankFactors(nn.Module):
         directions = torch.linalg.eigh(moment).eigenvectors.flip(-1)[..., :rank]  # (eigh: ascending)
         self.down.copy_(directions)
         self.up.copy_(directions.transpose(-1, -2))
-        return {"values": self.values, "error_before": before, "error_after": self.error(moment)}
+        return {"values": self.values, "error_before": before, "error_after": self.error(moment), "rank": rank}
 
     def error(self, moment: torch.Tensor) -> float:
         """E|x - x P Q|^2 / E|x|^2 over the values whose second moment is `moment`."""
@@ -90,7 +113,7 @@ class LowRank(Stage):
 
     @classmethod
     def from_policy(cls, policy: Any, bits: int) -> "LowRank":
-        return cls(build_codec(replace(policy, rank=0, latent_heads=0), bits), policy.rank, policy.latent_heads)
+        return cls(build_codec(replace(policy, rank=0, latent_heads=0, layer_rank={}), bits), policy.rank, policy.latent_heads)
 
     def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> LowRankFactors:
         """P and Q from the truncated SVD of `weight`, the layer's projection (kv_heads * head_dim rows)."""
@@ -150,7 +173,7 @@ class LowRank(Stage):
         While calibration observes, x passes through (its statistics are the full-precision model's)."""
         if self.state is not None and self.state.observed is not None:
             self.state.observe(self._grouped(x))
-            return x
+            return self.state.observe_gradient(x)
         return self._ungrouped(_times(self.inner.simulate(self._latent(x)), self._factors(x)[1]), x.shape[-1])
 
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:

@@ -1,6 +1,6 @@
 """The raw codec: each token stored as it arrives, rounded to a 16-bit float (`scale_dtype`: float16
 or bfloat16, the deployment's), 2 bytes per number. Behind the low-rank stage it is CSKV's and Palu's
-latent cache (`rank: r, codec: raw, bits: 16`)."""
+latent cache (`rank: r, codec: raw, bits: 16`), behind channel pruning ThinK's (`prune_channels`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from kvtrain.kv.codecs import Codec, Payload, register
 class Raw(Codec):
     """x in `dtype` (decoded back to x's dtype), with a straight-through gradient."""
 
-    examples: ClassVar[tuple[dict[str, Any], ...]] = (dict(bits=16, rank=24),)  # alone it would not compress
+    # alone it would not compress: a low-rank latent, ThinK's kept channels
+    examples: ClassVar[tuple[dict[str, Any], ...]] = (dict(bits=16, rank=24), dict(bits=16, prune_channels=0.5))
     bits_stored: ClassVar[int] = 16
 
     dtype: Literal["float16", "bfloat16"] = "float16"
