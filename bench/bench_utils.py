@@ -19,6 +19,7 @@ re-quantizes the whole tensor (HQQ with its default proximal optimizer) and empt
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import sys
@@ -31,6 +32,7 @@ from transformers.cache_utils import Cache
 
 from kvtrain import QuantizedKVCache, attached
 from kvtrain.eval import cache_nbytes, format_table, write_json
+from kvtrain.models import resolve
 
 OURS = ("kivi2", "kivi4")
 GROUP, RESIDUAL = 32, 128  # the kivi presets' group size and window, given to the peer too
@@ -80,9 +82,27 @@ def label(name: str) -> str:
     return f"peer QuantizedCache HQQ {bits}-bit axis_key={key} axis_value={value}"
 
 
-def environment() -> dict:
+def model_build(name_or_path: str) -> str | None:
+    """The first 16 hex digits of the sha256 of a model's weight files: which build of the model a
+    result belongs to (kvtrain-ref pretrained again in another session is not bit-identical to the
+    last build, so two builds' numbers must not share a table); None for a model with no local
+    safetensors files (a hub name only in the Hugging Face cache)."""
+    folder = Path(resolve(name_or_path)).expanduser()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def environment(models: dict[str, str] | None = None) -> dict:
     """What a result depends on besides the code: the Python version (the embedded corpus is this
-    interpreter's standard library), library versions, the CPU and torch's threads."""
+    interpreter's standard library), library versions, the CPU, torch's threads, and the build of each
+    model in `models` ({name: name or path}: `model_build`)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -94,7 +114,8 @@ def environment() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": installed("transformers"),
             "hqq": installed("hqq"), "trl": installed("trl"), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            **({"models": {name: model_build(path) for name, path in models.items()}} if models else {})}
 
 
 def set_threads(n: int) -> None:

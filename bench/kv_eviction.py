@@ -37,6 +37,7 @@ import lightning as L
 import torch
 
 from bench_utils import environment
+from readme_tables import check_same_builds
 from kvtrain.callbacks import KVQuantCallback
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.data.tasks import TaskDataModule
@@ -385,12 +386,15 @@ def main(argv: list[str] | None = None) -> None:
         print(format_table(trained_rows, list(trained_rows[0])))
     name = "kv_eviction_smoke" if args.smoke else "kv_eviction"
     results = out / f"{name}.json"
+    env = environment({"base": base})
     if (args.train or args.summarize or args.perplexity) and results.is_file() and not args.smoke:
-        report = {**json.loads(results.read_text()), "trained": trained_rows}  # trained points join the table
+        earlier = json.loads(results.read_text())
+        check_same_builds(env, earlier.get("env", {}), str(results))
+        report = {**earlier, "trained": trained_rows}  # trained points join the table
     else:
         free = training_free(args, base)
         report = {"training_free": free, "equal_bytes": equal_bytes(args, base, free), "trained": trained_rows,
-                  "args": vars(args), "env": environment()}
+                  "args": vars(args), "env": env}
         args.perplexity = True
     if args.perplexity:
         report["perplexity"] = perplexity(args, report["equal_bytes"])

@@ -9,7 +9,8 @@ tokens (every prediction reading K/V as the cache holds them, train/decode parit
     kivi2/kivi4  quantization alone, post-training (the presets: 2 and 4 bits, a 128-token window)
     svd          the factors as attach starts them: the truncated SVD of k_proj / v_proj (CSKV's init)
     raw25f       raw25's bytes with the ranks re-spent per layer by calibration (`--ranks fisher`, Palu's
-                 Fisher rank search: kvtrain.kv.calibrate.fisher_ranks); calibrated and trained rows only
+                 Fisher rank search: kvtrain.kv.calibrate.fisher_ranks); calibrated and trained rows only;
+                 raw25f50 the same with each latent keeping at least half its rank (`--rank_floor 0.5`)
     weights      ThinK's kept channels as attach starts them: each head's largest k_proj / v_proj rows
     calibrated   refitted to the principal directions of the model's own K and V (`kvtrain calibrate`
                  on 16 windows of the train split: Palu's whitened SVD; for raw latents also the
@@ -43,6 +44,7 @@ import torch
 import yaml
 
 from bench_utils import environment, save_outputs, set_threads
+from readme_tables import check_same_builds
 from kv_quality import bytes_per_token
 from qat_recovery import evaluate, mean_sd, run_dir, train
 from kvtrain.cli import calibrate, recipe_path
@@ -57,7 +59,8 @@ POINTS = {  # name: (key rank, value rank, latent bits; 16: float16)
     "raw50": (24, 32, 16), "raw25": (8, 16, 16),
     "int4_50": (24, 32, 4), "int2_50": (24, 32, 2), "int4_25": (8, 16, 4), "int2_25": (8, 16, 2),
 }
-FISHER = {"raw25f": "raw25"}  # name: the point whose ranks its calibration re-spends per layer (ranks="fisher")
+# name: (the point whose ranks its calibration re-spends per layer, ranks="fisher"; the share of its rank each latent keeps)
+FISHER = {"raw25f": ("raw25", 0.0), "raw25f50": ("raw25", 0.5)}
 THINK = {"think40": (0.4, 0.0), "think60": (0.6, 0.0), "think50kv": (0.5, 0.5)}  # name: pruned K, V fractions
 NAMES = [*POINTS, *FISHER, *THINK]
 REFERENCES = {"kivi2 QAT": ("bench/results/qat_recovery", "kivi2"), "nuq2 QAT": ("bench/results/qat_nuq2", "recipe spec")}
@@ -68,7 +71,7 @@ WINDOW = 32
 def point_spec(name: str, scale: int = 1) -> KVSpec:
     """The point's spec; `scale` multiplies its ranks (a model with `scale` times kvtrain-ref's KV width)."""
     if name in FISHER:
-        return point_spec(FISHER[name], scale)  # (its calibration sets the per-layer ranks)
+        return point_spec(FISHER[name][0], scale)  # (its calibration sets the per-layer ranks)
     if name in THINK:
         key, value = ({"codec": "raw", "bits": 16, "prune_channels": f} if f else None for f in THINK[name])
         return KVSpec(key=key, value=value, residual=WINDOW)
@@ -98,7 +101,7 @@ def calibrated(out: Path, name: str, model: str, windows: int, scale: int) -> Pa
     folder = out / name / "calibrated"
     if not is_complete(folder):
         calibrate(str(spec_folder(out, name, scale) / "kv_spec.json"), str(folder), model, seq_len=1024, windows=windows,
-                  ranks="fisher" if name in FISHER else "uniform")
+                  ranks="fisher" if name in FISHER else "uniform", rank_floor=FISHER.get(name, ("", 0.0))[1])
     return folder
 
 
@@ -133,12 +136,19 @@ def post_training_rows(out: Path, names: list[str], args) -> list[dict]:
     return rows
 
 
-def kept_rows(path: Path, points: list[str], kind: str) -> list[dict]:
-    """The `kind` rows of an earlier report at `path` for the points this run does not evaluate."""
+def earlier_report(path: Path, env: dict) -> dict:
+    """The report this run adds to ({} if none), refused when it was measured on another build of the
+    model (`env`: this run's)."""
     if not path.is_file():
-        return []
+        return {}
     earlier = json.loads(path.read_text())
-    rows = [r for r in earlier[kind] if r["point"] not in points]
+    check_same_builds(env, earlier.get("env", {}), str(path))
+    return earlier
+
+
+def kept_rows(earlier: dict, points: list[str], kind: str) -> list[dict]:
+    """The `kind` rows of the earlier report for the points this run does not evaluate."""
+    rows = [r for r in earlier.get(kind, []) if r["point"] not in points]
     return [r for r in rows if kind == "trained" or r["point"] in NAMES]
 
 
@@ -170,17 +180,22 @@ def reference_rows(splits: list[str]) -> list[dict]:
 def fisher_ranks(out: Path, name: str, scale: int) -> tuple[list[int], list[int], int]:
     """A Fisher point's ranks per layer (key, value) as its calibration chose them, and its latent bits."""
     spec = load_spec(out / name / "calibrated" / "kv_spec.json")
-    return [*spec.key.layer_rank.values()], [*spec.value.layer_rank.values()], POINTS[FISHER[name]][2]
+    return [*spec.key.layer_rank.values()], [*spec.value.layer_rank.values()], POINTS[FISHER[name][0]][2]
 
 
-def bytes_rows(out: Path, names: list[str], args) -> dict[str, float]:
-    """Bytes per token (bfloat16, decoding at seq_len) of each point's cache, kivi2's and a DynamicCache's."""
+def bytes_rows(out: Path, names: list[str], args, earlier: dict) -> dict[str, float]:
+    """Bytes per token (bfloat16, decoding at seq_len) of each point's cache, kivi2's and a DynamicCache's;
+    a point this run does not evaluate keeps the earlier report's (a pre-RoPE cache at SmolLM2's shape
+    takes minutes to measure: it rotates every held key at each of 128 decode steps)."""
+    kept = {name: v for name, v in earlier.get("bytes", {}).items() if name in names and name not in args.points}
+    names = [name for name in names if name not in kept]
     model = load_model(args.model)
     caches = {"full precision": "fp", "kivi2 QAT": "kivi2", "nuq2 QAT": "kivi2",  # (nuq2 stores kivi2's bytes)
               **{name: name for name in QUANTIZERS},
               **{name: str(spec_folder(out, name, args.rank_scale) if name not in FISHER else out / name / "calibrated")
                  for name in names}}
-    return {label: bytes_per_token(model, cache, args.seq_len, torch.bfloat16, "decoding") for label, cache in caches.items()}
+    return {**kept, **{label: bytes_per_token(model, cache, args.seq_len, torch.bfloat16, "decoding")
+                       for label, cache in caches.items()}}
 
 
 def summary(post: list[dict], trained: list[dict], references: list[dict], nbytes: dict[str, float], splits) -> list[dict]:
@@ -275,18 +290,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         train_runs(out, [(name, seed) for name in args.points for seed in args.seeds], args)
     stem = "kv_lowrank_smoke" if args.smoke else "kv_lowrank" if args.seq_len == 1024 else f"kv_lowrank_{args.seq_len}"
-    post, trained = kept_rows(out / f"{stem}.json", args.points, "post_training"), kept_rows(out / f"{stem}.json", args.points, "trained")
+    env = environment({"model": args.model})
+    earlier = earlier_report(out / f"{stem}.json", env)
+    post, trained = (kept_rows(earlier, args.points, kind) for kind in ("post_training", "trained"))
     order = ["full precision", *QUANTIZERS, *NAMES].index
     post = sorted([*post_training_rows(out, args.points, args), *post], key=lambda r: order(r["point"]))
     trained = sorted([*trained_rows(out, args.points, args), *trained], key=lambda r: order(r["point"]))
     references = [] if args.no_references else reference_rows(args.splits)
     names = list(dict.fromkeys(r["point"] for r in [*post, *trained] if r["point"] in NAMES))
-    nbytes = bytes_rows(out, names, args)
+    nbytes = bytes_rows(out, names, args, earlier)
     table = summary(post, trained, references, nbytes, args.splits)
     points = {n: (POINTS[n][0] * args.rank_scale, POINTS[n][1] * args.rank_scale, POINTS[n][2]) for n in names if n in POINTS}
     points.update({n: THINK[n] for n in names if n in THINK})
-    points.update({n: fisher_ranks(out, n, args.rank_scale) for n in names if n in FISHER})
-    result = {"args": vars(args), "env": environment(), "points": points,
+    kept_ranks = earlier.get("points", {})  # (a kept Fisher point's calibration is not committed: its ranks are)
+    points.update({n: kept_ranks[n] if n not in args.points and n in kept_ranks else fisher_ranks(out, n, args.rank_scale)
+                   for n in names if n in FISHER})
+    result = {"args": vars(args), "env": env, "points": points,
               "bytes": nbytes, "post_training": post, "trained": trained, "references": references, "table": table}
     columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in args.splits]]
     text = (f"{args.model} at {args.seq_len} tokens, whole splits; bytes: bfloat16, decoding. Ranks (key, value, "

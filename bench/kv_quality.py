@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = {"layers": config.num_hidden_layers, "kv_heads": config.num_key_value_heads,
              "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
     result = {"args": vars(args), "shape": shape, "windows": len(windows), "model_dtype": str(base.dtype).removeprefix("torch."),
-              "env": environment(), "parity_max_abs_diff": parity, "best_peer_axes": best, "perplexity": rows,
+              "env": environment({"base": args.base}), "parity_max_abs_diff": parity, "best_peer_axes": best, "perplexity": rows,
               "bytes": byte_rows}
     save_outputs(args.out, "kv_quality_smoke" if args.smoke else "kv_quality", result, markdown(result, args))
 

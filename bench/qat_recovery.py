@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             for row in evaluate(models, spec, codec_state, split, 1024, max_batches, args.model)]
     train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
     result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
-              "seq_len": 1024, "max_batches": max_batches, "overrides": args.override, "env": environment(), "rows": rows,
+              "seq_len": 1024, "max_batches": max_batches, "overrides": args.override, "env": environment({"start": args.model}), "rows": rows,
               "measures": {split: {s: measures(rows, split, s) for s in args.seeds} for split in args.splits},
               "train_seconds": train_seconds}
     markdown = report(result)

@@ -25,6 +25,16 @@ def load(relpath: str, results: Path) -> dict:
     return json.loads((results / relpath).read_text())
 
 
+def check_same_builds(env: dict, earlier: dict, where: str) -> None:
+    """Refuse rows measured on another build of a model (`environment(models=...)`'s hashes) in one table."""
+    for name, build in env.get("models", {}).items():
+        other = earlier.get("models", {}).get(name)
+        if build and other and build != other:
+            raise ValueError(f"{where} holds results for another build of {name} (weights {other}, this run's "
+                             f"{build}): its rows would mix two models; measure them again on this build, or write "
+                             "this run to another --out")
+
+
 def fmt(v: float, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
@@ -84,6 +94,7 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
     name, base, seeds, splits = Path(r["recipe"]).stem.removeprefix("qat_"), b["spec_name"], r["seeds"], r["splits"]
     if b["seeds"] != seeds:
         raise ValueError(f"{folder} ran seeds {seeds}, {baseline} {b['seeds']}: compare the same seeds")
+    check_same_builds(r["env"], b["env"], f"{baseline}/results.json")
     ppl = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in r["rows"]}
     ref = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in b["rows"]}
     arms = [(ref, f"{base} QAT", True, base), (ref, f"{base} QAT", False, "full precision"),
@@ -106,11 +117,16 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
     return "\n".join(out)
 
 
+def spec_name(label: str) -> str:
+    """A cache label with a spec folder's path shortened to the folder's name (the README names the specs)."""
+    return re.sub(r"(ours QuantizedKVCache )\S*/specs/(\S+)", r"\1\2", label)
+
+
 def kv_quality(results: Path, folder: str = "") -> str:
     r = load(f"{folder}kv_quality.json", results)
     best = {f"hqq{b}-k{a[0]}v{a[1]}" for b, a in r["best_peer_axes"].items()}
     shown = [row for row in r["perplexity"] if not row["name"].startswith("hqq") or row["name"] in best]
-    rows = [[row["model"], row["kv cache"], fmt(row["ppl"])] for row in shown]
+    rows = [[row["model"], spec_name(row["kv cache"]), fmt(row["ppl"])] for row in shown]
     peers = [row for row in r["perplexity"] if row["name"].startswith("hqq")]
     axes = "; ".join(f"{row['name']} {fmt(row['ppl'])}" for row in peers)
     args = r["args"]
@@ -128,7 +144,7 @@ def kv_bytes(results: Path, folder: str = "") -> str:
     r = load(f"{folder}kv_quality.json", results)
     shape = r.get("shape", {"layers": 4, "kv_heads": 2, "head_dim": 32})  # kvtrain-ref's, before results recorded it
     lengths = r["args"]["byte_lengths"]
-    rows = [[row["cache"], row["state"], *[f"{fmt(row[f'B/tok {t}'])} ({row[f'x fp {t}']:.3f}x)" for t in lengths]]
+    rows = [[spec_name(row["cache"]), row["state"], *[f"{fmt(row[f'B/tok {t}'])} ({row[f'x fp {t}']:.3f}x)" for t in lengths]]
             for row in r["bytes"]]
     return "\n".join([
         table(rows, ["cache", "state", *[f"bytes/token at {t}" for t in lengths]]), "",
@@ -304,6 +320,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),
+    # issue 12: every quantizer of the issue, post-training, on the real model
+    "smollm2_kv_methods": partial(kv_quality, folder="smollm2/kv_methods/"),
+    "smollm2_kv_methods_bytes": partial(kv_bytes, folder="smollm2/kv_methods/"),
     # issue 13: low-rank latents against their bytes
     "kv_lowrank": kv_lowrank,
     "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),

@@ -297,16 +297,19 @@ def calibrate(
     batch_size: int = 4,
     iterations: int = 100,
     ranks: Literal["uniform", "fisher"] = "uniform",
+    rank_floor: float = 0.0,
     overwrite: bool = False,
 ) -> str:
-    """Fit a KV spec's codebooks, low-rank factors and kept channels to a model (KVQuant's
-    sensitivity-weighted k-means: each layer's levels for K and V over the values as the codec
-    normalizes them, weighted by their squared LM-loss gradients; a low-rank stage's factors: the
+    """Fit a KV spec's codebooks, low-rank factors, kept channels and channel orders to a model
+    (KVQuant's sensitivity-weighted k-means: each layer's levels for K and V over the values as the
+    codec normalizes them, weighted by their squared LM-loss gradients; a low-rank stage's factors: the
     principal directions of the K or V it compresses; channel pruning: each head's channels with
-    ThinK's highest query-key score), and write the spec with its fitted state to a folder.
+    ThinK's highest query-key score; RotateKV's reordering: the rotated channels sorted by their mean),
+    and write the spec with its fitted state to a folder.
 
     Args:
-        spec: whose state to fit (codec nf with learnable: true, rank: r, or prune_channels): a spec JSON file or folder, or a recipe
+        spec: whose state to fit (codec nf with learnable: true, rank: r, prune_channels, or
+            reorder_channels): a spec JSON file or folder, or a recipe
             (its KVQuantCallback's spec; a recipe whose callback names a codec_state reads it from `to`).
         to: the output folder: kv_spec.json, kv_codec_state.safetensors and calibration.json. Give it as
             the spec to KVQuantCallback (`kvtrain fit`), `kvtrain eval --kv` or `attach`: the codec
@@ -320,6 +323,7 @@ def calibrate(
         ranks: "fisher" re-spends the bytes of a low-rank spec's ranks per layer where the loss is most
             sensitive (Palu's Fisher rank search; kv_spec.json then holds each layer's `layer_rank`);
             "uniform" keeps the spec's ranks.
+        rank_floor: with ranks fisher, each latent keeps at least this fraction of the spec's rank.
         overwrite: replace `to` even if it is a non-empty folder kvtrain did not write.
     """
     from kvtrain.callbacks.export import check_export_target, write_export
@@ -334,7 +338,7 @@ def calibrate(
     ids = torch.stack([dataset[i]["input_ids"] for i in picks]).to(next(hf_model.parameters()).device)
     start = time.time()
     rows = fit(hf_model, recipe_spec(spec)[0] if spec.endswith((".yaml", ".yml")) else spec, ids.split(batch_size),
-               iterations, ranks=ranks)
+               iterations, ranks=ranks, rank_floor=rank_floor)
     print(format_table(rows, ["layer", "tensor", "fit", "values", "error_before", "error_after"]))
     if ranks == "fisher":
         fitted = attached_spec(hf_model)

@@ -1,11 +1,13 @@
 """Every benchmark runs end to end at smoke size and writes what its report says it measured.
 (`bench/rl_length.py` and `bench/scale.py` have theirs in test_rl_recipes.py and test_deepspeed.py.)"""
 
+import hashlib
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -75,6 +77,35 @@ def test_kv_quality_peer_axes_option():
     assert kv_quality.parse_args(["--smoke", "--peer_axes", "11"]).peer_axes == ["11"]
     with pytest.raises(SystemExit):
         kv_quality.parse_args(["--peer_axes", "12"])  # not an axis pair transformers documents
+
+
+def test_results_name_the_build_of_their_model_and_reports_refuse_to_mix_builds(tmp_path):
+    """A model's build is the hash of its weight files (kvtrain-ref pretrained again is another build);
+    a report that would add rows to ones measured on another build refuses, naming both."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_utils
+    import kv_lowrank
+    import readme_tables
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, tmp_path / "model.safetensors")
+    build = bench_utils.model_build(str(tmp_path))
+    assert build == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert bench_utils.model_build(str(tmp_path)) == build
+    env = bench_utils.environment({"model": str(tmp_path)})
+    assert env["models"] == {"model": build}
+    save_file({"w": torch.tensor([1.0, 1.0, 2.0])}, tmp_path / "model.safetensors")
+    assert bench_utils.model_build(str(tmp_path)) != build
+    assert bench_utils.model_build(str(tmp_path / "nothing")) is None and "models" not in bench_utils.environment()
+    readme_tables.check_same_builds(env, {"models": {"model": build}}, "same.json")
+    readme_tables.check_same_builds(env, {"python": "3.11.7"}, "older.json")  # (results from before builds were recorded)
+    report = tmp_path / "kv_lowrank.json"
+    report.write_text(json.dumps({"env": {"models": {"model": "0123456789abcdef"}}, "trained": [{"point": "raw50"}]}))
+    with pytest.raises(ValueError, match=rf"kv_lowrank.json holds results for another build of model \(weights "
+                                         rf"0123456789abcdef, this run's {build}\)"):
+        kv_lowrank.earlier_report(report, env)
+    earlier = kv_lowrank.earlier_report(report, {"models": {"model": "0123456789abcdef"}})
+    assert kv_lowrank.kept_rows(earlier, ["raw25"], "trained") == [{"point": "raw50"}]
 
 
 def test_decode_ratios_are_the_median_of_ratios_within_a_round():

@@ -27,7 +27,7 @@ def test_recipes_exist():
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
-            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
+            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "qat_rotatekv2.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
             "evict_snapkv.yaml", "evict_mikv.yaml", "evict_dms.yaml", "dler_h2o.yaml"} <= names
 
 
@@ -163,6 +163,37 @@ def test_qat_nuq2_recipe_calibrates_then_trains_from_the_calibration(tmp_path, c
     moved = [float((trained[k] - calibrated[k]).abs().max()) for k in calibrated]
     assert 0 < max(moved) and max(moved) < 0.05, moved
     rows = list(csv.DictReader((tmp_path / "runs" / "qat_nuq2" / "version_0" / "metrics.csv").open()))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert loss[-1] < loss[0] - 0.6, loss
+
+
+@pytest.mark.slow
+def test_qat_rotatekv2_recipe_trains_with_its_calibrated_channel_order(tmp_path, corpus_file):
+    """`kvtrain calibrate recipes/qat_rotatekv2.yaml runs/qat_rotatekv2/calibrated`, then the recipe's fit on
+    a tiny model (2 KV heads of 32 rotated together): the calibration sorts each layer's 64 rotated key
+    channels (not the identity), the fit trains with that order and exports it unchanged, and the loss falls."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kvtrain.models import load_model, load_tokenizer
+
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    load_model("kvtrain-ref", init="random", config_overrides={**TINY, "num_attention_heads": 2}).save_pretrained(model_dir)
+    load_tokenizer("kvtrain-ref").save_pretrained(str(model_dir))
+    recipe = str(REPO / "recipes" / "qat_rotatekv2.yaml")
+    result = run_kvtrain(["calibrate", recipe, "runs/qat_rotatekv2/calibrated", f"--model={model_dir}",
+                          f"--data={corpus_file}", "--seq_len=256", "--windows=4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calibrated = load_file(tmp_path / "runs" / "qat_rotatekv2" / "calibrated" / "kv_codec_state.safetensors")
+    assert calibrated and all(order.shape == (1, 64) and order.tolist() != [list(range(64))] for order in calibrated.values())
+    args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
+                                                   "--model.init_args.lr=3e-3", f"--model.init_args.model={model_dir}"]
+    result = run_kvtrain(["fit", "--config", recipe, *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(tmp_path / "runs" / "qat_rotatekv2" / "model" / "kv_codec_state.safetensors")
+    assert sorted(trained) == sorted(calibrated) and all(torch.equal(trained[k], calibrated[k]) for k in calibrated)
+    rows = list(csv.DictReader((tmp_path / "runs" / "qat_rotatekv2" / "version_0" / "metrics.csv").open()))
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert loss[-1] < loss[0] - 0.6, loss
 

@@ -167,6 +167,12 @@ def test_fisher_ranks_by_hand():
     assert fisher_ranks({"A": (a, 1.0, 1, 2), "B": (b, 0.5, 1, 3)}) == {"A": 3, "B": 2}
     two_groups = torch.cat([b, b]) / 2  # (B's gain summed over its groups: 0.5 x 5 = 2.5, 1.25 per byte)
     assert fisher_ranks({"A": (a, 1.0, 1, 2), "B": (two_groups, 0.5, 2, 2)}) == {"A": 3, "B": 1}
+    assert fisher_ranks({"A": (a, 1.0, 1, 2), "B": (two_groups, 0.5, 2, 2)}, floor=1.0) == {"A": 2, "B": 2}
+    # a floor: C (s * eigenvalues ~0.001) would drop from rank 4 to 1 while D takes ranks 2-5; at half
+    # its rank C keeps 2 and D stops at 4 (budget 2 + 4 = 6)
+    c, d = torch.full((1, 8), 1e-3), torch.tensor([[8.0, 4, 2, 1, 0.5, 0.25, 0.1, 0.05]])
+    assert fisher_ranks({"C": (c, 1.0, 1, 4), "D": (d, 1.0, 1, 2)}) == {"C": 1, "D": 5}
+    assert fisher_ranks({"C": (c, 1.0, 1, 4), "D": (d, 1.0, 1, 2)}, floor=0.5) == {"C": 2, "D": 4}
 
 
 def test_fisher_calibration_respends_the_uniform_ranks_per_layer_and_decodes_as_trained(tmp_path):
@@ -205,6 +211,11 @@ def test_fisher_calibration_respends_the_uniform_ranks_per_layer_and_decodes_as_
     detach(model)
     with pytest.raises(ValueError, match="ranks must be one of"):
         calibrate(model, spec, ids.split(2), progress=False, ranks="palu")
+    calibrate(model, spec, ids.split(2), progress=False, ranks="fisher", rank_floor=1.0)  # (every rank at its floor)
+    assert set(attached_spec(model).key.layer_rank.values()) == {8} and set(attached_spec(model).value.layer_rank.values()) == {16}
+    detach(model)
+    with pytest.raises(ValueError, match=r"rank_floor must be a fraction in \[0, 1\] of each latent's rank, got 1.5"):
+        calibrate(model, spec, ids.split(2), progress=False, ranks="fisher", rank_floor=1.5)
     with pytest.raises(ValueError, match="ranks='fisher' budgets the ranks of low-rank latents"):
         calibrate(model, KVSpec(key=dict(codec="raw", bits=16, prune_channels=0.5), value=None), ids.split(2),
                   progress=False, ranks="fisher")

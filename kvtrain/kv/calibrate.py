@@ -1,17 +1,20 @@
 """Calibration: fit a spec's codec state to a model before it trains or decodes (`kvtrain calibrate`).
 
-Three kinds of state are fitted: codebooks (below), low-rank factors (`LowRankFactors`: each layer's
+Four kinds of state are fitted: codebooks (below), low-rank factors (`LowRankFactors`: each layer's
 P and Q set to the principal directions of the K or V it sees, the rank-r projection with the least
 squared error on them, which is what SVD-LLM's and Palu's whitened SVD of the projection computes),
-and ThinK's kept channels (`ChannelScores`: each head's channels with the highest E[q_j^2] E[k_j^2]
-over the text, the queries observed as the layer's attention receives them).
+ThinK's kept channels (`ChannelScores`: each head's channels with the highest E[q_j^2] E[k_j^2]
+over the text, the queries observed as the layer's attention receives them), and RotateKV's channel
+orders (`ChannelOrder`: the rotated channels sorted by their mean over the text).
 
 Per-layer ranks (`ranks="fisher"`, Palu's Fisher-based rank search): the same total latent bytes as
 the spec's uniform ranks, re-spent where they buy the most. Dropping direction i of a layer's latent
 costs about s * lambda_i in loss, with lambda_i the i-th eigenvalue of what that layer compresses (per
 token) and s the mean squared LM-loss gradient there (a diagonal Fisher estimate); the ranks are
 allocated greedily by that estimate per byte, which is optimal for it because each layer's eigenvalues
-fall. (Palu gives each layer a rank in proportion to its weight Fisher; the spectrum makes the
+fall. The estimate holds for small errors only, and it starves layers with small gradients down to a
+rank or two, where the error is not small (SmolLM2: worse than uniform ranks); `rank_floor` keeps every
+latent at that share of its rank and re-spends only the rest. (Palu gives each layer a rank in proportion to its weight Fisher; the spectrum makes the
 estimate depend on what a rank recovers.)
 
 KVQuant fits each layer's non-uniform codebook (NUQ) for K and for V by k-means over the values as
@@ -31,6 +34,7 @@ starts from it (`attach`, `KVQuantCallback`, `kvtrain eval --kv`).
 from __future__ import annotations
 
 import heapq
+import math
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Iterable, Iterator
@@ -43,6 +47,7 @@ from kvtrain.kv.attention import CODEC_STATE, AttachState, attach, attached_spec
 from kvtrain.kv.codecs.channels import ChannelScores
 from kvtrain.kv.codecs.codebook import CodebookLevels
 from kvtrain.kv.codecs.lowrank import LowRankFactors
+from kvtrain.kv.codecs.reorder import ChannelOrder
 from kvtrain.kv.spec import Spec
 from kvtrain.quant.codebook import fit_codebook, weighted_error
 
@@ -51,20 +56,29 @@ RANK_BUDGETS = ("uniform", "fisher")
 
 
 def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor], iterations: int = 100,
-              progress: bool = True, ranks: str = "uniform") -> list[dict[str, Any]]:
+              progress: bool = True, ranks: str = "uniform", rank_floor: float = 0.0) -> list[dict[str, Any]]:
     """Fit the codebooks, low-rank factors and kept channels of `spec` on `model` over `batches` of
     input ids (B, T); the model is left attached to the spec with the fitted state. Returns one row per
     layer, tensor and fit: how many values were seen and the error before and after the fit (a
     codebook's weighted squared error, low-rank factors' relative squared reconstruction error, the
     share of ThinK's score in the pruned channels). `ranks`: "uniform" keeps the spec's ranks, "fisher"
-    re-spends their bytes per layer (module docstring); the model is left attached to that spec."""
+    re-spends their bytes per layer (module docstring), each latent keeping at least `rank_floor` of its
+    rank; the model is left attached to that spec."""
     if ranks not in RANK_BUDGETS:
         raise ValueError(f"ranks must be one of {RANK_BUDGETS}, got {ranks!r}")
+    if isinstance(rank_floor, bool) or not isinstance(rank_floor, (int, float)) or not 0 <= rank_floor <= 1:
+        raise ValueError(f"rank_floor must be a fraction in [0, 1] of each latent's rank, got {rank_floor!r}")
     attach(model, spec)
-    books, factors = codebooks(model), {**states_of(model, LowRankFactors), **states_of(model, ChannelScores)}
+    books = codebooks(model)
+    factors = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores), **states_of(model, ChannelOrder)}
     if not books and not factors:
         raise ValueError(f"{spec} has no codec state to calibrate: calibration fits codebooks (codec: nf with "
-                         "learnable: true), low-rank factors (rank: r) and kept channels (prune_channels), for K or V")
+                         "learnable: true), low-rank factors (rank: r), kept channels (prune_channels) and channel "
+                         "orders (reorder_channels), for K or V")
+    if books and any(isinstance(f, ChannelOrder) for f in factors.values()):
+        raise ValueError("a spec with both codebooks and a channel order (reorder_channels): the codebooks' values "
+                         "depend on the order, which calibration fits; calibrate a spec with the order and an affine "
+                         "codec, or without the order")
     if ranks == "fisher" and (books or not any(isinstance(f, LowRankFactors) for f in factors.values())):
         raise ValueError("ranks='fisher' budgets the ranks of low-rank latents (rank: r) and needs a spec with them and "
                          "without codebooks (whose levels depend on the ranks): calibrate the ranks first, then "
@@ -82,20 +96,22 @@ def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor
             raise ValueError("calibration got no batches: give it at least one window of text")
         samples = {key: _gathered(book.observed) for key, book in books.items()}
         if ranks == "fisher":
-            factors = _rebudgeted(model, factors)
+            factors = _rebudgeted(model, factors, rank_floor)
         rows = [{"layer": layer, "tensor": tensor, **_fitted(layer, tensor, factor)}
                 for (layer, tensor), factor in factors.items()]  # (while they hold what they observed)
     rows += [_fit(layer, tensor, books[layer, tensor], *samples[layer, tensor], iterations) for layer, tensor in books]
     return sorted(rows, key=lambda row: (row["layer"], row["tensor"], row["fit"]))
 
 
-def fisher_ranks(items: dict[Any, tuple[torch.Tensor, float, float, int]]) -> dict[Any, int]:
+def fisher_ranks(items: dict[Any, tuple[torch.Tensor, float, float, int]], floor: float = 0.0) -> dict[Any, int]:
     """Ranks for latents given, per latent, (its spectrum: groups x width eigenvalues, largest first;
     its sensitivity s; the bytes of one more rank; its rank now): the total bytes of the ranks now,
-    spent greedily on the next direction with the most s * eigenvalue per byte, each rank in [1, width - 1]."""
+    spent greedily on the next direction with the most s * eigenvalue per byte, each rank in
+    [max(1, floor x its rank now, rounded up), width - 1] (the floor guards the layers a small
+    gradient estimate would starve)."""
     budget = sum(cost * rank for _, _, cost, rank in items.values())
-    ranks = {key: 1 for key in items}
-    spent = sum(cost for _, _, cost, _ in items.values())
+    ranks = {key: max(1, math.ceil(floor * rank)) for key, (_, _, _, rank) in items.items()}
+    spent = sum(items[key][2] * rank for key, rank in ranks.items())
     if spent > budget:
         raise ValueError("a rank budget below one rank per latent")
 
@@ -119,7 +135,7 @@ def fisher_ranks(items: dict[Any, tuple[torch.Tensor, float, float, int]]) -> di
     return ranks
 
 
-def _rebudgeted(model: nn.Module, states: dict[tuple[int, str], Any]) -> dict[tuple[int, str], Any]:
+def _rebudgeted(model: nn.Module, states: dict[tuple[int, str], Any], floor: float) -> dict[tuple[int, str], Any]:
     """The model re-attached with Fisher-budgeted ranks (`fisher_ranks`), its new states holding what the
     old ones observed (the second moments do not depend on the rank)."""
     spec = attached_spec(model)
@@ -127,12 +143,12 @@ def _rebudgeted(model: nn.Module, states: dict[tuple[int, str], Any]) -> dict[tu
     items = {(layer, tensor): (s.spectrum(), s.sensitivity / max(s.gradients, 1),
                                s.down.shape[0] * _bits(spec, tensor, layer), s.down.shape[-1])
              for (layer, tensor), s in latents.items()}
-    ranks = fisher_ranks(items)
+    ranks = fisher_ranks(items, floor)
     policies = {tensor: replace(getattr(spec, tensor), layer_rank={layer: r for (layer, t), r in ranks.items() if t == tensor})
                 for tensor in ("key", "value") if getattr(spec, tensor) is not None}
     detach(model)
     attach(model, spec.with_(**policies))
-    found = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores)}
+    found = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores), **states_of(model, ChannelOrder)}
     for key, old in states.items():
         for name in ("observed", "values", "sensitivity", "gradients"):
             if hasattr(old, name):
@@ -160,12 +176,15 @@ def states_of(model: nn.Module, kind: type[nn.Module]) -> dict[tuple[int, str], 
     return found
 
 
-def _fitted(layer: int, tensor: str, state: LowRankFactors | ChannelScores) -> dict[str, Any]:
+FITS = {LowRankFactors: "low-rank", ChannelScores: "channels", ChannelOrder: "channel order"}
+
+
+def _fitted(layer: int, tensor: str, state: LowRankFactors | ChannelScores | ChannelOrder) -> dict[str, Any]:
     seen = state.values if isinstance(state, LowRankFactors) else state.observed["tokens"]
     if seen == 0:
         raise ValueError(f"calibration saw no compressed {tensor}s in layer {layer}: the windows are shorter than "
                          "the spec's full-precision window and sinks; calibrate on longer windows")
-    return {"fit": "low-rank" if isinstance(state, LowRankFactors) else "channels", **state.fit()}
+    return {"fit": FITS[type(state)], **state.fit()}
 
 
 def _fit(layer: int, tensor: str, book: CodebookLevels, values: torch.Tensor, weights: torch.Tensor,
@@ -193,17 +212,17 @@ def _gathered(observed: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor, 
 
 
 @contextmanager
-def _observing(model: nn.Module, states: Iterable[CodebookLevels | LowRankFactors | ChannelScores]) -> Iterator[None]:
+def _observing(model: nn.Module, states: Iterable[nn.Module]) -> Iterator[None]:
     states = list(states)
     for state in states:
-        if isinstance(state, (LowRankFactors, ChannelScores)):
+        if isinstance(state, (LowRankFactors, ChannelScores, ChannelOrder)):
             state.start_observing()
         else:
             state.observed = []
     try:
         yield
     finally:  # (and the states a re-attach with other ranks made, which took over what these observed)
-        for state in [*states, *(m for m in model.modules() if isinstance(m, (CodebookLevels, LowRankFactors, ChannelScores)))]:
+        for state in [*states, *(m for m in model.modules() if isinstance(m, (CodebookLevels, *FITS)))]:
             state.observed = None
 
 

@@ -264,6 +264,9 @@ class TensorPolicy:
         rotation_seed: the random signs of "random_hadamard" and "learned".
         rotation_heads: KV heads rotated together, their channels side by side (RotateKV's grouped-head
             rotation; 0: all of a layer's heads); 1: each head alone.
+        reorder_channels: RotateKV's channel reordering (`kvtrain.kv.codecs.reorder`): the rotated channels
+            of each group of `rotation_heads` heads handed to the codec sorted by their mean, so each
+            per-token group holds channels of similar offset (the identity until `kvtrain calibrate`).
         outliers: per token and head, this many entries (the largest and smallest) kept aside in
             `scale_dtype` with their indices, the rest quantized without them (KVQuant's
             dense-and-sparse, `kvtrain.kv.codecs.outliers`); 0 keeps none.
@@ -294,6 +297,7 @@ class TensorPolicy:
     rotation: Rotation = "none"
     rotation_seed: int = 0
     rotation_heads: int = 1
+    reorder_channels: bool = False
     outliers: int = 0
     learnable: bool = False
     high_fraction: float = 0.5
@@ -319,6 +323,9 @@ class TensorPolicy:
                 raise ValueError(f"{name} must be {'an' if name == 'rotation_seed' else 'a non-negative'} integer, got {value!r}")
         if self.rotation_heads != 1 and self.rotation == "none":
             raise ValueError(f"rotation_heads={self.rotation_heads} groups heads for a rotation: set rotation too")
+        _check_switch("reorder_channels", self.reorder_channels)
+        if self.reorder_channels and self.rotation == "none":
+            raise ValueError("reorder_channels orders the channels a rotation makes (RotateKV): set rotation too")
         if isinstance(self.prune_channels, bool) or not isinstance(self.prune_channels, (int, float)) or not (
                 0 <= self.prune_channels < 1):
             raise ValueError(f"prune_channels must be a fraction in [0, 1), got {self.prune_channels!r}")

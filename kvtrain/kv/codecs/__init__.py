@@ -162,6 +162,22 @@ class Stage(Codec):
         self.inner.check_model(head_dim, where, model_name)
 
 
+def group_heads(x: torch.Tensor, per: int) -> torch.Tensor:
+    """(B, H, n, D) -> (B, H / per, n, per * D): each group of `per` consecutive heads' channels side by
+    side (what a grouped rotation, a channel order or a low-rank latent acts on)."""
+    batch, heads, n, dim = x.shape
+    if heads % per:
+        raise ValueError(f"groups of {per} KV heads must divide the {heads} KV heads")
+    return x.unflatten(1, (heads // per, per)).transpose(2, 3).reshape(batch, heads // per, n, per * dim)
+
+
+def ungroup_heads(grouped: torch.Tensor, dim: int) -> torch.Tensor:
+    """`group_heads` undone: (B, groups, n, per * dim) -> (B, groups * per, n, dim)."""
+    batch, groups, n, width = grouped.shape
+    per = width // dim
+    return grouped.unflatten(-1, (per, dim)).transpose(2, 3).reshape(batch, groups * per, n, dim)
+
+
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, codec):

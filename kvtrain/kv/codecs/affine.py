@@ -122,7 +122,7 @@ class TensorQuant(GroupedCodec):
         dict(bits=2, granularity="per_token(16)", rotation="random_hadamard"),  # behind the rotation stage
         dict(bits=2, granularity="per_channel(16)", outliers=2),  # behind the outliers stage
         dict(bits=2, granularity="per_token(16)", rotation="learned"),  # a trained rotation's state
-        dict(bits=2, granularity="per_token(16)", rotation="random_hadamard", rotation_heads=0),  # RotateKV's grouped heads
+        dict(bits=2, granularity="per_token(16)", rotation="random_hadamard", rotation_heads=0, reorder_channels=True),  # RotateKV: grouped heads, reordered
         dict(bits=2, granularity="per_token(16)", rotation="learned", rotation_heads=2),  # learned over two heads
         dict(bits=2, granularity="per_token(4)", rank=12),  # a quantized low-rank latent of both heads
         dict(bits=4, granularity="per_channel(16)", rank=12, latent_heads=1),  # one latent per head

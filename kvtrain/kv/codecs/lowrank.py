@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvtrain.kv.codecs import Payload, Stage, build_codec
+from kvtrain.kv.codecs import Payload, Stage, build_codec, group_heads, ungroup_heads
 
 
 def _times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -146,15 +146,7 @@ class LowRank(Stage):
         return self.state.down.to(dtype), self.state.up.to(dtype)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, n, D) -> (B, groups, n, heads per group * D)."""
-        batch, heads, n, dim = x.shape
-        per = self._heads(heads)
-        return x.unflatten(1, (heads // per, per)).transpose(2, 3).reshape(batch, heads // per, n, per * dim)
-
-    def _ungrouped(self, grouped: torch.Tensor, dim: int) -> torch.Tensor:
-        batch, groups, n, width = grouped.shape
-        per = width // dim
-        return grouped.unflatten(-1, (per, dim)).transpose(2, 3).reshape(batch, groups * per, n, dim)
+        return group_heads(x, self._heads(x.shape[1]))
 
     def _latent(self, x: torch.Tensor) -> torch.Tensor:
         return _times(self._grouped(x), self._factors(x)[0])
@@ -166,7 +158,7 @@ class LowRank(Stage):
     def decode(self, payload: Payload) -> torch.Tensor:
         batch, heads, n, dim = payload.shape
         latent = self.inner.decode(replace(payload, shape=(batch, heads // self._heads(heads), n, self.rank)))
-        return self._ungrouped(_times(latent, self._factors(latent)[1]), dim)
+        return ungroup_heads(_times(latent, self._factors(latent)[1]), dim)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         """The inner codec's simulation of the latent, reconstructed: the gradient reaches P, Q and x.
@@ -174,7 +166,7 @@ class LowRank(Stage):
         if self.state is not None and self.state.observed is not None:
             self.state.observe(self._grouped(x))
             return self.state.observe_gradient(x)
-        return self._ungrouped(_times(self.inner.simulate(self._latent(x)), self._factors(x)[1]), x.shape[-1])
+        return ungroup_heads(_times(self.inner.simulate(self._latent(x)), self._factors(x)[1]), x.shape[-1])
 
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
         self.inner.check_model(self.rank, where, model_name)

@@ -13,9 +13,8 @@ for "random_hadamard". It stores nothing per token, so bytes are the inner codec
 RotateKV's grouped-head rotation (`rotation_heads`): one Hadamard over the concatenated channels of
 `heads` consecutive KV heads (0: all of a layer's), so an outlier channel of one head is spread over
 the group; decoding undoes it exactly, so attention still reads each head's own K/V (RotateKV applies
-it pre-RoPE: `placement: pre_rope`). RotateKV's channel reordering balances outlier channels across
-Hadamard blocks smaller than the group; here the block is the largest power of two dividing the
-group's width (the whole group for power-of-two head sizes), where reordering changes nothing.
+it pre-RoPE: `placement: pre_rope`). Its channel reordering (`reorder_channels`,
+`kvtrain.kv.codecs.reorder`) sits between the rotation and the inner codec.
 
 "learned" (SpinQuant's trained R2, per layer and tensor): R = C H, with H the random Hadamard above and
 C = (I - A)^-1 (I + A) the Cayley transform of a skew-symmetric A = W - W^T, W a trained parameter
@@ -31,7 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kvtrain.kv.codecs import Payload, Stage, build_codec
+from kvtrain.kv.codecs import Payload, Stage, build_codec, group_heads, ungroup_heads
+from kvtrain.kv.codecs.reorder import Reordered, without_rotation
 from kvtrain.quant.hadamard import cayley, rotate
 
 Rotation = Literal["none", "hadamard", "random_hadamard", "learned"]
@@ -61,9 +61,9 @@ class Rotated(Stage):
     def from_policy(cls, policy: Any, bits: int) -> "Rotated":
         if policy.rotation not in ROTATIONS[1:]:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {policy.rotation!r}")
-        heads = getattr(policy, "rotation_heads", 1)
-        inner = build_codec(replace(policy, rotation="none", **({"rotation_heads": 1} if heads != 1 else {})), bits)
-        return cls(inner, policy.rotation, policy.rotation_seed, heads)
+        reordered = getattr(policy, "reorder_channels", False)
+        inner = Reordered.from_policy(policy, bits) if reordered else build_codec(without_rotation(policy), bits)
+        return cls(inner, policy.rotation, policy.rotation_seed, getattr(policy, "rotation_heads", 1))
 
     def make_state(self, head_dim: int, kv_heads: int = 1, weight: torch.Tensor | None = None) -> nn.Module | None:
         if kv_heads % (self.heads or kv_heads):  # (attach asks every codec for its state: the model's heads, here)
@@ -82,12 +82,7 @@ class Rotated(Stage):
         """R x (R^T x) of each head, or of each group of `heads` heads' channels side by side."""
         if self.heads == 1:
             return self._rotate_rows(x, inverse)
-        b, h, t, d = x.shape
-        g = self.heads or h
-        if h % g:
-            raise ValueError(f"rotation_heads={g} must divide the {h} KV heads it rotates together")
-        grouped = x.reshape(b, h // g, g, t, d).transpose(2, 3).reshape(b, h // g, t, g * d)
-        return self._rotate_rows(grouped, inverse).reshape(b, h // g, t, g, d).transpose(2, 3).reshape(b, h, t, d)
+        return ungroup_heads(self._rotate_rows(group_heads(x, self.heads or x.shape[1]), inverse), x.shape[-1])
 
     def _rotate_rows(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if self.rotation != "learned":
