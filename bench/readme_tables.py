@@ -323,6 +323,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     # issue 12: every quantizer of the issue, post-training, on the real model
     "smollm2_kv_methods": partial(kv_quality, folder="smollm2/kv_methods/"),
     "smollm2_kv_methods_bytes": partial(kv_bytes, folder="smollm2/kv_methods/"),
+    "smollm2_kv_combos": partial(kv_quality, folder="smollm2/kv_combos/"),
+    "smollm2_kv_combos_bytes": partial(kv_bytes, folder="smollm2/kv_combos/"),
     # issue 13: low-rank latents against their bytes
     "kv_lowrank": kv_lowrank,
     "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),
