@@ -14,8 +14,8 @@ token) and s the mean squared LM-loss gradient there (a diagonal Fisher estimate
 allocated greedily by that estimate per byte, which is optimal for it because each layer's eigenvalues
 fall. The estimate holds for small errors only, and it starves layers with small gradients down to a
 rank or two, where the error is not small (SmolLM2: worse than uniform ranks); `rank_floor` keeps every
-latent at that share of its rank and re-spends only the rest. (Palu gives each layer a rank in proportion to its weight Fisher; the spectrum makes the
-estimate depend on what a rank recovers.)
+latent at that share of its rank and re-spends only the rest. (Palu gives each layer a rank in
+proportion to its weight Fisher; the spectrum makes the estimate depend on what a rank recovers.)
 
 KVQuant fits each layer's non-uniform codebook (NUQ) for K and for V by k-means over the values as
 the codec normalizes them, each weighted by its sensitivity: the squared gradient of the LM loss
@@ -53,6 +53,8 @@ from kvtrain.quant.codebook import fit_codebook, weighted_error
 
 
 RANK_BUDGETS = ("uniform", "fisher")
+# the state kinds fitted from what they observed (their `fit`), by the name their calibration rows give
+FITS = {LowRankFactors: "low-rank", ChannelScores: "channels", ChannelOrder: "channel order"}
 
 
 def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor], iterations: int = 100,
@@ -70,7 +72,7 @@ def calibrate(model: nn.Module, spec: Spec | str, batches: Iterable[torch.Tensor
         raise ValueError(f"rank_floor must be a fraction in [0, 1] of each latent's rank, got {rank_floor!r}")
     attach(model, spec)
     books = codebooks(model)
-    factors = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores), **states_of(model, ChannelOrder)}
+    factors = fitted_states(model)
     if not books and not factors:
         raise ValueError(f"{spec} has no codec state to calibrate: calibration fits codebooks (codec: nf with "
                          "learnable: true), low-rank factors (rank: r), kept channels (prune_channels) and channel "
@@ -148,7 +150,7 @@ def _rebudgeted(model: nn.Module, states: dict[tuple[int, str], Any], floor: flo
                 for tensor in ("key", "value") if getattr(spec, tensor) is not None}
     detach(model)
     attach(model, spec.with_(**policies))
-    found = {**states_of(model, LowRankFactors), **states_of(model, ChannelScores), **states_of(model, ChannelOrder)}
+    found = fitted_states(model)
     for key, old in states.items():
         for name in ("observed", "values", "sensitivity", "gradients"):
             if hasattr(old, name):
@@ -166,6 +168,11 @@ def codebooks(model: nn.Module) -> dict[tuple[int, str], CodebookLevels]:
     return states_of(model, CodebookLevels)
 
 
+def fitted_states(model: nn.Module) -> dict[tuple[int, str], Any]:
+    """The attached spec's low-rank factors, kept channels and channel orders by (layer, tensor)."""
+    return {key: state for kind in FITS for key, state in states_of(model, kind).items()}
+
+
 def states_of(model: nn.Module, kind: type[nn.Module]) -> dict[tuple[int, str], Any]:
     """The attached spec's codec state modules of one kind by (layer, "key" or "value")."""
     found = {}
@@ -174,9 +181,6 @@ def states_of(model: nn.Module, kind: type[nn.Module]) -> dict[tuple[int, str], 
         found.update({(module.layer_idx, name): m for name, s in states.items() for m in s.modules()
                       if isinstance(m, kind)})
     return found
-
-
-FITS = {LowRankFactors: "low-rank", ChannelScores: "channels", ChannelOrder: "channel order"}
 
 
 def _fitted(layer: int, tensor: str, state: LowRankFactors | ChannelScores | ChannelOrder) -> dict[str, Any]:
@@ -215,7 +219,7 @@ def _gathered(observed: list[list[torch.Tensor | None]]) -> tuple[torch.Tensor, 
 def _observing(model: nn.Module, states: Iterable[nn.Module]) -> Iterator[None]:
     states = list(states)
     for state in states:
-        if isinstance(state, (LowRankFactors, ChannelScores, ChannelOrder)):
+        if isinstance(state, tuple(FITS)):
             state.start_observing()
         else:
             state.observed = []

@@ -158,6 +158,11 @@ class Stage(Codec):
     def bound(self, state: nn.Module) -> "Stage":
         return replace(self, inner=self.inner.bound(state))
 
+    def holding(self, state: nn.Module) -> "Stage":
+        """`bound` for a stage with state of its own: it reads `state`, and the inner codec the state
+        `state.inner` holds for it (None: the inner codec has none)."""
+        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+
     def check_model(self, head_dim: int, where: str, model_name: str) -> None:
         self.inner.check_model(head_dim, where, model_name)
 

@@ -115,7 +115,7 @@ class ChannelPruned(Stage):
         return ChannelScores.of_weight(weight, kv_heads, head_dim, keep, self.inner.make_state(keep, kv_heads))
 
     def bound(self, state: nn.Module) -> "ChannelPruned":
-        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+        return self.holding(state)
 
     def _kept(self) -> torch.Tensor:
         if self.state is None:

@@ -136,7 +136,7 @@ class LowRank(Stage):
         return heads
 
     def bound(self, state: nn.Module) -> "LowRank":
-        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+        return self.holding(state)
 
     def _factors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.state is None:

@@ -83,18 +83,17 @@ class Reordered(Stage):
         return cls(build_codec(without_rotation(policy), bits), policy.rotation_heads)
 
     def bound(self, state: nn.Module) -> "Reordered":
-        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+        return self.holding(state)
 
     def _permuted(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if self.state is None:
             raise ValueError("a channel order is read from the model it is attached to: use the cache through the "
                              "attached model's forward (attach(model, spec) registers it)")
         grouped = group_heads(x, self.heads or x.shape[1])
-        order = self.state.order.to(x.device)
-        if inverse:
-            order = order.argsort(-1)
-        index = order[None, :, None, :].expand(grouped.shape[0], -1, grouped.shape[2], -1)
-        return ungroup_heads(grouped.gather(-1, index), x.shape[-1])
+        index = self.state.order.to(x.device)[None, :, None, :].expand(grouped.shape[0], -1, grouped.shape[2], -1)
+        # (back: channel i goes to order[i], a scatter by the same index; no inverse permutation to compute)
+        moved = torch.empty_like(grouped).scatter(-1, index, grouped) if inverse else grouped.gather(-1, index)
+        return ungroup_heads(moved, x.shape[-1])
 
     def encode(self, x: torch.Tensor) -> Payload:
         return self.inner.encode(self._permuted(x))

@@ -76,7 +76,7 @@ class Rotated(Stage):
     def bound(self, state: nn.Module) -> "Rotated":
         if self.rotation != "learned":
             return super().bound(state)
-        return replace(self, state=state, inner=self.inner if state.inner is None else self.inner.bound(state.inner))
+        return self.holding(state)
 
     def _rotate(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """R x (R^T x) of each head, or of each group of `heads` heads' channels side by side."""
