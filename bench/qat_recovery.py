@@ -20,6 +20,8 @@ and the report assembled by a last plain call.
     python bench/qat_recovery.py --smoke                  # a minute, for CI
     python bench/qat_recovery.py --model smollm2-135m --out bench/results/smollm2/qat_recovery \
         --override=--model.init_args.lr=2e-4 ...          # the recipe on another model (its tokenizer)
+    python bench/qat_recovery.py --recipe qat_kivi2_smollm2.yaml --model smollm2-135m --arms qat \
+        --spec FOLDER --out ...                           # another spec (a calibrated folder) in the same training
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -40,7 +44,7 @@ from kvtrain.cli import KVTrainCLI, recipe_path, recipe_spec
 from kvtrain.data.lm import PackedDataset, token_stream
 from kvtrain.eval import format_table, perplexity, write_json
 from kvtrain.home import is_complete
-from kvtrain.kv import PRESETS, KVQuantSpec, Spec, attach, detach
+from kvtrain.kv import PRESETS, KVQuantSpec, Spec, attach, detach, resolve_spec
 from kvtrain.kv.spec import codec_state_file
 from kvtrain.models import REFERENCE, load_model, load_tokenizer
 
@@ -51,8 +55,10 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
     return out / f"{arm}-seed{seed}"
 
 
-def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str]) -> dict:
-    """Fit the recipe (with or without its KVQuantCallback) into out/; resumes an interrupted run."""
+def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str],
+          kv: Callable[[], KVQuantCallback] | None = None) -> dict:
+    """Fit the recipe (without its KVQuantCallback for the control; with a fresh `kv()` in its place when
+    given: a callback starts from its codec state once) into out/; resumes an interrupted run."""
     folder = run_dir(out, arm, seed)
     seeded = [f"--seed_everything={seed}", f"--data.init_args.seed={seed}"]
     cli = KVTrainCLI(args=["--config", str(recipe), f"--trainer.default_root_dir={folder}", *seeded, *overrides],
@@ -60,6 +66,8 @@ def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str]) ->
     trainer = cli.trainer
     if arm == "control":
         trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, KVQuantCallback)]
+    elif kv is not None:
+        trainer.callbacks = [kv() if isinstance(cb, KVQuantCallback) else cb for cb in trainer.callbacks]
     for cb in trainer.callbacks:  # keep each run's files apart
         if isinstance(cb, ModelCheckpoint):
             cb.dirpath = str(folder / "checkpoints")
@@ -72,8 +80,17 @@ def train(recipe: Path, out: Path, arm: str, seed: int, overrides: list[str]) ->
     return {"seconds": time.time() - start}
 
 
-def spec_name(spec: Spec) -> str:
-    return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), "recipe spec")
+def run_spec(recipe: Path, spec: str | None, codec_state: Path | None) -> tuple[Spec, Path | None]:
+    """The spec the QAT runs train with and every model is evaluated under, and the codec state they start
+    from: the recipe's, or `spec`'s (a calibrated folder's state with it), with `codec_state` over either."""
+    resolved, state = (resolve_spec(spec), codec_state_file(spec)) if spec else recipe_spec(recipe)
+    return resolved, codec_state or state
+
+
+def spec_name(spec: Spec, named: str | None = None) -> str:
+    """A preset's name, else the --spec folder's or file's (without .json), else "recipe spec"."""
+    default = Path(named).stem if named else "recipe spec"
+    return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), default)
 
 
 def evaluate(models: dict[str, str], spec: Spec, codec_state: Path | None, split: str, seq_len: int,
@@ -155,6 +172,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="ARM:SEED", help="train just these runs (no report)")
     parser.add_argument("--max_batches", type=int, default=None,
                         help="evaluate the first N batches of 4 windows per split (default: whole splits)")
+    parser.add_argument("--spec", default=None,
+                        help="a KV spec (preset, JSON file, or folder with its calibrated state) in place of the recipe's")
+    parser.add_argument("--codec_state", type=Path, default=None,
+                        help="a kv_codec_state.safetensors (from `kvtrain calibrate`) the QAT runs start from and the start "
+                             "and control models are evaluated with, in place of the recipe's (or --spec folder's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="2 seeds, 4 steps, 2 eval batches")
     parser.add_argument("--override", action="append", default=[],
@@ -178,19 +200,21 @@ def main(argv: list[str] | None = None) -> None:
     runs = [(arm, seed) for seed in args.seeds for arm in args.arms]
     if args.only:
         runs = [(arm, int(seed)) for arm, seed in (item.split(":") for item in args.only)]
+    spec, codec_state = run_spec(recipe, args.spec, args.codec_state)
+    kv = partial(KVQuantCallback, spec, codec_state=codec_state) if args.spec or args.codec_state else None
     for arm, seed in runs:
         if not is_complete(run_dir(out, arm, seed) / "model"):
-            write_json(run_dir(out, arm, seed) / "train.json", train(recipe, out, arm, seed, args.override))
+            write_json(run_dir(out, arm, seed) / "train.json", train(recipe, out, arm, seed, args.override, kv))
     if args.only:
         return
-    spec, codec_state = recipe_spec(recipe)
     models = {"start": args.model, **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
     max_batches = 2 if args.smoke else args.max_batches
     rows = [row for split in args.splits
             for row in evaluate(models, spec, codec_state, split, 1024, max_batches, args.model)]
     train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
-    result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec), "seeds": args.seeds, "splits": args.splits,
-              "seq_len": 1024, "max_batches": max_batches, "overrides": args.override, "env": environment({"start": args.model}), "rows": rows,
+    result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec, args.spec), "seeds": args.seeds, "splits": args.splits,
+              "seq_len": 1024, "max_batches": max_batches, "overrides": args.override,
+              "spec": args.spec, "codec_state": str(codec_state) if codec_state else None, "env": environment({"start": args.model}), "rows": rows,
               "measures": {split: {s: measures(rows, split, s) for s in args.seeds} for split in args.splits},
               "train_seconds": train_seconds}
     markdown = report(result)

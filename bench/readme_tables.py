@@ -91,15 +91,19 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
     """Another recipe's QAT (bench/qat_recovery.py --out bench/results/<folder>) against kivi2's
     (`baseline`), seed by seed: the same seeds draw the same data order in both."""
     r, b = load(f"{folder}/results.json", results), load(f"{baseline}/results.json", results)
-    name, base, seeds, splits = Path(r["recipe"]).stem.removeprefix("qat_"), b["spec_name"], r["seeds"], r["splits"]
-    if b["seeds"] != seeds:
-        raise ValueError(f"{folder} ran seeds {seeds}, {baseline} {b['seeds']}: compare the same seeds")
+    # a recipe for the real model is named qat_<spec>_smollm2
+    name = r["spec_name"] if r.get("spec") else Path(r["recipe"]).stem.removeprefix("qat_").removesuffix("_smollm2")
+    base, seeds, splits, start = b["spec_name"], r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
+    for setting, default in (("seeds", None), ("max_batches", None), ("model", "kvtrain-ref")):
+        if r.get(setting, default) != b.get(setting, default):
+            raise ValueError(f"{folder} ran {setting}={r.get(setting, default)}, {baseline} {b.get(setting, default)}: "
+                             "compare like with like")
     check_same_builds(r["env"], b["env"], f"{baseline}/results.json")
     ppl = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in r["rows"]}
     ref = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in b["rows"]}
     arms = [(ref, f"{base} QAT", True, base), (ref, f"{base} QAT", False, "full precision"),
             (ppl, f"**{name} QAT**", True, name), (ppl, f"{name} QAT", False, "full precision")]
-    rows = [["kvtrain-ref (start)", kv, *[fmt(source["start", quantized, split]) for split in splits]]
+    rows = [[f"{start} (start)", kv, *[fmt(source["start", quantized, split]) for split in splits]]
             for source, quantized, kv in ((ref, False, "full precision"), (ref, True, f"{base}, post-training"),
                                           (ppl, True, f"{name}, post-training"))]
     rows += [[label, kv, *[mean_sd([source[f"qat-seed{s}", quantized, split] for s in seeds]) for split in splits]]
@@ -111,7 +115,10 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
         out.append(f"- {split}: {name} QAT minus {base} QAT, each under its own cache, same seed: **{mean_sd(delta)}** "
                    f"(seeds: {', '.join(f'{v:+.2f}' for v in delta)}); gap left against its own full-precision KV "
                    f"{mean_sd(left)}% (seeds: {', '.join(f'{v:.2f}' for v in left)}).")
-    out.append(f"- {len(seeds)} seeds (the data order), mean ± sample sd; {r['recipe']} against {b['recipe']}; training "
+    if r.get("max_batches"):
+        out.append(f"- perplexity over the first {4 * r['max_batches']} windows of 1024 tokens of each split.")
+    recipe = f"{r['recipe']} with the spec {r['spec']}" if r.get("spec") else r["recipe"]
+    out.append(f"- {len(seeds)} seeds (the data order), mean ± sample sd; {recipe} against {b['recipe']}; training "
                f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
                f"min (2-core CPU); Python {r['env']['python']}.")
     return "\n".join(out)
@@ -317,6 +324,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     # issue 12: a calibrated codebook's QAT against kivi2's, at the same bytes
     "qat_nuq2": partial(qat_versus, folder="qat_nuq2"),
     "qat_sub2bit_15": partial(qat_versus, folder="qat_sub2bit_15"),
+    "smollm2_qat_rotnuq2": partial(qat_versus, folder="smollm2/qat_rotnuq2", baseline="smollm2/qat_recovery"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),

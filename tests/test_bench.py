@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,22 @@ def test_qat_measures_without_the_control_arm_give_the_gap_left_only():
     assert qat_recovery.measures(rows, "val", 1) == {"recovered": pytest.approx(0.8), "gap_left": pytest.approx(0.05)}
 
 
+def test_qat_recovery_takes_the_recipe_spec_or_another_with_its_state():
+    """The recipe's spec and codec state; --spec's (a calibrated folder brings its state); --codec_state over either."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import qat_recovery
+    from kvtrain.kv import KVQuantSpec, load_spec
+
+    nuq2, other = REPO / "recipes" / "qat_nuq2.yaml", Path("elsewhere/kv_codec_state.safetensors")
+    spec, state = qat_recovery.run_spec(nuq2, None, None)
+    assert spec.keys(0).make_state(64) is not None and state == Path("runs/qat_nuq2/calibrated/kv_codec_state.safetensors")
+    assert qat_recovery.run_spec(nuq2, "kivi2", None) == (KVQuantSpec.preset("kivi2"), None)
+    folder = REPO / "bench" / "results" / "smollm2" / "kv_combos" / "specs" / "rotnuq2_prerope_sinks"
+    assert qat_recovery.run_spec(nuq2, str(folder), None) == (load_spec(folder / "kv_spec.json"), folder / "kv_codec_state.safetensors")
+    assert qat_recovery.run_spec(nuq2, str(folder), other)[1] == other and qat_recovery.run_spec(nuq2, None, other)[1] == other
+    assert qat_recovery.spec_name(spec, None) == "recipe spec" and qat_recovery.spec_name(spec, str(folder)) == "rotnuq2_prerope_sinks"
+
+
 @pytest.mark.slow
 def test_kv_speed_smoke(tmp_path, reference):
     run_bench("kv_speed.py", tmp_path)
@@ -187,17 +204,23 @@ def nbytes_equal(result: dict, a: str, b: str) -> bool:
 
 @pytest.mark.slow
 def test_qat_recovery_smoke(tmp_path, reference):
-    run_bench("qat_recovery.py", tmp_path, "--threads=1")
+    """The recipe (qat_kivi2.yaml) with another spec in its place (--spec kivi4): QAT trains and exports
+    under it, and every model is evaluated under it."""
+    run_bench("qat_recovery.py", tmp_path, "--threads=1", "--spec=kivi4")
     result = json.loads((tmp_path / "results.json").read_text())
-    assert result["seeds"] == [1, 2] and result["env"]["python"]
+    assert result["seeds"] == [1, 2] and result["env"]["python"] and result["spec_name"] == "kivi4"
+    from kvtrain.kv import KVQuantSpec, load_spec
+
+    assert load_spec(tmp_path / "qat-seed1" / "model" / "kv_spec.json") == KVQuantSpec.preset("kivi4")
+    assert not (tmp_path / "control-seed1" / "model" / "kv_spec.json").exists()
     models = {r["model"] for r in result["rows"]}
     assert models == {"start", "qat-seed1", "control-seed1", "qat-seed2", "control-seed2"}
     ppl = {(r["model"], r["kv"], r["split"]): r["ppl"] for r in result["rows"]}
     for split in ("val", "test"):
         for seed in ("1", "2"):
             m = result["measures"][split][seed]
-            control_q, control_fp = ppl[f"control-seed{seed}", "kivi2", split], ppl[f"control-seed{seed}", "full precision", split]
-            qat_q, qat_fp = ppl[f"qat-seed{seed}", "kivi2", split], ppl[f"qat-seed{seed}", "full precision", split]
+            control_q, control_fp = ppl[f"control-seed{seed}", "kivi4", split], ppl[f"control-seed{seed}", "full precision", split]
+            qat_q, qat_fp = ppl[f"qat-seed{seed}", "kivi4", split], ppl[f"qat-seed{seed}", "full precision", split]
             assert m["recovered"] == pytest.approx((control_q - qat_q) / (control_q - control_fp))
             assert m["gap_left"] == pytest.approx(qat_q / qat_fp - 1)
     table = (tmp_path / "table.md").read_text()

@@ -27,7 +27,7 @@ def test_recipes_exist():
     assert {"pretrain_reference.yaml", "lora_reference.yaml", "qlora_reference.yaml", "qat_kivi2.yaml",
             "qat_kivi2_hub.yaml", "qat_kivi2_zero3.yaml", "sft_reasoning.yaml", "dler.yaml", "grpo_lambda.yaml",
             "drpo.yaml", "dler_kivi2.yaml", "dler_kivi2_hub.yaml", "qat_kvquant2.yaml", "qat_rotate2.yaml",
-            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "qat_rotatekv2.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
+            "qat_sub2bit.yaml", "qat_nuq2.yaml", "qat_sub2bit_15.yaml", "qat_rotatekv2.yaml", "qat_rotnuq2_smollm2.yaml", "lowrank_cskv.yaml", "lowrank_cskv_kivi.yaml",
             "evict_snapkv.yaml", "evict_mikv.yaml", "evict_dms.yaml", "dler_h2o.yaml"} <= names
 
 
@@ -134,10 +134,12 @@ def test_issue12_qat_recipes_run_tiny_and_export_what_they_trained(recipe, state
 
 
 @pytest.mark.slow
-def test_qat_nuq2_recipe_calibrates_then_trains_from_the_calibration(tmp_path, corpus_file):
-    """`kvtrain calibrate recipes/qat_nuq2.yaml runs/qat_nuq2/calibrated`, then the recipe's fit on a
-    tiny model: the codebooks start at the calibration (12 AdamW steps of lr 3e-3 move a level by at
-    most ~0.04, while the calibration is > 0.1 away from NormalFloat's) and train on, and the loss falls."""
+@pytest.mark.parametrize("name", ["qat_nuq2", "qat_rotnuq2_smollm2"])
+def test_codebook_recipes_calibrate_then_train_from_the_calibration(name, tmp_path, corpus_file):
+    """`kvtrain calibrate recipes/<name>.yaml runs/<name>/calibrated`, then the recipe's fit on a tiny
+    model (qat_rotnuq2_smollm2: its codebooks behind a Hadamard, pre-RoPE keys, sinks): the codebooks
+    start at the calibration (12 AdamW steps of lr 3e-3 move a level by at most ~0.04, while the
+    calibration is > 0.1 away from NormalFloat's) and train on, and the loss falls."""
     import torch
     from safetensors.torch import load_file
 
@@ -148,23 +150,33 @@ def test_qat_nuq2_recipe_calibrates_then_trains_from_the_calibration(tmp_path, c
     torch.manual_seed(0)
     load_model("kvtrain-ref", init="random", config_overrides={**TINY, "num_attention_heads": 2}).save_pretrained(model_dir)
     load_tokenizer("kvtrain-ref").save_pretrained(str(model_dir))
-    recipe = str(REPO / "recipes" / "qat_nuq2.yaml")
-    result = run_kvtrain(["calibrate", recipe, "runs/qat_nuq2/calibrated", f"--model={model_dir}", f"--data={corpus_file}",
+    recipe = str(REPO / "recipes" / f"{name}.yaml")
+    result = run_kvtrain(["calibrate", recipe, f"runs/{name}/calibrated", f"--model={model_dir}", f"--data={corpus_file}",
                           "--seq_len=256", "--windows=4"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    calibrated = load_file(tmp_path / "runs" / "qat_nuq2" / "calibrated" / "kv_codec_state.safetensors")
+    calibrated = load_file(tmp_path / "runs" / name / "calibrated" / "kv_codec_state.safetensors")
     assert all((levels - normal_float_levels(2, torch.float32)).abs().max() > 0.1 for levels in calibrated.values())
     args = tiny_fit_args(corpus_file, steps=12) + ["--data.init_args.seq_len=256", "--trainer.log_every_n_steps=1",
                                                    "--model.init_args.lr=3e-3", f"--model.init_args.model={model_dir}"]
     result = run_kvtrain(["fit", "--config", recipe, *args], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    trained = load_file(tmp_path / "runs" / "qat_nuq2" / "model" / "kv_codec_state.safetensors")
+    trained = load_file(tmp_path / "runs" / name / "model" / "kv_codec_state.safetensors")
     assert sorted(trained) == sorted(calibrated)
     moved = [float((trained[k] - calibrated[k]).abs().max()) for k in calibrated]
     assert 0 < max(moved) and max(moved) < 0.05, moved
-    rows = list(csv.DictReader((tmp_path / "runs" / "qat_nuq2" / "version_0" / "metrics.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "runs" / name / "version_0" / "metrics.csv").open()))
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert loss[-1] < loss[0] - 0.6, loss
+
+
+def test_qat_rotnuq2_smollm2_recipe_is_the_spec_measured_post_training():
+    """The recipe trains the spec whose calibration the SmolLM2 tables measured (and qat_recovery starts from)."""
+    from kvtrain.kv.spec import load_spec
+
+    measured = REPO / "bench" / "results" / "smollm2" / "kv_combos" / "specs" / "rotnuq2_prerope_sinks"
+    spec, state = recipe_spec(REPO / "recipes" / "qat_rotnuq2_smollm2.yaml")
+    assert spec == load_spec(measured / "kv_spec.json") and (measured / "kv_codec_state.safetensors").is_file()
+    assert state.as_posix() == "runs/qat_rotnuq2_smollm2/calibrated/kv_codec_state.safetensors"
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ import json
 import shutil
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -54,3 +56,28 @@ def test_smollm2_qat_results_ran_the_shipped_recipe():
     assert ran["trainer"]["callbacks"][0] == shipped["trainer"]["callbacks"][0]  # KVQuantCallback kivi2
     for key in ("max_steps", "gradient_clip_val", "precision", "val_check_interval", "limit_val_batches"):
         assert ran["trainer"][key] == shipped["trainer"][key], key
+
+
+def test_smollm2_codebook_qat_trains_as_the_kivi2_qat_it_is_compared_with():
+    """recipes/qat_rotnuq2_smollm2.yaml differs from qat_kivi2_smollm2.yaml in its KV spec only (and so the
+    run folders), so the README's seed-for-seed comparison on SmolLM2 is one of caches, not of training."""
+    import yaml
+
+    ours, kivi2 = (yaml.safe_load((REPO / "recipes" / f"qat_{n}_smollm2.yaml").read_text()) for n in ("rotnuq2", "kivi2"))
+    assert ours["model"] == kivi2["model"] and ours["data"] == kivi2["data"] and ours["seed_everything"] == kivi2["seed_everything"]
+    assert {k: v for k, v in ours["trainer"].items() if k not in ("callbacks", "logger")} == {
+        k: v for k, v in kivi2["trainer"].items() if k not in ("callbacks", "logger")}
+    assert [c["class_path"] for c in ours["trainer"]["callbacks"]] == [c["class_path"] for c in kivi2["trainer"]["callbacks"]]
+    assert ours["trainer"]["callbacks"][0]["init_args"]["spec"] != "kivi2"
+
+
+def test_a_comparison_of_runs_evaluated_on_other_windows_is_refused(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "bench" / "results" / "smollm2", results / "smollm2",
+                    ignore=shutil.ignore_patterns("model", "checkpoints", "specs"))
+    path = results / "smollm2" / "qat_rotnuq2" / "results.json"
+    report = json.loads(path.read_text())
+    readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
+    path.write_text(json.dumps({**report, "max_batches": report["max_batches"] + 1}))
+    with pytest.raises(ValueError, match="max_batches"):
+        readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
