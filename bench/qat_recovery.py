@@ -94,7 +94,7 @@ def spec_name(spec: Spec, named: str | None = None) -> str:
 
 
 def evaluate(models: dict[str, str], spec: Spec, codec_state: Path | None, split: str, seq_len: int,
-             max_batches: int | None, tokenizer: str) -> list[dict]:
+             max_batches: int | None, tokenizer: str, spec_label: str = "recipe spec") -> list[dict]:
     """Each model with full-precision KV and under the spec, with the codec state it decodes with: a
     QAT model's own (exported beside its kv_spec.json), else the recipe's start (calibrated or fresh)."""
     tokens = token_stream(None, split, load_tokenizer(tokenizer))
@@ -106,7 +106,7 @@ def evaluate(models: dict[str, str], spec: Spec, codec_state: Path | None, split
         if start is not None:
             attach(model, spec, start)
             detach(model)  # (kept aside for the attach of the spec below)
-        for kv, s in (("full precision", None), (spec_name(spec), spec)):
+        for kv, s in (("full precision", None), (spec_label, spec)):
             result = perplexity(model, dataset, batch_size=4, max_batches=max_batches, desc=f"{name} / {kv}", spec=s)
             rows.append({"model": name, "kv": kv, "split": split, **result})
     return rows
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         runs = [(arm, int(seed)) for arm, seed in (item.split(":") for item in args.only)]
     spec, codec_state = run_spec(recipe, args.spec, args.codec_state)
+    name = spec_name(spec, args.spec)
     kv = partial(KVQuantCallback, spec, codec_state=codec_state) if args.spec or args.codec_state else None
     for arm, seed in runs:
         if not is_complete(run_dir(out, arm, seed) / "model"):
@@ -210,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     models = {"start": args.model, **{f"{a}-seed{s}": str(run_dir(out, a, s) / "model") for a, s in runs}}
     max_batches = 2 if args.smoke else args.max_batches
     rows = [row for split in args.splits
-            for row in evaluate(models, spec, codec_state, split, 1024, max_batches, args.model)]
+            for row in evaluate(models, spec, codec_state, split, 1024, max_batches, args.model, name)]
     train_seconds = {f"{a}-seed{s}": read_seconds(run_dir(out, a, s)) for a, s in runs}
-    result = {"recipe": recipe.name, "model": args.model, "spec_name": spec_name(spec, args.spec), "seeds": args.seeds, "splits": args.splits,
+    result = {"recipe": recipe.name, "model": args.model, "spec_name": name, "seeds": args.seeds, "splits": args.splits,
               "seq_len": 1024, "max_batches": max_batches, "overrides": args.override,
               "spec": args.spec, "codec_state": str(codec_state) if codec_state else None, "env": environment({"start": args.model}), "rows": rows,
               "measures": {split: {s: measures(rows, split, s) for s in args.seeds} for split in args.splits},

@@ -175,6 +175,23 @@ def kv_speed(results: Path, folder: str = "") -> str:
     ])
 
 
+def train_cost(results: Path, folder: str) -> str:
+    """bench/kv_speed.py --skip_decode: a QAT step's time under each spec against a plain step and against
+    the same step with the recipe's distillation (what a QAT run adds to the fine-tune it replaces)."""
+    r = load(f"{folder}kv_speed.json", results)
+    t = r["training"]
+    medians = {row["variant"]: row["median s/step"] for row in t["rows"]}
+    rows = [[re.sub(r"\S*/specs/", "", v), fmt(s), f"{s / medians['plain']:.2f}x",
+             f"{s / medians['plain+distill']:.2f}x" if v.endswith("+distill") else "-"] for v, s in medians.items()]
+    return "\n".join([
+        table(rows, ["training step", "median s/step", "x plain", "x plain+distill"]), "",
+        f"{r['args']['model']}'s config at random init, {t['batch']} x {t['seq_len']} tokens, forward + backward + "
+        f"AdamW; +distill: the KL to a frozen full-precision copy (weight 1, as the QAT recipes); variants "
+        f"interleaved, {len(next(iter(t['times'].values())))} steps each, medians; CPU, {r['env']['threads']} "
+        f"thread(s), Python {r['env']['python']}.",
+    ])
+
+
 def _round_ratios(batches: list[dict]) -> list[str]:
     """kivi2's decode speed ratios, where the run measured them round by round."""
     if not all(b.get("ratios_by") == "round" for b in batches):
@@ -325,6 +342,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "qat_nuq2": partial(qat_versus, folder="qat_nuq2"),
     "qat_sub2bit_15": partial(qat_versus, folder="qat_sub2bit_15"),
     "smollm2_qat_rotnuq2": partial(qat_versus, folder="smollm2/qat_rotnuq2", baseline="smollm2/qat_recovery"),
+    "train_cost": partial(train_cost, folder="train_cost/"),
+    "smollm2_train_cost": partial(train_cost, folder="smollm2/train_cost/"),
+    "smollm2_qat_sub2bit_15_rot": partial(qat_versus, folder="smollm2/qat_sub2bit_15_rot", baseline="smollm2/qat_recovery"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),

