@@ -115,6 +115,10 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
         out.append(f"- {split}: {name} QAT minus {base} QAT, each under its own cache, same seed: **{mean_sd(delta)}** "
                    f"(seeds: {', '.join(f'{v:+.2f}' for v in delta)}); gap left against its own full-precision KV "
                    f"{mean_sd(left)}% (seeds: {', '.join(f'{v:.2f}' for v in left)}).")
+        if all((f"control-seed{s}", False, split) in ref for s in seeds):
+            over = [100 * (ppl[f"qat-seed{s}", True, split] / ref[f"control-seed{s}", False, split] - 1) for s in seeds]
+            out.append(f"- {split}: {name} QAT under its cache against the plain fine-tune (full-precision KV, "
+                       f"{baseline}'s control, same seed): {mean_sd(over)}% (seeds: {', '.join(f'{v:+.2f}' for v in over)}).")
     if r.get("max_batches"):
         out.append(f"- perplexity over the first {4 * r['max_batches']} windows of 1024 tokens of each split.")
     recipe = f"{r['recipe']} with the spec {r['spec']}" if r.get("spec") else r["recipe"]

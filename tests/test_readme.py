@@ -77,7 +77,11 @@ def test_a_comparison_of_runs_evaluated_on_other_windows_is_refused(tmp_path):
                     ignore=shutil.ignore_patterns("model", "checkpoints", "specs"))
     path = results / "smollm2" / "qat_rotnuq2" / "results.json"
     report = json.loads(path.read_text())
-    readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
+    block = readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
+    control = json.loads((results / "smollm2" / "qat_recovery" / "results.json").read_text())
+    ours = next(r["ppl"] for r in report["rows"] if (r["model"], r["split"]) == ("qat-seed1", "val") and r["kv"] != "full precision")
+    plain = next(r["ppl"] for r in control["rows"] if (r["model"], r["kv"], r["split"]) == ("control-seed1", "full precision", "val"))
+    assert f"(seeds: {100 * (ours / plain - 1):+.2f}, " in block.split("- val: rotnuq2 QAT under its cache against the plain")[1]
     path.write_text(json.dumps({**report, "max_batches": report["max_batches"] + 1}))
     with pytest.raises(ValueError, match="max_batches"):
         readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
