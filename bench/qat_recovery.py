@@ -88,8 +88,12 @@ def run_spec(recipe: Path, spec: str | None, codec_state: Path | None) -> tuple[
 
 
 def spec_name(spec: Spec, named: str | None = None) -> str:
-    """A preset's name, else the --spec folder's or file's (without .json), else "recipe spec"."""
-    default = Path(named).stem if named else "recipe spec"
+    """A preset's name, else the --spec folder's or file's (without .json; the method's folder above a
+    generic `calibrated` or `spec` one, as bench/kv_lowrank.py writes them), else "recipe spec"."""
+    path = Path(named) if named else None
+    while path is not None and path.stem in ("kv_spec", "calibrated", "spec") and path.parent.name:
+        path = path.parent
+    default = path.stem if path is not None else "recipe spec"
     return next((name for name in PRESETS if spec == KVQuantSpec.preset(name)), default)
 
 

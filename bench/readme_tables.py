@@ -52,6 +52,12 @@ def mean_sd(values: list[float]) -> str:
 # ------------------------------------------------------------------------------ the blocks
 
 
+def with_overrides(result: dict) -> str:
+    """The recipe a bench/qat_recovery.py result trained, with the settings its command line changed."""
+    shown = [o.removeprefix("--") for o in result["overrides"] if not o.startswith("--trainer.enable_progress_bar")]
+    return f"{result['recipe']} ({', '.join(shown)})" if shown else result["recipe"]
+
+
 def qat_recovery(results: Path, folder: str = "") -> str:
     r = load(f"{folder}qat_recovery/results.json", results)
     name, seeds, splits, start = r["spec_name"], r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
@@ -77,7 +83,7 @@ def qat_recovery(results: Path, folder: str = "") -> str:
                    f"the 2-bit cache opens on the control (seeds: {', '.join(f'{v:.1f}' for v in rec)}); the gap left "
                    f"against its own full-precision KV is {statistics.mean(left):.2f}% ± {statistics.stdev(left):.2f} "
                    f"(seeds: {', '.join(f'{v:.2f}' for v in left)}).")
-    settings = f" ({', '.join(o.removeprefix('--') for o in r['overrides'])})" if r["overrides"] else ""
+    settings = with_overrides(r).removeprefix(r["recipe"])
     if r.get("max_batches"):
         tokens = ", ".join(f"{split} {next(row['tokens'] for row in r['rows'] if row['split'] == split):,}" for split in splits)
         out.append(f"- perplexity over at most the first {4 * r['max_batches']} windows of each split (predicted tokens: {tokens}).")
@@ -87,13 +93,22 @@ def qat_recovery(results: Path, folder: str = "") -> str:
     return "\n".join(out)
 
 
-def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> str:
+def cache_name(result: dict) -> str:
+    """The cache a bench/qat_recovery.py result trained: its --spec's or preset's name, else the recipe's
+    (a recipe for the real model is named qat_<spec>_smollm2)."""
+    if result["spec_name"] != "recipe spec":
+        return result["spec_name"]
+    return Path(result["recipe"]).stem.removeprefix("qat_").removesuffix("_smollm2")
+
+
+def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery", name: str | None = None,
+               base: str | None = None) -> str:
     """Another recipe's QAT (bench/qat_recovery.py --out bench/results/<folder>) against kivi2's
-    (`baseline`), seed by seed: the same seeds draw the same data order in both."""
+    (`baseline`), seed by seed: the same seeds draw the same data order in both. `name` and `base` label
+    the two where their cache names would not tell them apart (one cache trained for longer)."""
     r, b = load(f"{folder}/results.json", results), load(f"{baseline}/results.json", results)
-    # a recipe for the real model is named qat_<spec>_smollm2
-    name = r["spec_name"] if r.get("spec") else Path(r["recipe"]).stem.removeprefix("qat_").removesuffix("_smollm2")
-    base, seeds, splits, start = b["spec_name"], r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
+    name, base = name or cache_name(r), base or cache_name(b)
+    seeds, splits, start = r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
     for setting, default in (("seeds", None), ("max_batches", None), ("model", "kvtrain-ref")):
         if r.get(setting, default) != b.get(setting, default):
             raise ValueError(f"{folder} ran {setting}={r.get(setting, default)}, {baseline} {b.get(setting, default)}: "
@@ -121,8 +136,8 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery") -> st
                        f"{baseline}'s control, same seed): {mean_sd(over)}% (seeds: {', '.join(f'{v:+.2f}' for v in over)}).")
     if r.get("max_batches"):
         out.append(f"- perplexity over the first {4 * r['max_batches']} windows of 1024 tokens of each split.")
-    recipe = f"{r['recipe']} with the spec {r['spec']}" if r.get("spec") else r["recipe"]
-    out.append(f"- {len(seeds)} seeds (the data order), mean ± sample sd; {recipe} against {b['recipe']}; training "
+    recipe = f"{with_overrides(r)} with the spec {r['spec']}" if r.get("spec") else with_overrides(r)
+    out.append(f"- {len(seeds)} seeds (the data order), mean ± sample sd; {recipe} against {with_overrides(b)}; training "
                f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
                f"min (2-core CPU); Python {r['env']['python']}.")
     return "\n".join(out)
@@ -362,6 +377,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kv_lowrank_256": partial(kv_lowrank, stem="kv_lowrank_256"),
     "kv_lowrank_think": partial(kv_lowrank, stem="think/kv_lowrank"),
     "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
+    "smollm2_qat_lowrank_raw50": partial(qat_versus, folder="smollm2/qat_lowrank_raw50", baseline="smollm2/qat_recovery"),
     # issue 14: retrieval under token eviction, training-free and trained against
     "kv_eviction": kv_eviction,
 }

@@ -145,6 +145,8 @@ def test_qat_recovery_takes_the_recipe_spec_or_another_with_its_state():
     assert qat_recovery.run_spec(nuq2, str(folder), None) == (load_spec(folder / "kv_spec.json"), folder / "kv_codec_state.safetensors")
     assert qat_recovery.run_spec(nuq2, str(folder), other)[1] == other and qat_recovery.run_spec(nuq2, None, other)[1] == other
     assert qat_recovery.spec_name(spec, None) == "recipe spec" and qat_recovery.spec_name(spec, str(folder)) == "rotnuq2_prerope_sinks"
+    named = [qat_recovery.spec_name(spec, f) for f in ("lowrank/raw50/calibrated", "raw50/spec/kv_spec.json", "calibrated")]
+    assert named == ["raw50", "raw50", "calibrated"]
 
 
 @pytest.mark.slow

@@ -82,6 +82,9 @@ def test_a_comparison_of_runs_evaluated_on_other_windows_is_refused(tmp_path):
     ours = next(r["ppl"] for r in report["rows"] if (r["model"], r["split"]) == ("qat-seed1", "val") and r["kv"] != "full precision")
     plain = next(r["ppl"] for r in control["rows"] if (r["model"], r["kv"], r["split"]) == ("control-seed1", "full precision", "val"))
     assert f"(seeds: {100 * (ours / plain - 1):+.2f}, " in block.split("- val: rotnuq2 QAT under its cache against the plain")[1]
+    assert "against qat_kivi2.yaml (model.init_args.model=smollm2-135m, trainer.max_steps=40," in block  # its overrides
+    longer = readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_rotnuq2", name="long", base="short")
+    assert "- val: long QAT minus short QAT, each under its own cache, same seed: **0.00 ± 0.00**" in longer
     path.write_text(json.dumps({**report, "max_batches": report["max_batches"] + 1}))
     with pytest.raises(ValueError, match="max_batches"):
         readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
