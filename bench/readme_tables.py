@@ -52,6 +52,15 @@ def mean_sd(values: list[float]) -> str:
 # ------------------------------------------------------------------------------ the blocks
 
 
+def check_comparable(r: dict, b: dict, folder: str, baseline: str) -> None:
+    """Refuse two bench/qat_recovery.py results on other seeds, windows, models or model builds."""
+    for setting, default in (("seeds", None), ("max_batches", None), ("model", "kvtrain-ref")):
+        if r.get(setting, default) != b.get(setting, default):
+            raise ValueError(f"{folder} ran {setting}={r.get(setting, default)}, {baseline} {b.get(setting, default)}: "
+                             "compare like with like")
+    check_same_builds(r["env"], b["env"], f"{baseline}/results.json")
+
+
 def with_overrides(result: dict) -> str:
     """The recipe a bench/qat_recovery.py result trained, with the settings its command line changed."""
     shown = [o.removeprefix("--") for o in result["overrides"] if not o.startswith("--trainer.enable_progress_bar")]
@@ -109,11 +118,7 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery", name:
     r, b = load(f"{folder}/results.json", results), load(f"{baseline}/results.json", results)
     name, base = name or cache_name(r), base or cache_name(b)
     seeds, splits, start = r["seeds"], r["splits"], r.get("model", "kvtrain-ref")
-    for setting, default in (("seeds", None), ("max_batches", None), ("model", "kvtrain-ref")):
-        if r.get(setting, default) != b.get(setting, default):
-            raise ValueError(f"{folder} ran {setting}={r.get(setting, default)}, {baseline} {b.get(setting, default)}: "
-                             "compare like with like")
-    check_same_builds(r["env"], b["env"], f"{baseline}/results.json")
+    check_comparable(r, b, folder, baseline)
     ppl = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in r["rows"]}
     ref = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in b["rows"]}
     arms = [(ref, f"{base} QAT", True, base), (ref, f"{base} QAT", False, "full precision"),
@@ -141,6 +146,16 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery", name:
                f"wall time per run {min(r['train_seconds'].values()) / 60:.0f}-{max(r['train_seconds'].values()) / 60:.0f} "
                f"min (2-core CPU); Python {r['env']['python']}.")
     return "\n".join(out)
+
+
+def frontier_table(rows: list[dict], splits: tuple[str, ...] = ("val", "test")) -> str:
+    """bench/trained_frontier.py's rows: each cache's bytes, post-training and trained (mean ± sd)."""
+    def cell(row: dict, split: str) -> str:
+        mean, sd = row[f"{split} ppl"], row[f"{split} sd"]
+        return fmt(mean) if sd is None else f"{mean:.2f} ± {sd:.2f} (n={row[f'{split} n']})"
+
+    return table([[row["cache"], row["kind"], f"{row['B/token']:,}", f"{row['x fp']:.3f}", *[cell(row, s) for s in splits]]
+                  for row in rows], ["cache", "kind", "B/token", "x fp", *[f"{s} ppl" for s in splits]])
 
 
 def spec_name(label: str) -> str:
@@ -378,6 +393,9 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "kv_lowrank_think": partial(kv_lowrank, stem="think/kv_lowrank"),
     "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
     "smollm2_qat_lowrank_raw50": partial(qat_versus, folder="smollm2/qat_lowrank_raw50", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_lowrank_raw25": partial(qat_versus, folder="smollm2/qat_lowrank_raw25", baseline="smollm2/qat_recovery"),
+    # issues 12 and 13: every cache trained on the real model, against its bytes
+    "smollm2_trained_frontier": lambda results: frontier_table(load("smollm2/trained_frontier.json", results)["rows"]),
     # issue 14: retrieval under token eviction, training-free and trained against
     "kv_eviction": kv_eviction,
 }

@@ -264,3 +264,34 @@ def test_kv_eviction_smoke(tmp_path, reference):
         ("snapkv25", "snapkv25"): 1, ("dms25+st", "dms25"): 1, **controls}  # (learned logits: trained points only)
     assert (tmp_path / "trained" / "control-0.json").is_file()
     assert (tmp_path / "kv_eviction_smoke.png").stat().st_size > 10_000
+
+
+def test_the_trained_frontier_reads_each_cache_from_its_runs_and_its_measured_bytes(tmp_path):
+    """bench/trained_frontier.py: per cache the start's and the trained runs' perplexity (the runs' own
+    numbers, mean and sd), the bytes its benchmark measured; runs on other windows are refused."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import statistics
+
+    import trained_frontier
+
+    results = tmp_path / "results"
+    for part in ("smollm2/qat_recovery", "smollm2/qat_rotnuq2", "smollm2/kv_combos", "lowrank/smollm2"):
+        src = REPO / "bench" / "results" / part
+        dest = results / part
+        dest.mkdir(parents=True)
+        for f in src.glob("*.json"):
+            (dest / f.name).write_text(f.read_text())
+    rows = trained_frontier.frontier(results)  # no sub2bit, raw50 or raw25 runs in this copy: skipped
+    assert [(r["cache"], r["kind"]) for r in rows] == [("full precision", "start"), ("full precision", "plain fine-tune"),
+                                                       ("kivi2", "post-training"), ("kivi2", "trained"),
+                                                       ("rotnuq2", "post-training"), ("rotnuq2", "trained")]
+    report = json.loads((results / "smollm2/qat_rotnuq2/results.json").read_text())
+    runs = [r["ppl"] for r in report["rows"] if r["model"].startswith("qat-seed") and r["kv"] != "full precision" and r["split"] == "val"]
+    ours = rows[-1]
+    assert len(runs) == 3 and ours["val ppl"] == statistics.mean(runs) and ours["val sd"] == statistics.stdev(runs)
+    assert ours["B/token"] == 7202 and ours["x fp"] == round(7201.802227166312 / 23040, 4) and rows[2]["B/token"] == 7004
+    trained_frontier.plot(rows, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+    (results / "smollm2/qat_rotnuq2/results.json").write_text(json.dumps({**report, "max_batches": 4}))
+    with pytest.raises(ValueError, match="max_batches=4"):
+        trained_frontier.frontier(results)
