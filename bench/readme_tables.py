@@ -121,11 +121,13 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery", name:
     check_comparable(r, b, folder, baseline)
     ppl = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in r["rows"]}
     ref = {(row["model"], row["kv"] != "full precision", row["split"]): row["ppl"] for row in b["rows"]}
-    arms = [(ref, f"{base} QAT", True, base), (ref, f"{base} QAT", False, "full precision"),
-            (ppl, f"**{name} QAT**", True, name), (ppl, f"{name} QAT", False, "full precision")]
+    arms = [(ref, f"{base} QAT", True, cache_name(b)), (ref, f"{base} QAT", False, "full precision"),
+            (ppl, f"**{name} QAT**", True, cache_name(r)), (ppl, f"{name} QAT", False, "full precision")]
+    # the start under each cache, once where both trained the same one (the labels say how, not what)
+    caches = [(ref, cache_name(b))] + ([(ppl, cache_name(r))] if cache_name(r) != cache_name(b) else [])
     rows = [[f"{start} (start)", kv, *[fmt(source["start", quantized, split]) for split in splits]]
-            for source, quantized, kv in ((ref, False, "full precision"), (ref, True, f"{base}, post-training"),
-                                          (ppl, True, f"{name}, post-training"))]
+            for source, quantized, kv in ((ref, False, "full precision"),
+                                          *((source, True, f"{cache}, post-training") for source, cache in caches))]
     rows += [[label, kv, *[mean_sd([source[f"qat-seed{s}", quantized, split] for s in seeds]) for split in splits]]
              for source, label, quantized, kv in arms]
     out = [table(rows, ["model", "KV cache", *[f"{s} ppl" for s in splits]]), ""]
@@ -376,6 +378,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "qat_nuq2": partial(qat_versus, folder="qat_nuq2"),
     "qat_sub2bit_15": partial(qat_versus, folder="qat_sub2bit_15"),
     "smollm2_qat_rotnuq2": partial(qat_versus, folder="smollm2/qat_rotnuq2", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_rotnuq2_80steps": partial(qat_versus, folder="smollm2/qat_rotnuq2_80steps", baseline="smollm2/qat_rotnuq2",
+                                           name="rotnuq2, 80 steps", base="rotnuq2, 40 steps"),
     "train_cost": partial(train_cost, folder="train_cost/"),
     "smollm2_train_cost": partial(train_cost, folder="smollm2/train_cost/"),
     "smollm2_qat_sub2bit_15_rot": partial(qat_versus, folder="smollm2/qat_sub2bit_15_rot", baseline="smollm2/qat_recovery"),

@@ -85,6 +85,7 @@ def test_a_comparison_of_runs_evaluated_on_other_windows_is_refused(tmp_path):
     assert "against qat_kivi2.yaml (model.init_args.model=smollm2-135m, trainer.max_steps=40," in block  # its overrides
     longer = readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_rotnuq2", name="long", base="short")
     assert "- val: long QAT minus short QAT, each under its own cache, same seed: **0.00 ± 0.00**" in longer
+    assert longer.count("post-training") == 1 and "| **long QAT** | rotnuq2 |" in longer  # one start, its cache named
     path.write_text(json.dumps({**report, "max_batches": report["max_batches"] + 1}))
     with pytest.raises(ValueError, match="max_batches"):
         readme_tables.qat_versus(results, "smollm2/qat_rotnuq2", "smollm2/qat_recovery")
