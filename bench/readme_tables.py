@@ -398,6 +398,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_kv_lowrank": partial(kv_lowrank, stem="smollm2/kv_lowrank"),
     "smollm2_qat_lowrank_raw50": partial(qat_versus, folder="smollm2/qat_lowrank_raw50", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_raw25": partial(qat_versus, folder="smollm2/qat_lowrank_raw25", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_lowrank_int2_50": partial(qat_versus, folder="smollm2/qat_lowrank_int2_50", baseline="smollm2/qat_recovery"),
     # issues 12 and 13: every cache trained on the real model, against its bytes
     "smollm2_trained_frontier": lambda results: frontier_table(load("smollm2/trained_frontier.json", results)["rows"]),
     # issue 14: retrieval under token eviction, training-free and trained against

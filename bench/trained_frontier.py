@@ -32,6 +32,7 @@ CACHES = {
     "sub2bit_15_rot": ("smollm2/qat_sub2bit_15_rot", COMBOS, "bench/results/smollm2/kv_combos/specs/sub2bit_15_rot"),
     "raw50": ("smollm2/qat_lowrank_raw50", LOWRANK, "raw50"),
     "raw25": ("smollm2/qat_lowrank_raw25", LOWRANK, "raw25"),
+    "int2_50": ("smollm2/qat_lowrank_int2_50", LOWRANK, "int2_50"),
 }
 FULL = "full precision"
 
