@@ -20,6 +20,9 @@ tokens (every prediction reading K/V as the cache holds them, train/decode parit
                  model, 120 steps of 4 x 1024), 3 seeds, each with its own full-precision-KV perplexity
     references   kivi2 QAT and the calibrated 2-bit codebook QAT (bench/results/qat_recovery, qat_nuq2)
 
+Joint points (`JOINT`: joint50, joint25) hold the raw points' latent numbers per token in one latent of K
+and V together (`joint_kv`, MHA2MLA's joint SVD of [W_k; W_v]): the same bytes, shared directions.
+
 ThinK points (`THINK`) prune key channels (40%, 60%: ThinK's settings, values in full precision) or key
 and value channels (50%: the low-rank 50% points' bytes), post-RoPE, the same window, kept channels in
 float16. A report run re-evaluates the points it is given and keeps the committed rows of the others
@@ -62,7 +65,9 @@ POINTS = {  # name: (key rank, value rank, latent bits; 16: float16)
 # name: (the point whose ranks its calibration re-spends per layer, ranks="fisher"; the share of its rank each latent keeps)
 FISHER = {"raw25f": ("raw25", 0.0), "raw25f50": ("raw25", 0.5)}
 THINK = {"think40": (0.4, 0.0), "think60": (0.6, 0.0), "think50kv": (0.5, 0.5)}  # name: pruned K, V fractions
-NAMES = [*POINTS, *FISHER, *THINK]
+# name: the point whose latent numbers per token one latent of K and V together holds (joint_kv, MHA2MLA)
+JOINT = {"joint50": "raw50", "joint25": "raw25"}
+NAMES = [*POINTS, *FISHER, *THINK, *JOINT]
 REFERENCES = {"kivi2 QAT": ("bench/results/qat_recovery", "kivi2"), "nuq2 QAT": ("bench/results/qat_nuq2", "recipe spec")}
 QUANTIZERS = ("kivi2", "kivi4")  # quantization alone, post-training, the same protocol
 WINDOW = 32
@@ -75,12 +80,21 @@ def point_spec(name: str, scale: int = 1) -> KVSpec:
     if name in THINK:
         key, value = ({"codec": "raw", "bits": 16, "prune_channels": f} if f else None for f in THINK[name])
         return KVSpec(key=key, value=value, residual=WINDOW)
+    if name in JOINT:
+        return KVSpec(key={"codec": "raw", "bits": 16, "rank": joint_rank(name) * scale}, value=None, joint_kv=True,
+                      residual=WINDOW, placement="pre_rope")
     key_rank, value_rank, bits = POINTS[name]
     key_rank, value_rank = key_rank * scale, value_rank * scale
     latent = dict(codec="raw", bits=16) if bits == 16 else dict(codec="affine", bits=bits)
     key = {**latent, "rank": key_rank, **({} if bits == 16 else {"granularity": "per_channel(32)"})}
     value = {**latent, "rank": value_rank, **({} if bits == 16 else {"granularity": "per_token(8)"})}
     return KVSpec(key=key, value=value, residual=WINDOW, placement="pre_rope")
+
+
+def joint_rank(name: str) -> int:
+    """A joint point's rank: its twin's key and value ranks together (the same numbers per token)."""
+    key_rank, value_rank, _ = POINTS[JOINT[name]]
+    return key_rank + value_rank
 
 
 def trained_spec(out: Path, name: str, scale: int) -> KVSpec:
@@ -302,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     table = summary(post, trained, references, nbytes, args.splits)
     points = {n: (POINTS[n][0] * args.rank_scale, POINTS[n][1] * args.rank_scale, POINTS[n][2]) for n in names if n in POINTS}
     points.update({n: THINK[n] for n in names if n in THINK})
+    points.update({n: {"joint rank": joint_rank(n) * args.rank_scale, "bits": 16} for n in names if n in JOINT})
     kept_ranks = earlier.get("points", {})  # (a kept Fisher point's calibration is not committed: its ranks are)
     points.update({n: kept_ranks[n] if n not in args.points and n in kept_ranks else fisher_ranks(out, n, args.rank_scale)
                    for n in names if n in FISHER})
@@ -309,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
               "bytes": nbytes, "post_training": post, "trained": trained, "references": references, "table": table}
     columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in args.splits]]
     text = (f"{args.model} at {args.seq_len} tokens, whole splits; bytes: bfloat16, decoding. Ranks (key, value, "
-            f"latent bits), ThinK's pruned fractions (key, value): {points}.\n\n" + format_table(table, columns))
+            f"latent bits), ThinK's pruned fractions (key, value), joint latents: {points}.\n\n" + format_table(table, columns))
     save_outputs(out, stem, result, text)
     plot(table, out / f"{stem}.png", args.splits[0], args.seq_len, args.model)
     print(text)

@@ -291,13 +291,23 @@ def kv_lowrank(results: Path, stem: str = "kv_lowrank") -> str:
     r = load(f"lowrank/{stem}.json", results)
     columns = ["point", "kind", "B/token", "x fp", *[f"{s} ppl" for s in r["args"]["splits"]]]
     rows = [[row[c] if isinstance(row[c], str) else fmt(row[c]) for c in columns] for row in r["table"]]
+    lists = {kind: [(name, point) for name, point in r["points"].items() if kind == _point_kind(point)]
+             for kind in ("ranks", "pruned", "joint")}
     ranks = "; ".join(f"{name}: key {k}, value {v}, {'float16' if bits == 16 else f'{bits}-bit'} latents"
-                      for name, point in r["points"].items() if len(point) == 3 for k, v, bits in [point])
+                      for name, (k, v, bits) in lists["ranks"])
     pruned = "; ".join(f"{name}: {k:.0%} of each key head's channels{f', {v:.0%} of each value head' if v else ''}"
-                       for name, point in r["points"].items() if len(point) == 2 for k, v in [point])
+                       for name, (k, v) in lists["pruned"])
+    joint = "; ".join(f"{name}: rank {point['joint rank']}" for name, point in lists["joint"])
     return "\n".join([table(rows, columns), "", f"Points (ranks of the key and value latents, each over all of a layer's KV heads): {ranks}."
-                      + (f" ThinK (channels not stored, post-RoPE, the kept ones in float16; values in full precision unless said): {pruned}." if pruned else ""),
+                      + (f" ThinK (channels not stored, post-RoPE, the kept ones in float16; values in full precision unless said): {pruned}." if pruned else "")
+                      + (f" Joint (one float16 latent of K and V together per token, over all of a layer's KV heads: joint_kv): {joint}." if joint else ""),
                       f"Python {r['env']['python']}, {r['env']['threads']} thread(s)."])
+
+
+def _point_kind(point: list | dict) -> str:
+    """A kv_lowrank point's kind by its form: (key rank, value rank, bits), ThinK's (key, value)
+    fractions, or a joint latent's {"joint rank", "bits"}."""
+    return "joint" if isinstance(point, dict) else "ranks" if len(point) == 3 else "pruned"
 
 
 def kv_eviction(results: Path) -> str:
@@ -399,6 +409,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_qat_lowrank_raw50": partial(qat_versus, folder="smollm2/qat_lowrank_raw50", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_raw25": partial(qat_versus, folder="smollm2/qat_lowrank_raw25", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_int2_50": partial(qat_versus, folder="smollm2/qat_lowrank_int2_50", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_lowrank_joint25": partial(qat_versus, folder="smollm2/qat_lowrank_joint25", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_lowrank_joint50": partial(qat_versus, folder="smollm2/qat_lowrank_joint50", baseline="smollm2/qat_recovery"),
     # issues 12 and 13: every cache trained on the real model, against its bytes
     "smollm2_trained_frontier": lambda results: frontier_table(load("smollm2/trained_frontier.json", results)["rows"]),
     # issue 14: retrieval under token eviction, training-free and trained against

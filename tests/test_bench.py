@@ -109,6 +109,20 @@ def test_results_name_the_build_of_their_model_and_reports_refuse_to_mix_builds(
     assert kv_lowrank.kept_rows(earlier, ["raw25"], "trained") == [{"point": "raw50"}]
 
 
+def test_a_joint_point_holds_its_twins_numbers_in_one_latent():
+    """joint25: raw25's key and value ranks (8 + 16) as one latent of K and V, otherwise raw25's spec;
+    the README names it as a joint latent, not as ThinK's fractions."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import kv_lowrank
+    import readme_tables
+
+    raw, joint = kv_lowrank.point_spec("raw25", scale=3), kv_lowrank.point_spec("joint25", scale=3)
+    assert joint.joint_kv and joint.value is None and joint.key.rank == 3 * (8 + 16)
+    assert joint.with_(joint_kv=False, key=raw.key, value=raw.value) == raw
+    assert [readme_tables._point_kind(p) for p in ([8, 16, 16], [0.4, 0.0], {"joint rank": 24, "bits": 16})] == [
+        "ranks", "pruned", "joint"]
+
+
 def test_decode_ratios_are_the_median_of_ratios_within_a_round():
     """Rounds 1-3 with a slow minute in round 2 (every cache 3x slower): within-round ratios 2, 2, 2.5
     give 2, where the ratio of the medians (4 s vs 1.5 s, 2.67) would count the slow round against ours."""

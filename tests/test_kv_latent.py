@@ -121,6 +121,8 @@ def test_a_model_trains_against_its_quantized_latent_and_still_decodes_as_traine
     (KVSpec(key=None, value=None, eviction=dict(selector="h2o", budget=0.5, interval=8)),
      r"eviction does not apply to it yet"),
     (KVQuantSpec(key_bits=2, value_bits=2, residual=0, placement="pre_rope"), r"placement must be 'post_rope'"),
+    (KVSpec(key=dict(codec="raw", bits=16, rank=8), value=None, residual=0, joint_kv=True),
+     r"caches a latent already: joint_kv=True"),
 ])
 def test_specs_a_latent_cache_cannot_hold_are_refused_by_name(spec, message):
     model = build("deepseek_v3")

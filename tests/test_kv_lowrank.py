@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_kv_parity import TOL, build, decode, training_views
+from test_kv_parity import ARCHS, TOL, build, decode, training_views
 
 from kvtrain.kv import KVSpec, TensorPolicy, attach, detach
 from kvtrain.kv.attention import CODEC_STATE, codec_state_dict, load_codec_state
@@ -18,9 +18,9 @@ from kvtrain.kv.codecs.lowrank import LowRankFactors
 RAW = dict(codec="raw", bits=16)
 
 
-def lowrank(rank: int, latent_heads: int = 0, **policy) -> KVSpec:
+def lowrank(rank: int, latent_heads: int = 0, value_rank: int | None = None, **policy) -> KVSpec:
     fields = {**RAW, **policy, "rank": rank, "latent_heads": latent_heads}
-    return KVSpec(key=fields, value=fields, residual=8, placement="pre_rope")
+    return KVSpec(key=fields, value={**fields, "rank": value_rank or rank}, residual=8, placement="pre_rope")
 
 
 def test_a_latent_by_hand():
@@ -249,3 +249,119 @@ def test_layer_ranks_are_checked():
     model = build("llama")
     with pytest.raises(ValueError, match=r"layer indices \[7\] are out of range"):
         attach(model, KVSpec(key={**RAW, "rank": 8, "layer_rank": {7: 4}}, value=None))
+
+
+def joint(rank: int, placement: str = "pre_rope", **policy) -> KVSpec:
+    return KVSpec(key={**RAW, **policy, "rank": rank}, value=None, joint_kv=True, residual=8, placement=placement)
+
+
+@pytest.mark.parametrize("placement", ["pre_rope", "post_rope"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_joint_latent_trains_as_it_decodes(arch, placement):
+    """K and V as one latent (MHA2MLA): one training forward equals decoding with the cache, after any
+    prefill split, on every architecture and both placements (pre-RoPE: only the keys are rotated)."""
+    model = build(arch)
+    spec = joint(40, placement)
+    ids = torch.randint(0, 512, (2, 45), generator=torch.Generator().manual_seed(1))
+    full_precision, trained_view = training_views(model, ids, spec)
+    assert (trained_view - full_precision).abs().max() > 1e-2, "the joint latent did not change the forward"
+    for splits in ([17], [30]):
+        decoded, _ = decode(model, ids, spec, splits)
+        torch.testing.assert_close(decoded, trained_view, **TOL, msg=f"prefill splits {splits}")
+    detach(model)
+
+
+def test_a_joint_latent_starts_from_the_svd_of_both_projections_and_the_cache_holds_it():
+    """P = U_r of [W_k; W_v] (keys' rows first), one latent of `rank` numbers per token for both K and V
+    (128 numbers: 2 KV heads of 32 each), quantized here to 4 bits in groups of 8 (a float16 scale and
+    zero point a group); the window holds K and V side by side, 8 tokens of 4 heads."""
+    model = build("llama")
+    spec = joint(24, codec="affine", bits=4, granularity="per_token(8)")
+    attach(model, spec)
+    attention = model.model.layers[1].self_attn
+    state = getattr(attention, CODEC_STATE)
+    assert set(state) == {"key"} and state["key"].down.shape == (1, 128, 24)
+    stacked = torch.cat([attention.k_proj.weight, attention.v_proj.weight]).detach()
+    u = torch.linalg.svd(stacked, full_matrices=False)[0][:, :24]
+    assert torch.allclose(state["key"].down[0].double() @ state["key"].up[0].double(), u @ u.T, atol=1e-6)
+    ids = torch.randint(0, 512, (2, 50), generator=torch.Generator().manual_seed(0))
+    _, cache = decode(model, ids, spec, [20])
+    for layer in cache.layers:
+        assert type(layer).__name__ == "JointKVLayer" and layer.v is None
+        assert layer.k.packed.n == 50 - 8 and layer.k.tail.shape == (2, 4, 8, 32)
+        codes = 2 * layer.k.packed.encoded * 24 // 2  # 4-bit codes, two a byte
+        scales = 2 * layer.k.packed.encoded * (24 // 8) * 2 * 2  # scale and zero point, float16
+        positions = 2 * 50 * 4
+        assert layer.nbytes() == codes + scales + 2 * 4 * 8 * 32 * 8 + positions
+    detach(model)
+    nbytes = {}
+    for name, spec in (("separate", lowrank(8, value_rank=16)), ("joint", joint(24))):
+        attach(model, spec)
+        nbytes[name] = decode(model, ids, spec, [20])[1].nbytes()
+        detach(model)
+    assert nbytes["joint"] == nbytes["separate"]  # (at the separate latents' rank total: the same bytes)
+
+
+def test_a_joint_latent_trains_calibrates_and_reloads(tmp_path):
+    """A training step moves the joint factors, the cache decodes with them, left-padded rows decode as
+    trained, and the state reloads; calibration sets the principal directions of [K before RoPE, V]."""
+    model = build("qwen2")
+    spec = joint(24)
+    attach(model, spec)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    with torch.no_grad():
+        for f in (m for m in model.modules() if isinstance(m, LowRankFactors)):
+            assert f.down.grad.abs().sum() > 0 and f.up.grad.abs().sum() > 0
+            f.down -= 0.5 * f.down.grad
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    _, trained_view = training_views(model, ids, spec, attention_mask=mask, position_ids=positions)
+    steps, cache = [], None
+    from kvtrain import QuantizedKVCache
+    cache = QuantizedKVCache(spec)
+    with torch.no_grad():
+        steps.append(model(ids[:, :15], attention_mask=mask[:, :15], position_ids=positions[:, :15],
+                           past_key_values=cache).logits)
+        for t in range(15, 40):
+            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=positions[:, t:t + 1],
+                               past_key_values=cache).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], trained_view[real], **TOL)
+    saved = codec_state_dict(model)
+    detach(model)
+    spec.save(tmp_path)
+    save_file(saved, str(tmp_path / "kv_codec_state.safetensors"))
+    attach(model, str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(codec_state_dict(model).values(), saved.values()))
+    detach(model)
+    calibrated = KVSpec(key={**RAW, "rank": 8}, value=None, joint_kv=True, residual=0, placement="pre_rope")
+    outputs = []
+    attention = model.model.layers[0].self_attn
+    hooks = [getattr(attention, p).register_forward_hook(lambda m, i, o: outputs.append(o.detach())) for p in ("k_proj", "v_proj")]
+    rows = calibrate(model, calibrated, ids.split(1), progress=False)
+    for hook in hooks:
+        hook.remove()
+    both = torch.cat([torch.cat(outputs[i:i + 2], -1).flatten(0, 1) for i in (0, 2)])  # (tokens, 128): [k, v]
+    eigenvalues = torch.linalg.eigvalsh(both.T @ both)
+    row = next(r for r in rows if r["layer"] == 0)
+    assert row["tensor"] == "key" and row["values"] == both.numel()
+    assert row["error_after"] == pytest.approx(float(eigenvalues[:-8].sum() / eigenvalues.sum()), rel=1e-6)
+    detach(model)
+
+
+def test_joint_latent_settings_are_checked():
+    with pytest.raises(ValueError, match="joint_kv=True stores K and V as one low-rank latent: the key policy must set rank"):
+        KVSpec(key=RAW, value=None, joint_kv=True)
+    with pytest.raises(ValueError, match="the key policy's latent holds the values too, so value must be None"):
+        KVSpec(key={**RAW, "rank": 8}, joint_kv=True)
+    with pytest.raises(ValueError, match="latent_heads must be 0, got 1"):
+        KVSpec(key={**RAW, "rank": 8, "latent_heads": 1}, value=None, joint_kv=True)
+    with pytest.raises(ValueError, match="joint_kv must be True or False, got 'yes'"):
+        KVSpec(key={**RAW, "rank": 8}, value=None, joint_kv="yes")
+    model = build("llama")
+    model.model.layers[0].self_attn.v_proj = torch.nn.Linear(128, 32, bias=False).double()
+    with pytest.raises(ValueError, match=r"key and value projections differ in shape \(\(64, 128\) vs \(32, 128\)\)"):
+        attach(model, joint(8))

@@ -38,7 +38,7 @@ from kvtrain.kv.cache import QuantizedKVCache
 from kvtrain.kv.codecs import Codec
 from kvtrain.kv.eviction import Survivors, attend
 from kvtrain.kv.latent import check_latent_spec, latent_hooks
-from kvtrain.kv.placement import PreRope, pre_rope_of
+from kvtrain.kv.placement import KeysFirst, PreRope, pre_rope_of
 from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, codec_state_file, resolve_spec
 from kvtrain.kv.view import compressed_view
@@ -131,6 +131,18 @@ def _prepared(x: torch.Tensor, codec: Codec | None, rule: WindowRule | None, sto
     rows = [compressed_view(x[b:b + 1], codec, rule.shifted(pad), rope, row_positions(positions, b))
             for b, pad in enumerate(pads.tolist())]
     return TensorView(torch.cat(rows), rule, lambda: x, pads)
+
+
+def _prepared_jointly(key: torch.Tensor, value: torch.Tensor, codec: Codec | None, rule: WindowRule | None, stored,
+                      pads: torch.Tensor | None, rope: PreRope | None, positions: torch.Tensor | None
+                      ) -> tuple[TensorView, TensorView]:
+    """The views of K and V that share one latent (`KVSpec.joint_kv`): both side by side along the head
+    axis, keys first, as the cache's JointKVLayer holds them, prepared as one tensor and split."""
+    heads = key.shape[1]
+    both = _prepared(torch.cat([key, value], dim=1), codec, rule, stored and stored.k, pads,
+                     rope and KeysFirst(rope.rotary, rope.apply), positions)
+    return tuple(TensorView(hat, rule, lambda part=part: both.full.split(heads, dim=1)[part], pads)
+                 for part, hat in enumerate(both.hat.split(heads, dim=1)))
 
 
 def _pads(state: AttachState, position_ids: torch.Tensor | None, past: int, q_len: int) -> torch.Tensor | None:
@@ -246,8 +258,11 @@ def _viewed_attention(module, state: AttachState, stored, query, key, value, att
     pads = _pads(state, position_ids, past, q_len)
     if state.query_observer is not None:
         state.query_observer(module, query, position_ids)
-    keys = _prepared(key, kq, k_rule, stored and stored.k, pads, state.rope, position_ids)
-    values = _prepared(value, vq, v_rule, stored and stored.v, pads)
+    if state.spec.joint_kv:
+        keys, values = _prepared_jointly(key, value, kq, k_rule, stored, pads, state.rope, position_ids)
+    else:
+        keys = _prepared(key, kq, k_rule, stored and stored.k, pads, state.rope, position_ids)
+        values = _prepared(value, vq, v_rule, stored and stored.v, pads)
     if kwargs.get("softcap") is not None:  # SDPA cannot softcap: exact eager attention
         return _per_query_attention(module, query, keys, values, attention_mask, scaling, dropout, past,
                                     kwargs["softcap"])
@@ -502,7 +517,7 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
         states = {}
         for m in mods:
             made = {name: s for name, codec in (("key", spec.keys(m.layer_idx)), ("value", spec.values(m.layer_idx)))
-                    if codec is not None and (s := _state(codec, m, name, head_dim)) is not None}
+                    if codec is not None and (s := _state(codec, m, name, head_dim, spec.joint_kv)) is not None}
             evicts = spec.eviction is not None and not _slides(m)  # (a sliding layer evicts nothing: no unused logits)
             if evicts and (s := spec.eviction.build().make_state(head_dim, _kv_heads(m))) is not None:
                 made["selector"] = s  # a learned selector's logits
@@ -515,10 +530,19 @@ def _codec_states(target: PreTrainedModel, mods: list[nn.Module], spec: Spec, he
     return states
 
 
-def _state(codec: Codec, module: nn.Module, tensor: str, head_dim: int) -> nn.Module | None:
-    """`codec.make_state` for the key or value tensor of an attention layer, given its projection."""
+def _state(codec: Codec, module: nn.Module, tensor: str, head_dim: int, joint: bool = False) -> nn.Module | None:
+    """`codec.make_state` for the key or value tensor of an attention layer, given its projection;
+    `joint`: for keys and values side by side (`KVSpec.joint_kv`), given both projections stacked."""
     kv_heads = _kv_heads(module)
-    return codec.make_state(head_dim, kv_heads, projection(module, tensor, head_dim, kv_heads))
+    if not joint:
+        return codec.make_state(head_dim, kv_heads, projection(module, tensor, head_dim, kv_heads))
+    weights = [projection(module, t, head_dim, kv_heads) for t in ("key", "value")]
+    if any(w is None for w in weights):
+        return codec.make_state(head_dim, 2 * kv_heads, None)  # (its error names the layouts it knows)
+    if weights[0].shape != weights[1].shape:
+        raise ValueError(f"joint_kv=True holds keys and values side by side, but {type(module).__name__}'s key and "
+                         f"value projections differ in shape ({tuple(weights[0].shape)} vs {tuple(weights[1].shape)})")
+    return codec.make_state(head_dim, 2 * kv_heads, torch.cat(weights))
 
 
 def _slides(module: nn.Module) -> bool:

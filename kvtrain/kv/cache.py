@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, LinearA
 
 from kvtrain.kv.codecs import Codec, Payload
 from kvtrain.kv.eviction import Encoded, Survivors, attend, held_appended, held_mapped, held_nbytes, held_tensor
-from kvtrain.kv.placement import PreRope
+from kvtrain.kv.placement import KeysFirst, PreRope
 from kvtrain.kv.selectors import Selector
 from kvtrain.kv.spec import Spec, resolve_spec
 from kvtrain.kv.window import WindowRule, left_pads, row_positions
@@ -352,9 +352,20 @@ class QuantizedKVLayer(CacheLayerMixin):
         if self.length == 0 and keep_arrived:  # a model's prefill: left-padded rows get their own windows
             pads = left_pads(positions, 0, key_states.shape[-2])
             if pads is not None:
-                self.k, self.v = PaddedRows(self.k, pads.tolist()), PaddedRows(self.v, pads.tolist())
+                self._pad_rows(pads.tolist())
         self.length += key_states.shape[-2]
+        return self._update(key_states, value_states, keep_arrived, positions)
+
+    def _pad_rows(self, pads: list[int]) -> None:
+        self.k, self.v = PaddedRows(self.k, pads), PaddedRows(self.v, pads)
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, keep_arrived: bool,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k.update(key_states, keep_arrived, positions), self.v.update(value_states, keep_arrived)
+
+    @property
+    def tensors(self) -> list[CompressedTensor | PaddedRows]:
+        return [self.k, self.v]
 
     def _decode_step(self, key_states: torch.Tensor, value_states: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -379,8 +390,8 @@ class QuantizedKVLayer(CacheLayerMixin):
                           f"{self.length}..{self.length + tokens - 1}; the model's activations overflowed")
 
     def forget_arrived(self) -> None:
-        self.k.forget_arrived()
-        self.v.forget_arrived()
+        for t in self.tensors:
+            t.forget_arrived()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -402,8 +413,8 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _select_rows(self, index: torch.Tensor) -> None:
         if self.length:  # an empty layer (generate expands the batch before the prefill) has no rows yet
-            self.k.select_rows(index)
-            self.v.select_rows(index)
+            for t in self.tensors:
+                t.select_rows(index)
 
     def _batch(self) -> int:
         if isinstance(self.k, PaddedRows):
@@ -412,8 +423,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         return held[0].shape[0] if held else self.k.packed.payload.shape[0]
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.k.map(fn)
-        self.v.map(fn)
+        for t in self.tensors:
+            t.map(fn)
 
     def offload(self):
         self.map(lambda t: t.to("cpu", non_blocking=True))
@@ -425,7 +436,35 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.__init__(self.spec, self.layer, self.rope, self.codecs)
 
     def nbytes(self) -> int:
-        return self.k.nbytes() + self.v.nbytes()
+        return sum(t.nbytes() for t in self.tensors)
+
+
+class JointKVLayer(QuantizedKVLayer):
+    """K and V of a layer that share one latent (`KVSpec.joint_kv`, MHA2MLA): one CompressedTensor (`k`)
+    holds them side by side along the head axis, keys first, so one window rule moves both and one
+    latent per token encodes them; pre-RoPE, only the keys are rotated (`KeysFirst`). The view builds
+    the same concatenation (`kvtrain.kv.attention`), so what the cache takes as it arrived is its own."""
+
+    def __init__(self, spec: Spec, layer: int, rope: PreRope | None = None,
+                 codecs: tuple[Codec | None, Codec | None] | None = None):
+        CacheLayerMixin.__init__(self)
+        self.spec, self.layer, self.rope, self.codecs = spec, layer, rope, codecs
+        joint = codecs[0] if codecs else spec.keys(layer)
+        self.k = CompressedTensor(joint, spec.window(joint), rope and KeysFirst(rope.rotary, rope.apply))
+        self.v = None  # (a decode step takes the general path: `_decode_step` steps two tensors)
+        self.length = 0
+
+    def _pad_rows(self, pads: list[int]) -> None:
+        self.k = PaddedRows(self.k, pads)
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor, keep_arrived: bool,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        both = self.k.update(torch.cat([key_states, value_states], dim=1), keep_arrived, positions)
+        return both.split(key_states.shape[1], dim=1)
+
+    @property
+    def tensors(self) -> list[CompressedTensor | PaddedRows]:
+        return [self.k]
 
 
 class HeldKVLayer(CacheLayerMixin):
@@ -637,7 +676,8 @@ class QuantizedKVCache(Cache):
         if self.spec.placement == "pre_rope" and self.rope is None:
             raise ValueError("a QuantizedKVCache of a pre_rope spec rotates keys with the model's rotary embedding: "
                              "decode through the attached model (it binds the cache), not by calling update by hand")
-        return QuantizedKVLayer(self.spec, idx, self.rope, self.codecs(idx) if self.codecs else None)
+        layer = JointKVLayer if self.spec.joint_kv else QuantizedKVLayer
+        return layer(self.spec, idx, self.rope, self.codecs(idx) if self.codecs else None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.unviewed is not None:

@@ -29,6 +29,8 @@ def check_latent_spec(spec: Spec, num_layers: int, kv_lora_rank: int, name: str)
     """Errors for a spec a latent cache cannot hold (module docstring), naming the setting."""
     if spec.eviction is not None:
         raise ValueError(f"{name} caches a latent per token, not per-head keys: eviction does not apply to it yet")
+    if spec.joint_kv:
+        raise ValueError(f"{name} caches a latent already: joint_kv=True (a joint latent of K and V) does not apply")
     if spec.placement != "post_rope":
         raise ValueError(f"{name} caches a latent, which carries no RoPE: placement must be 'post_rope', got "
                          f"{spec.placement!r}")

@@ -38,6 +38,15 @@ class PreRope:
         return self.rotate(fn(self.rotate(k, positions, inverse=True)), positions)
 
 
+class KeysFirst(PreRope):
+    """The rotary embedding of a joint latent's tensor: keys and values side by side along the head axis,
+    keys first (`kvtrain.kv.spec.KVSpec.joint_kv`); only the keys are rotated."""
+
+    def rotate(self, kv: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        keys, values = kv.chunk(2, dim=1)
+        return torch.cat([super().rotate(keys, positions, inverse), values], dim=1)
+
+
 def pre_rope_of(model: nn.Module, attention: nn.Module, config) -> PreRope:
     """The model's rotary embedding and its modeling file's apply function, or an error naming why not."""
     name = type(model).__name__

@@ -52,6 +52,7 @@ class _LayerPlan(ABC):
     placement: Placement
     full_precision_layers: list[int]
     eviction: EvictionPolicy | None = None  # which tokens survive (KVSpec's; KVQuantSpec evicts none)
+    joint_kv: bool = False  # K and V share the key policy's latent (KVSpec's; KVQuantSpec's are apart)
 
     def keys(self, layer: int) -> Codec | None:
         return None if layer in self.full_precision_layers else self._codec("key", layer)
@@ -373,6 +374,10 @@ class KVSpec(_LayerPlan):
         residual / sinks / flush / placement / full_precision_layers: as in KVQuantSpec.
         eviction: which tokens survive (an `EvictionPolicy` or a dict of its fields; None: all of them).
             For now with full-precision K and V (key: null, value: null) and post-RoPE keys.
+        joint_kv: K and V share one latent (MHA2MLA's joint low-rank cache): the key policy, which must
+            have a `rank` (over all of a layer's heads: latent_heads 0), stores each token's keys and
+            values side by side as one latent, initialized from the SVD of k_proj and v_proj stacked;
+            `value` must be None (the key policy holds both). Pre-RoPE, only the keys are rotated.
         version: 2 (written into kv_spec.json, so a file says which form it holds).
 
     Token eviction (SnapKV keeping a quarter of the tokens, a decision every 64):
@@ -387,6 +392,7 @@ class KVSpec(_LayerPlan):
     placement: Placement = "post_rope"
     full_precision_layers: list[int] = field(default_factory=list)
     eviction: EvictionPolicy | None = None
+    joint_kv: bool = False
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -410,7 +416,24 @@ class KVSpec(_LayerPlan):
         if self.eviction is not None and self.placement != "post_rope":
             raise ValueError(f"eviction keeps keys as attention receives them: placement must be 'post_rope', "
                              f"got {self.placement!r}")
+        _check_switch("joint_kv", self.joint_kv)
+        if self.joint_kv:
+            self._check_joint()
         self._check_window()
+
+    def _check_joint(self) -> None:
+        """A joint latent: the key policy's low-rank stage holds K and V, so there is nothing else to say."""
+        if self.key is None or not self.key.rank:
+            raise ValueError(f"joint_kv=True stores K and V as one low-rank latent: the key policy must set rank "
+                             f"(got key={self.key})")
+        if self.value is not None:
+            raise ValueError("joint_kv=True: the key policy's latent holds the values too, so value must be None "
+                             f"(got value={self.value})")
+        if self.key.latent_heads:
+            raise ValueError(f"joint_kv=True projects all of a layer's keys and values together: latent_heads must be "
+                             f"0, got {self.key.latent_heads}")
+        if self.eviction is not None:
+            raise ValueError("joint_kv=True with eviction: evicting a token from a joint latent is not supported")
 
     def _check_quantized_eviction(self) -> None:
         """Eviction over quantized K/V: every token encoded on arrival by a token-wise codec, the

@@ -24,7 +24,7 @@ W, so the rotation stays exactly undoable while the gradient through the inner c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
