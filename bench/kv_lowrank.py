@@ -61,6 +61,7 @@ POINTS = {  # name: (key rank, value rank, latent bits; 16: float16)
     "raw1": (1, 1, 16),  # a control: one number of each old token, about nothing (see the README)
     "raw50": (24, 32, 16), "raw25": (8, 16, 16),
     "int4_50": (24, 32, 4), "int2_50": (24, 32, 2), "int4_25": (8, 16, 4), "int2_25": (8, 16, 2),
+    "int4_75": (48, 48, 4),  # three quarters of each width at 4 bits (Palu: low rank and quantization together)
 }
 # name: (the point whose ranks its calibration re-spends per layer, ranks="fisher"; the share of its rank each latent keeps)
 FISHER = {"raw25f": ("raw25", 0.0), "raw25f50": ("raw25", 0.5)}

@@ -409,6 +409,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_qat_lowrank_raw50": partial(qat_versus, folder="smollm2/qat_lowrank_raw50", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_raw25": partial(qat_versus, folder="smollm2/qat_lowrank_raw25", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_int2_50": partial(qat_versus, folder="smollm2/qat_lowrank_int2_50", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_lowrank_int4_50": partial(qat_versus, folder="smollm2/qat_lowrank_int4_50", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_joint25": partial(qat_versus, folder="smollm2/qat_lowrank_joint25", baseline="smollm2/qat_recovery"),
     "smollm2_qat_lowrank_joint50": partial(qat_versus, folder="smollm2/qat_lowrank_joint50", baseline="smollm2/qat_recovery"),
     # issues 12 and 13: every cache trained on the real model, against its bytes

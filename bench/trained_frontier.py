@@ -33,6 +33,7 @@ CACHES = {
     "raw50": ("smollm2/qat_lowrank_raw50", LOWRANK, "raw50"),
     "raw25": ("smollm2/qat_lowrank_raw25", LOWRANK, "raw25"),
     "int2_50": ("smollm2/qat_lowrank_int2_50", LOWRANK, "int2_50"),
+    "int4_50": ("smollm2/qat_lowrank_int4_50", LOWRANK, "int4_50"),
     "joint25": ("smollm2/qat_lowrank_joint25", LOWRANK, "joint25"),
     "joint50": ("smollm2/qat_lowrank_joint50", LOWRANK, "joint50"),
 }

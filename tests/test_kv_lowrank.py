@@ -302,6 +302,38 @@ def test_a_joint_latent_starts_from_the_svd_of_both_projections_and_the_cache_ho
     assert nbytes["joint"] == nbytes["separate"]  # (at the separate latents' rank total: the same bytes)
 
 
+class JointLatentProjection(torch.nn.Module):
+    """k_proj (`half=0`) or v_proj (`half=1`) of a model whose [k, v] pass through the latent
+    fp16([k, v] P) Q, keys first: what the joint view must compute, written out on its own."""
+
+    def __init__(self, k_proj, v_proj, factors, half):
+        super().__init__()
+        self.k_proj, self.v_proj, self.half = k_proj, v_proj, half
+        self.down, self.up = factors.down[0].detach().double(), factors.up[0].detach().double()
+
+    def forward(self, x):
+        latent = (torch.cat([self.k_proj(x), self.v_proj(x)], -1) @ self.down).half().double()
+        return (latent @ self.up).chunk(2, -1)[self.half]
+
+
+def test_the_joint_view_stacks_keys_before_values_like_its_svd_start():
+    """Every compressed token's [k, v] (keys first, like the SVD start's [W_k; W_v]) becomes its latent's
+    reconstruction fp16([k, v] P) Q: a view that stacked the values first would project them onto the
+    keys' directions (parity cannot see it, the cache would make the same mistake)."""
+    model = build("llama")
+    spec = KVSpec(key={**RAW, "rank": 24}, value=None, joint_kv=True, residual=0, placement="pre_rope")
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    _, trained_view = training_views(model, ids, spec)
+    factors = [getattr(layer.self_attn, CODEC_STATE)["key"] for layer in model.model.layers]
+    detach(model)
+    for layer, state in zip(model.model.layers, factors):
+        k_proj, v_proj = layer.self_attn.k_proj, layer.self_attn.v_proj
+        layer.self_attn.k_proj = JointLatentProjection(k_proj, v_proj, state, half=0)
+        layer.self_attn.v_proj = JointLatentProjection(k_proj, v_proj, state, half=1)
+    with torch.no_grad():
+        torch.testing.assert_close(trained_view, model(ids, use_cache=False).logits, **TOL)
+
+
 def test_a_joint_latent_trains_calibrates_and_reloads(tmp_path):
     """A training step moves the joint factors, the cache decodes with them, left-padded rows decode as
     trained, and the state reloads; calibration sets the principal directions of [K before RoPE, V]."""
@@ -361,6 +393,10 @@ def test_joint_latent_settings_are_checked():
         KVSpec(key={**RAW, "rank": 8, "latent_heads": 1}, value=None, joint_kv=True)
     with pytest.raises(ValueError, match="joint_kv must be True or False, got 'yes'"):
         KVSpec(key={**RAW, "rank": 8}, value=None, joint_kv="yes")
+    four_bit = joint(8, codec="affine", bits=2, granularity="per_token(8)").with_bits(4)  # (bits=4 on the callback)
+    assert four_bit.key.bits == 4 and four_bit.value is None and four_bit.joint_kv
+    with pytest.raises(ValueError, match="bits=4 sets the bits of K and V, but this spec keeps V in full precision"):
+        KVSpec(key=dict(bits=2), value=None).with_bits(4)
     model = build("llama")
     model.model.layers[0].self_attn.v_proj = torch.nn.Linear(128, 32, bias=False).double()
     with pytest.raises(ValueError, match=r"key and value projections differ in shape \(\(64, 128\) vs \(32, 128\)\)"):

@@ -450,6 +450,8 @@ class KVSpec(_LayerPlan):
 
     def with_bits(self, bits: int) -> "KVSpec":
         """The same spec with K and V at `bits` (per-layer bits kept)."""
+        if self.joint_kv:  # (the key policy's latent holds both)
+            return self.with_(key=replace(self.key, bits=bits))
         if self.key is None or self.value is None:
             raise ValueError(f"bits={bits} sets the bits of K and V, but this spec keeps "
                              f"{'K' if self.key is None else 'V'} in full precision")
