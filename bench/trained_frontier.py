@@ -30,6 +30,7 @@ CACHES = {
     "kivi2": ("smollm2/qat_recovery", COMBOS, "kivi2"),
     "rotnuq2": ("smollm2/qat_rotnuq2", COMBOS, "bench/results/smollm2/kv_combos/specs/rotnuq2_prerope_sinks"),
     "sub2bit_15_rot": ("smollm2/qat_sub2bit_15_rot", COMBOS, "bench/results/smollm2/kv_combos/specs/sub2bit_15_rot"),
+    "kvquant2": ("smollm2/qat_kvquant2", COMBOS, "bench/results/smollm2/kv_methods/specs/kvquant2"),
     "raw50": ("smollm2/qat_lowrank_raw50", LOWRANK, "raw50"),
     "raw25": ("smollm2/qat_lowrank_raw25", LOWRANK, "raw25"),
     "int2_50": ("smollm2/qat_lowrank_int2_50", LOWRANK, "int2_50"),
