@@ -394,6 +394,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_train_cost": partial(train_cost, folder="smollm2/train_cost/"),
     "smollm2_qat_sub2bit_15_rot": partial(qat_versus, folder="smollm2/qat_sub2bit_15_rot", baseline="smollm2/qat_recovery"),
     "smollm2_qat_kvquant2": partial(qat_versus, folder="smollm2/qat_kvquant2", baseline="smollm2/qat_recovery"),
+    "smollm2_qat_rotnuq2_codec_lr": partial(qat_versus, folder="smollm2/qat_rotnuq2_codec_lr", baseline="smollm2/qat_rotnuq2",
+                                            name="rotnuq2, levels at codec_lr 1e-2", base="rotnuq2, levels at lr"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),

@@ -7,7 +7,6 @@ import math
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import TINY
@@ -223,3 +222,36 @@ def test_learned_levels_train_checkpoint_and_export_with_the_model(corpus_file, 
         assert all(torch.equal(t, learned[n]) for n, t in codec_state_dict(reloaded).items())
     rebuilt, _ = module_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     assert all(torch.equal(t, learned[n]) for n, t in codec_state_dict(rebuilt.model).items())
+
+
+def test_codec_lr_trains_the_codec_state_at_its_own_rate(corpus_file, tmp_path):
+    """One AdamW step from zero moments moves each parameter by lr * g / (|g| + eps), i.e. by its group's lr:
+    the NUQ levels step by codec_lr, the norms by lr, and without codec_lr the levels stay in the lr groups."""
+    from kvtrain.kv import KVSpec, codec_state_dict
+    from kvtrain.quant.codebook import normal_float_levels
+
+    learnable = dict(codec="nf", bits=2, learnable=True)
+    spec = KVSpec(key=dict(learnable, granularity="per_channel(8)"), value=dict(learnable, granularity="per_token(8)"),
+                  residual=0)
+
+    def one_step(codec_lr):
+        L.seed_everything(0)
+        module = CausalLMModule("kvtrain-ref", init="random", config_overrides=TINY, lr=1e-4, codec_lr=codec_lr,
+                                warmup_steps=1, min_lr_ratio=1.0)
+        norms = {n: p.detach().clone() for n, p in module.model.named_parameters() if "norm" in n}
+        trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[KVQuantCallback(spec)], accelerator="cpu", limit_val_batches=0, enable_checkpointing=False)
+        trainer.fit(module, datamodule=LMDataModule(str(corpus_file), seq_len=48, batch_size=2))
+        groups = trainer.optimizers[0].param_groups
+        levels = torch.stack(list(codec_state_dict(module.model).values()))
+        norm_steps = torch.stack([(p - norms[n]).abs().max() for n, p in module.model.named_parameters() if n in norms])
+        return groups, (levels - normal_float_levels(2).float()).abs(), norm_steps
+
+    groups, level_steps, norm_steps = one_step(codec_lr=1e-2)
+    assert [(len(g["params"]), g["lr"], g["weight_decay"]) for g in groups][-1] == (4, 1e-2, 0.0)  # 2 layers x K, V
+    assert level_steps.max().item() == pytest.approx(1e-2, rel=1e-3) and level_steps.min().item() > 1e-3
+    assert norm_steps.max().item() == pytest.approx(1e-4, rel=2e-3)  # (float32 steps of 1e-4 on weights near 1)
+    groups, level_steps, _ = one_step(codec_lr=None)
+    assert len(groups) == 2 and level_steps.max().item() == pytest.approx(1e-4, rel=2e-3)
+    with pytest.raises(ValueError, match=r"codec_lr must be positive .* got 0"):
+        CausalLMModule("kvtrain-ref", init="random", config_overrides=TINY, codec_lr=0.0)

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from kvtrain.kv.attention import suspended
+from kvtrain.kv.attention import CODEC_STATE, suspended
 from kvtrain.loss import distillation_kl, next_token_nll
 from kvtrain.models import count_parameters, load_model, load_tokenizer
 
@@ -81,6 +81,19 @@ def export_pretrained(model: torch.nn.Module, tokenizer: Any, path: str | Path, 
     return Path(path)
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, codec_lr: float | None = None) -> list[dict]:
+    """AdamW groups of the trainable parameters: matrices decayed, vectors not; with `codec_lr`, the KV
+    codec's learnable state (`kv_codec_state` in the attention modules) in a group of its own at that lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_codec = {n: codec_lr is not None and f"{CODEC_STATE}." in n for n, _ in named}
+    codec = [p for n, p in named if is_codec[n]]
+    rest = [p for n, p in named if not is_codec[n]]
+    groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
+              {"params": codec, "weight_decay": 0.0, "lr": codec_lr}]
+    return [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no 1-D weights)
+
+
 class CausalLMModule(L.LightningModule):
     """Next-token training of a causal LM built from a name/path (or its config).
 
@@ -90,7 +103,11 @@ class CausalLMModule(L.LightningModule):
         config_overrides: config fields to change (e.g. a tiny `num_hidden_layers` for tests).
         tokenizer: tokenizer name/path; defaults to the model's own.
         lr, weight_decay, betas: AdamW (weight decay applies to matrices only).
-        warmup_steps, min_lr_ratio: linear warmup, then cosine decay to `min_lr_ratio * lr`.
+        codec_lr: a learning rate of its own, without weight decay, for the attached KV spec's learnable
+            codec state (every parameter under `kv_codec_state`: NUQ levels, learned rotations, low-rank
+            factors); default: `lr`, in the weights' groups. Levels and rotation generators live on a unit
+            scale where the weights' lr barely moves them (SmolLM2's levels moved < 0.003 in 40 steps at
+            2e-4), so quantizer learning gets its own, larger rate (as LSQ and SpinQuant do).
         lora: train peft LoRA adapters only.
         qlora: load the base weights 4-bit NF4 with bitsandbytes and train LoRA adapters on top.
         distill_weight: add this times KL(teacher || student) per token to the loss (LLM-QAT-style
@@ -112,6 +129,7 @@ class CausalLMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        codec_lr: float | None = None,
         lora: LoRASettings | dict | None = None,
         qlora: bool = False,
         distill_weight: float = 0.0,
@@ -121,6 +139,8 @@ class CausalLMModule(L.LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if codec_lr is not None and codec_lr <= 0:
+            raise ValueError(f"codec_lr must be positive (or None for lr), got {codec_lr}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         lora = LoRASettings(**lora) if isinstance(lora, dict) else lora
@@ -226,11 +246,7 @@ class CausalLMModule(L.LightningModule):
         self.val_tokens.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]  # ZeRO drops empty groups (LoRA has no 1-D weights)
+        groups = optimizer_groups(self.model, self.hparams.weight_decay, self.hparams.codec_lr)
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.hparams.warmup_steps, max(1, total // 10)) if total > 0 else self.hparams.warmup_steps
