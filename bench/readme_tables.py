@@ -396,6 +396,8 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "smollm2_qat_kvquant2": partial(qat_versus, folder="smollm2/qat_kvquant2", baseline="smollm2/qat_recovery"),
     "smollm2_qat_rotnuq2_codec_lr": partial(qat_versus, folder="smollm2/qat_rotnuq2_codec_lr", baseline="smollm2/qat_rotnuq2",
                                             name="rotnuq2, levels at codec_lr 1e-2", base="rotnuq2, levels at lr"),
+    "smollm2_qat_learnednuq2": partial(qat_versus, folder="smollm2/qat_learnednuq2", baseline="smollm2/qat_rotnuq2_codec_lr",
+                                       name="learned rotation", base="random Hadamard"),
     # vLLM's per-token-head formats next to the kivi presets, post-training
     "serving_kv_quality": partial(kv_quality, folder="serving/"),
     "serving_kv_bytes": partial(kv_bytes, folder="serving/"),
