@@ -240,7 +240,8 @@ def test_codec_lr_trains_the_codec_state_at_its_own_rate(corpus_file, tmp_path):
                                 warmup_steps=1, min_lr_ratio=1.0)
         norms = {n: p.detach().clone() for n, p in module.model.named_parameters() if "norm" in n}
         trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            callbacks=[KVQuantCallback(spec)], accelerator="cpu", limit_val_batches=0, enable_checkpointing=False)
+                            enable_checkpointing=False, callbacks=[KVQuantCallback(spec)], accelerator="cpu",
+                            limit_val_batches=0)
         trainer.fit(module, datamodule=LMDataModule(str(corpus_file), seq_len=48, batch_size=2))
         groups = trainer.optimizers[0].param_groups
         levels = torch.stack(list(codec_state_dict(module.model).values()))

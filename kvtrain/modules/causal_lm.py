@@ -103,6 +103,7 @@ class CausalLMModule(L.LightningModule):
         config_overrides: config fields to change (e.g. a tiny `num_hidden_layers` for tests).
         tokenizer: tokenizer name/path; defaults to the model's own.
         lr, weight_decay, betas: AdamW (weight decay applies to matrices only).
+        warmup_steps, min_lr_ratio: linear warmup, then cosine decay to `min_lr_ratio * lr` (codec_lr alike).
         codec_lr: a learning rate of its own, without weight decay, for the attached KV spec's learnable
             codec state (every parameter under `kv_codec_state`: NUQ levels, learned rotations, low-rank
             factors); default: `lr`, in the weights' groups. Levels and rotation generators live on a unit
