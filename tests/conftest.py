@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,8 +17,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 # Tests never reach a hub, and they never touch the user's cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["KVTRAIN_HOME"] = tempfile.mkdtemp(prefix="kvtrain-test-home-")
+TEST_HOME = os.environ["KVTRAIN_HOME"] = tempfile.mkdtemp(prefix="kvtrain-test-home-")
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's home holds a copy of SmolLM2 (~600 MB): left behind, a few runs fill a CI disk."""
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
