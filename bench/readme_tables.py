@@ -137,10 +137,13 @@ def qat_versus(results: Path, folder: str, baseline: str = "qat_recovery", name:
         out.append(f"- {split}: {name} QAT minus {base} QAT, each under its own cache, same seed: **{mean_sd(delta)}** "
                    f"(seeds: {', '.join(f'{v:+.2f}' for v in delta)}); gap left against its own full-precision KV "
                    f"{mean_sd(left)}% (seeds: {', '.join(f'{v:.2f}' for v in left)}).")
-        if all((f"control-seed{s}", False, split) in ref for s in seeds):
-            over = [100 * (ppl[f"qat-seed{s}", True, split] / ref[f"control-seed{s}", False, split] - 1) for s in seeds]
+        # the run's own control where it trained one (same steps), else the baseline's
+        control = next(((source, owner) for source, owner in ((ppl, folder), (ref, baseline))
+                        if all((f"control-seed{s}", False, split) in source for s in seeds)), None)
+        if control:
+            over = [100 * (ppl[f"qat-seed{s}", True, split] / control[0][f"control-seed{s}", False, split] - 1) for s in seeds]
             out.append(f"- {split}: {name} QAT under its cache against the plain fine-tune (full-precision KV, "
-                       f"{baseline}'s control, same seed): {mean_sd(over)}% (seeds: {', '.join(f'{v:+.2f}' for v in over)}).")
+                       f"{control[1]}'s control, same seed): {mean_sd(over)}% (seeds: {', '.join(f'{v:+.2f}' for v in over)}).")
     if r.get("max_batches"):
         out.append(f"- perplexity over the first {4 * r['max_batches']} windows of 1024 tokens of each split.")
     recipe = f"{with_overrides(r)} with the spec {r['spec']}" if r.get("spec") else with_overrides(r)

@@ -71,6 +71,18 @@ def test_smollm2_codebook_qat_trains_as_the_kivi2_qat_it_is_compared_with():
     assert ours["trainer"]["callbacks"][0]["init_args"]["spec"] != "kivi2"
 
 
+def test_a_run_with_its_own_control_is_measured_against_it():
+    """A run that trained its own plain fine-tune (e.g. 80 steps) is held against that one, not against the
+    baseline's control of another length."""
+    results = REPO / "bench" / "results"
+    block = readme_tables.qat_versus(results, "smollm2/qat_recovery", "smollm2/qat_rotnuq2", name="own")
+    own = json.loads((results / "smollm2" / "qat_recovery" / "results.json").read_text())
+    ppl = {(r["model"], r["kv"] != "full precision"): r["ppl"] for r in own["rows"] if r["split"] == "test"}
+    line = block.split("- test: own QAT under its cache against the plain fine-tune (full-precision KV, "
+                       "smollm2/qat_recovery's control, same seed): ")[1]
+    assert f"(seeds: {100 * (ppl['qat-seed1', True] / ppl['control-seed1', False] - 1):+.2f}, " in line.split("\n")[0]
+
+
 def test_a_comparison_of_runs_evaluated_on_other_windows_is_refused(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(REPO / "bench" / "results" / "smollm2", results / "smollm2",
